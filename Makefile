@@ -1,0 +1,33 @@
+# Quickstart: `make demo` runs the main job, `make test` runs the tests. Each builds .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test protos bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# A pinned CPU build of torch first: an unpinned one pulls gigabytes of CUDA packages.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/stated demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+# Regenerates stated/v1 from protos/ with the pinned generator (grpcio-tools 1.66.2, see pyproject.toml).
+protos: venv
+	$(BIN)/python -m stated.protogen
+
+bench: venv
+	$(BIN)/python bench/cpu_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+r"""Adam and AdamW, following torch.optim.Adam / torch.optim.AdamW (ALGORITHMS.md section 1).
+
+Per step, for every tensor with a gradient (t counted per tensor, from 1):
+
+    g   <- -g                                  if maximize
+    AdamW: theta <- theta * (1 - lr * lambda)   (decoupled decay, before the step)
+    Adam:  g     <- g + lambda * theta          (L2: it enters both moments)
+    m   <- beta1 * m + (1 - beta1) * g
+    v   <- beta2 * v + (1 - beta2) * g^2
+    vmax <- max(vmax, v)                        if amsgrad; vmax replaces v below
+    theta <- theta - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The CPU update runs torch's fused CPU kernel (`torch._fused_adamw_` / `torch._fused_adam_`) over all
+segments of a page that share a group, one call per page and group: it reaches the machine's memory
+bandwidth, where the single-tensor path is 6-9x slower (PERFORMANCE.md). Its results equal
+`torch.optim.AdamW(fused=True)` exactly and the default single-tensor path within one ulp per step
+(it writes m as a multiply-add where the single-tensor path uses lerp).
+
+State: `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq` with amsgrad) in the parameter's dtype, paged;
+`step` a float32 scalar per tensor, resident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from stated_kernels.spec import (
+    Algorithm,
+    FieldSpec,
+    HyperSpec,
+    Hyperparameters,
+    Segment,
+    TensorInfo,
+    non_negative,
+    unit_interval,
+)
+
+
+class AdamW(Algorithm):
+    name = "adamw"
+    decoupled = True
+    hyperparameters = (
+        HyperSpec("lr", 1e-3, check=non_negative),
+        HyperSpec("beta1", 0.9, check=unit_interval),
+        HyperSpec("beta2", 0.999, check=unit_interval),
+        HyperSpec("eps", 1e-8, check=non_negative),
+        HyperSpec("weight_decay", 1e-2, check=non_negative),
+        HyperSpec("amsgrad", False, is_flag=True),
+        HyperSpec("maximize", False, is_flag=True),
+    )
+
+    def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
+        fields = (FieldSpec("exp_avg", tensor.dtype), FieldSpec("exp_avg_sq", tensor.dtype))
+        if hp.get("amsgrad", False):
+            fields += (FieldSpec("max_exp_avg_sq", tensor.dtype),)
+        return fields
+
+    def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
+        amsgrad = bool(hp["amsgrad"])
+        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        kernel(
+            [s.param for s in segments],
+            [s.grad for s in segments],
+            [s.fields["exp_avg"] for s in segments],
+            [s.fields["exp_avg_sq"] for s in segments],
+            [s.fields["max_exp_avg_sq"] for s in segments] if amsgrad else [],
+            [s.small["step"] for s in segments],
+            lr=float(hp["lr"]),
+            beta1=float(hp["beta1"]),
+            beta2=float(hp["beta2"]),
+            weight_decay=float(hp["weight_decay"]),
+            eps=float(hp["eps"]),
+            amsgrad=amsgrad,
+            maximize=bool(hp["maximize"]),
+        )
+
+
+class Adam(AdamW):
+    """Adam: the same kernel with L2 weight decay (default 0) instead of decoupled decay."""
+
+    name = "adam"
+    decoupled = False
+    hyperparameters = tuple(
+        HyperSpec("weight_decay", 0.0, check=non_negative) if h.name == "weight_decay" else h
+        for h in AdamW.hyperparameters
+    )
