@@ -1,0 +1,74 @@
+"""A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_client import embedded
+from stated_client.address import resolve
+from stated_client.errors import DaemonUnavailableError, from_rpc_error
+
+log = logging.getLogger("stated.client")
+
+SERVICE_NAME = "stated.v1.StateService"
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+ENV_EMBEDDED = "STATED_EMBEDDED"
+
+
+def _answers(target: str, timeout: float = 1.0) -> bool:
+    """Whether a stated daemon serves at `target` (gRPC health check)."""
+    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+    finally:
+        channel.close()
+
+
+class Connection:
+    def __init__(self, target: str):
+        self.target = target
+        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.StateServiceStub(self.channel)
+
+    def call(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.target) from None
+
+    def stream(self, method: str, request):
+        """Iterates a server-streaming call, translating errors."""
+        try:
+            yield from getattr(self.stub, method)(request)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.target) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def connect(address: str | None) -> Connection:
+    """Connects to the daemon at `address` (or STATED_ADDRESS, or the default socket); when none answers
+    there, starts this process's private daemon unless STATED_EMBEDDED=0."""
+    target = resolve(address)
+    if _answers(target):
+        return Connection(target)
+    if os.environ.get(ENV_EMBEDDED, "1") == "0":
+        raise DaemonUnavailableError(f"no stated daemon answers at {target} (and {ENV_EMBEDDED}=0 forbids starting "
+                                     f"a private one); start one with `stated serve`")
+    try:
+        private = embedded.embedded_target(_answers)
+    except (OSError, RuntimeError) as exc:
+        raise DaemonUnavailableError(f"no stated daemon answers at {target}, and starting a private one failed: "
+                                     f"{exc}") from None
+    return Connection(private)
+

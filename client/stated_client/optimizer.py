@@ -1,0 +1,235 @@
+"""The client optimizer: a torch.optim.Optimizer whose state lives in the stated daemon.
+
+On construction it attaches a session and registers every param group: the daemon creates a param and
+a grad arena for the group, and every parameter becomes a view of the param arena. At `step()` each
+gradient is copied into the grad arena unless it is already a view of it, and is left as a view, so that
+with `zero_grad(set_to_none=False)` no copy happens in steady state. The step itself is one gRPC call.
+
+state_dict() and load_state_dict() speak torch's own format: the state is fetched from (or sent to)
+the daemon and packed by torch.optim.Optimizer itself, so checkpoints move between stated and torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import weakref
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from stated.v1 import state_service_pb2 as pb
+from stated_client import arenas
+from stated_client.connection import Connection, connect
+from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
+from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
+
+_instances = itertools.count(1)
+
+
+def default_job() -> str:
+    """STATED_JOB, else torchrun's run id, else the script's name and this process's id."""
+    job = os.environ.get("STATED_JOB") or os.environ.get("TORCHELASTIC_RUN_ID")
+    if job and job != "none":
+        return job
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{script or 'python'}-{os.getpid()}"
+
+
+def _close_session(connection: Connection, session: pb.SessionRef, watch) -> None:
+    """Detaches (finalizer: runs at garbage collection or exit, never raises)."""
+    try:
+        connection.stub.Detach(pb.DetachRequest(session=session), timeout=10)
+    except Exception:
+        pass
+    try:
+        watch.cancel()
+    except Exception:
+        pass
+    connection.close()
+
+
+class StatedOptimizer(torch.optim.Optimizer):
+    """Base of the client optimizers. Subclasses set `algorithm` and `_hyperparameters(group)`."""
+
+    algorithm = ""
+
+    def __init__(self, params, defaults: dict[str, Any], *, address: str | None = None, job: str | None = None,
+                 rank: int | None = None):
+        for flag in ("capturable", "differentiable"):
+            if defaults.get(flag):
+                raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
+        self._connection = connect(address)
+        instance = next(_instances)
+        self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
+        self._rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+        reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
+                                                                 algorithm=self.algorithm, pid=os.getpid()))
+        self._session = reply.session
+        # Held open for the session's life: if this process dies the daemon sees the stream break.
+        self._watch = self._connection.stub.Watch(pb.WatchRequest(session=self._session))
+        next(self._watch)
+        self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch)
+        self._params: list[torch.Tensor] = []
+        self._grad_views: list[torch.Tensor] = []
+        self._arenas: list[torch.Tensor] = []
+        self._step_number = 0
+        self._lock = threading.Lock()
+        super().__init__(params, defaults)
+
+    # --- identity --------------------------------------------------------------------------------
+
+    @property
+    def session_id(self) -> str:
+        return self._session.id
+
+    @property
+    def address(self) -> str:
+        return self._connection.target
+
+    @property
+    def job(self) -> str:
+        return self._job
+
+    def close(self) -> None:
+        """Detaches from the daemon now. Parameters stay usable; the optimizer does not."""
+        self._finalizer()
+
+    def __deepcopy__(self, memo):
+        raise NotCopyableError(f"{type(self).__name__} cannot be copied: it holds a live session with the stated "
+                               f"daemon. Save opt.state_dict() instead and load it into a new optimizer.")
+
+    def __copy__(self):
+        return self.__deepcopy__({})
+
+    def __reduce_ex__(self, protocol):
+        raise NotCopyableError(f"{type(self).__name__} cannot be pickled: it holds a live session with the stated "
+                               f"daemon. Pickle opt.state_dict() instead (torch.save(opt.state_dict(), path)).")
+
+    # --- registration ----------------------------------------------------------------------------
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._register(self.param_groups[-1])
+
+    def _register(self, group: dict[str, Any]) -> None:
+        params = group["params"]
+        names = group.get("param_names") or [""] * len(params)
+        for p in params:
+            if p.device.type != "cpu":
+                raise InvalidArgumentError(f"a parameter is on {p.device}; this version of stated serves CPU "
+                                           f"parameters only")
+            if p.dtype not in WIRE_DTYPES or p.dtype == torch.uint8:
+                raise InvalidArgumentError(f"a parameter has dtype {p.dtype}, which stated cannot optimize")
+        specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=name)
+                 for p, name in zip(params, names)]
+        try:
+            reply = self._connection.call("Register", pb.RegisterRequest(
+                session=self._session, groups=[self._hyperparameters(group)], tensors=specs))
+        except StatedError:
+            self.param_groups.pop()  # the group was never registered: leave the optimizer as it was
+            raise
+        param_arena = arenas.map_segment(reply.param_arena, reply.arena_bytes)
+        grad_arena = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
+        self._arenas += [param_arena, grad_arena]
+        for p, placement in zip(params, reply.placements):
+            if placement.index != len(self._params):
+                raise StatedError(f"the daemon placed tensor {placement.index}, expected {len(self._params)}")
+            view = arenas.view(param_arena, placement.offset_bytes, p)
+            view.copy_(p.detach())
+            p.data = view
+            grad_view = arenas.view(grad_arena, placement.offset_bytes, p)
+            if p.grad is not None:
+                grad_view.copy_(p.grad)
+                p.grad = grad_view
+            self._params.append(p)
+            self._grad_views.append(grad_view)
+
+    # --- the step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        has_grad = bytearray(len(self._params))
+        for i, (p, grad_view) in enumerate(zip(self._params, self._grad_views)):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise InvalidArgumentError("stated does not support sparse gradients")
+            if not arenas.is_view_of(g, grad_view):
+                grad_view.copy_(g)
+                p.grad = grad_view
+            has_grad[i] = 1
+        with self._lock:
+            self._step_number += 1
+            try:
+                self._connection.call("Step", pb.StepRequest(
+                    session=self._session, step=self._step_number,
+                    groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad)))
+            except StatedError:
+                self._step_number -= 1
+                raise
+        return loss
+
+    # --- state_dict ------------------------------------------------------------------------------
+
+    def _export(self) -> dict[int, dict[str, torch.Tensor]]:
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        current = None
+        for reply in self._connection.stream("ExportState", pb.ExportStateRequest(session=self._session)):
+            if reply.HasField("header"):
+                current = state.setdefault(reply.header.tensor, {})
+                current["step"] = torch.tensor(reply.header.step, dtype=torch.float32)
+                buffers = current.setdefault("__raw__", {})
+            else:
+                c = reply.chunk
+                buffers.setdefault(c.field, (bytearray(), TORCH_DTYPES[c.dtype], tuple(c.shape)))[0].extend(c.data)
+        for entry in state.values():
+            for name, (raw, dtype, shape) in entry.pop("__raw__").items():
+                entry[name] = tensor_from_bytes(raw, dtype, shape)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        exported = self._export()
+        self.state = defaultdict(dict, {self._params[i]: self._state_entry(entry) for i, entry in exported.items()})
+        try:
+            return super().state_dict()
+        finally:
+            self.state = defaultdict(dict)
+
+    def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook for algorithms whose torch state differs from the wire's (SGD has no step)."""
+        return entry
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        loaded, self.state = self.state, defaultdict(dict)
+        index = {id(p): i for i, p in enumerate(self._params)}
+
+        def messages():
+            yield pb.ImportStateRequest(session=self._session)
+            for p, entry in loaded.items():
+                i = index[id(p)]
+                fields = {k: v for k, v in entry.items() if k != "step" and isinstance(v, torch.Tensor)}
+                step = float(entry["step"]) if "step" in entry else 0.0
+                yield pb.ImportStateRequest(header=pb.TensorStateHeader(tensor=i, step=step, fields=list(fields)))
+                for name, value in fields.items():
+                    try:
+                        chunks = list(state_chunks(i, name, value))
+                    except ValueError as exc:
+                        raise InvalidArgumentError(str(exc)) from None
+                    for chunk in chunks:
+                        yield pb.ImportStateRequest(chunk=chunk)
+
+        self._connection.call("ImportState", messages())
+

@@ -1,0 +1,5 @@
+import sys
+
+from stated.cli import main
+
+sys.exit(main())

@@ -1,0 +1,109 @@
+"""The `stated` command: serve, demo, status, plan."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from stated_client.address import ENV_ADDRESS, default_socket
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "stated")
+
+
+def _size(text: str) -> int:
+    try:
+        from stated.sizes import parse_size
+    except ImportError:  # pragma: no cover - sizes.py arrives with the paging work
+        return int(text)
+    return parse_size(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stated",
+        description="Optimizer state outside the training process: a per-node daemon and its tools.",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("STATED_LOG_LEVEL", "INFO"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="how much the command logs to stderr (default: INFO, or $STATED_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon", description=(
+        "Run the stated daemon: it holds optimizer state for every trainer on this node and applies their "
+        "steps. Trainers reach it through stated.AdamW(...) and friends. Stop it with SIGTERM or Ctrl-C: "
+        "sessions are detached and every shared-memory segment and the socket are removed."))
+    serve.add_argument("--socket", default=None, metavar="PATH",
+                       help=f"unix socket to listen on (default: ${ENV_ADDRESS} if it is a path, else "
+                            f"{default_socket()}); its directory is created 0700, the socket 0600")
+    serve.add_argument("--group", default=None, metavar="NAME",
+                       help="let members of this group connect: socket and shared memory 0660, directory 0750")
+    serve.add_argument("--metrics-addr", default="127.0.0.1:9464", metavar="HOST:PORT",
+                       help="where to serve Prometheus metrics at /metrics (default: 127.0.0.1:9464; port 0 "
+                            "picks a free port; 'none' turns the endpoint off)")
+    serve.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
+                       help="directory for state files (default: %(default)s)")
+    serve.add_argument("--page-size", type=_size, default=16 << 20, metavar="SIZE",
+                       help="bytes of optimizer state in one page, plain or with a unit such as 16MiB "
+                            "(default: 16MiB; see BENCHMARKS.md)")
+    serve.add_argument("--workers", type=int, default=4, metavar="N",
+                       help="threads that run steps; sessions beyond this many wait their turn (default: 4)")
+    serve.add_argument("--exit-with-parent", action="store_true",
+                       help="stop when the process that started the daemon exits (used by the embedded daemon)")
+
+    demo = sub.add_parser("demo", help="train a small model with stated.AdamW beside torch.optim.AdamW",
+                          description=(
+        "Start an embedded daemon, train a small model on generated data with stated.AdamW and, from the "
+        "same initialisation, with torch.optim.AdamW, and print a table comparing the two."))
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--width", type=int, default=256, help="hidden width of the model (default: 256)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    status = sub.add_parser("status", help="show the sessions a running daemon holds",
+                            description="Ask a running daemon for its sessions and state sizes.")
+    status.add_argument("--address", default=None, metavar="TARGET",
+                        help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
+
+    try:
+        from stated import planner
+    except ImportError:
+        planner = None
+    if planner is not None and hasattr(planner, "add_parser"):
+        planner.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    if args.command == "serve":
+        from stated.daemon import DaemonConfig, serve
+        from stated_client.address import resolve, socket_path
+
+        target = resolve(args.socket)
+        path = socket_path(target)
+        if path is None:
+            parser.error(f"--socket must be a unix socket path, got {args.socket or target!r}")
+        return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
+                                  group=args.group, page_bytes=args.page_size, workers=args.workers,
+                                  exit_with_parent=args.exit_with_parent))
+    if args.command == "demo":
+        from stated.demo import run_demo
+
+        return run_demo(steps=args.steps, width=args.width, seed=args.seed)
+    if args.command == "status":
+        from stated.status import show_status
+
+        return show_status(args.address)
+    if args.command == "plan":
+        from stated import planner
+
+        return planner.run(args)
+    parser.error(f"unknown command {args.command}")
+    return 2

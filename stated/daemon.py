@@ -1,0 +1,178 @@
+"""`stated serve`: the daemon process. grpc.aio on uvloop, on a unix socket, plus a metrics endpoint.
+
+Start-up sweeps shared memory left by crashed daemons and refuses to take over a socket that another
+live daemon answers on. SIGTERM and SIGINT shut down cleanly: sessions detached, every shared-memory
+segment and the socket removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from stated import shm
+from stated.backends.cpu import CpuBackend
+from stated.metrics import Metrics
+from stated.server import StateServicer
+from stated.store import Store
+from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_client.address import socket_path
+
+log = logging.getLogger("stated.daemon")
+
+SERVICE_NAME = "stated.v1.StateService"
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclasses.dataclass
+class DaemonConfig:
+    socket: str
+    metrics_addr: str = "127.0.0.1:9464"
+    state_dir: str = ""
+    group: str | None = None
+    page_bytes: int = 16 << 20
+    workers: int = 4
+    exit_with_parent: bool = False
+
+
+def parse_hostport(text: str) -> tuple[str, int] | None:
+    """'HOST:PORT' -> (host, port); 'none' or '' -> None (no metrics endpoint)."""
+    if text.lower() in ("", "none", "off"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--metrics-addr {text!r} is not HOST:PORT (for example 127.0.0.1:9464) or 'none'")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _socket_answers(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def prepare_socket_dir(path: str, gid: int | None) -> None:
+    """Creates the socket's directory: 0700, or 0750 owned by the group when one is given."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if gid is not None:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o750)
+    else:
+        os.chmod(directory, 0o700)
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket; remove it or pick another --socket")
+        if _socket_answers(path):
+            raise RuntimeError(f"another daemon is already serving on {path}; stop it or pick another --socket")
+        os.unlink(path)  # left by a daemon that died
+
+
+class Daemon:
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        try:
+            self.gid = grp.getgrnam(config.group).gr_gid if config.group else None
+        except KeyError:
+            raise RuntimeError(f"--group {config.group!r} is not a group on this machine") from None
+        if config.state_dir:
+            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        self.path = socket_path(config.socket) or config.socket
+        self.metrics = Metrics()
+        mode = 0o660 if self.gid is not None else 0o600
+        self.store = Store(CpuBackend(), config.page_bytes, shm_mode=mode, shm_gid=self.gid)
+        self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
+        self.stopping = asyncio.Event()
+        self.metrics_server = None
+        self.metrics_port: int | None = None
+
+    async def run(self) -> None:
+        stale = shm.sweep_stale()
+        if stale:
+            log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
+        prepare_socket_dir(self.path, self.gid)
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        old_umask = os.umask(0o177)  # the socket is born 0600; no window where others can connect
+        try:
+            server.add_insecure_port(f"unix:{self.path}")
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        if self.gid is not None:
+            os.chown(self.path, -1, self.gid)
+            os.chmod(self.path, 0o660)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        hostport = parse_hostport(self.config.metrics_addr)
+        if hostport is not None:
+            self.metrics_server = self.metrics.serve(*hostport)
+            self.metrics_port = self.metrics_server.server_port
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        watchdog = asyncio.create_task(self._watch_parent()) if self.config.exit_with_parent else None
+        metrics_text = f"http://{hostport[0]}:{self.metrics_port}/metrics" if hostport else "off"
+        log.info("serving on unix:%s (metrics %s, page size %d bytes, pid %d)", self.path, metrics_text,
+                 self.config.page_bytes, os.getpid())
+        try:
+            await self.stopping.wait()
+        finally:
+            log.info("shutting down: detaching %d sessions", len(self.store.sessions))
+            if watchdog:
+                watchdog.cancel()
+            await health_servicer.enter_graceful_shutdown()
+            for session in list(self.store.sessions.values()):
+                await self.servicer.detach(session, "daemon shutdown")
+            await server.stop(grace=1.0)
+            self.servicer.close()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+                self.metrics_server.server_close()
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            log.info("stopped")
+
+    async def _watch_parent(self) -> None:
+        """For an embedded daemon: stop when the process that started it is gone."""
+        parent = os.getppid()
+        while True:
+            await asyncio.sleep(0.5)
+            if os.getppid() != parent:
+                log.info("parent process %d is gone; stopping", parent)
+                self.stopping.set()
+                return
+
+
+def serve(config: DaemonConfig) -> int:
+    import uvloop
+
+    try:
+        daemon = Daemon(config)
+        uvloop.run(daemon.run())
+    except (RuntimeError, KeyError, OSError) as exc:
+        log.error("cannot serve: %s", exc)
+        return 1
+    return 0

@@ -1,0 +1,79 @@
+"""Slots of host memory that hold resident pages.
+
+Every slot is its own anonymous mapping, so it is page-aligned (O_DIRECT needs 4096-byte alignment)
+and can be given back to the system when a budget shrinks. The pool only hands out and takes back
+slots; which page sits in which slot is the page table's business.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import torch
+
+from stated.layout import align_up
+
+DIRECT_ALIGN = 4096
+
+
+class HostPool:
+    def __init__(self, slot_bytes: int, capacity: int, pin: bool = False):
+        self.slot_bytes = align_up(max(slot_bytes, 1), DIRECT_ALIGN)
+        self.capacity = capacity
+        self._pin = pin
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._maps: dict[int, mmap.mmap] = {}
+        self._free: list[int] = []
+        self._next = 0
+
+    @property
+    def in_use(self) -> int:
+        return len(self._buffers) - len(self._free)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self._buffers) * self.slot_bytes
+
+    def acquire(self) -> int | None:
+        """A free slot, or None when the pool is at capacity (running out of room is not an error)."""
+        if self._free:
+            return self._free.pop()
+        if len(self._buffers) >= self.capacity:
+            return None
+        slot = self._next
+        self._next += 1
+        mm = mmap.mmap(-1, self.slot_bytes)
+        buf = torch.frombuffer(mm, dtype=torch.uint8)
+        if self._pin:
+            torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.slot_bytes, 0)
+        self._maps[slot] = mm
+        self._buffers[slot] = buf
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def buffer(self, slot: int) -> torch.Tensor:
+        return self._buffers[slot]
+
+    def resize(self, capacity: int) -> None:
+        """Changes how many slots may be in use; frees idle slots above the new capacity."""
+        self.capacity = capacity
+        while len(self._buffers) > capacity and self._free:
+            self._drop(self._free.pop())
+
+    def _drop(self, slot: int) -> None:
+        buf = self._buffers.pop(slot)
+        if self._pin:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        del buf
+        mm = self._maps.pop(slot)
+        try:
+            mm.close()
+        except BufferError:
+            pass
+
+    def close(self) -> None:
+        for slot in list(self._buffers):
+            self._drop(slot)
+        self._free.clear()

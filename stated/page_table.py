@@ -1,0 +1,61 @@
+"""The page table: metadata for every page of a session, never buffers (STYLE.md, the vLLM anchor).
+
+An entry says which tier the page is in, which slot of that tier's pool holds it, whether it is dirty
+(changed since it was last written to disk), the checksum of its last written copy, and whether it was
+ever initialised. The pools hold the bytes; the pager moves them; the engine asks the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from stated.layout import Page
+
+
+class Tier(enum.IntEnum):
+    NONE = 0  # never touched: its state is all zeros, nothing stored anywhere yet
+    HOST = 1
+    DISK = 2
+    GPU = 3
+
+
+TIER_NAMES = {Tier.HOST: "host", Tier.DISK: "disk", Tier.GPU: "gpu"}
+
+
+@dataclasses.dataclass
+class PageEntry:
+    page: Page
+    tier: Tier = Tier.NONE
+    slot: int | None = None
+    dirty: bool = False
+    # Checksum of the copy on disk; None while the page has never been written there.
+    checksum: int | None = None
+    # True once its fields hold initialised state (zeros, or loaded state).
+    initialised: bool = False
+
+
+class PageTable:
+    def __init__(self) -> None:
+        self.entries: list[PageEntry] = []
+
+    def extend(self, pages: list[Page]) -> None:
+        for page in pages:
+            if page.index != len(self.entries):
+                raise ValueError(f"page {page.index} added out of order (expected {len(self.entries)})")
+            self.entries.append(PageEntry(page))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> PageEntry:
+        return self.entries[index]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def in_tier(self, tier: Tier) -> list[PageEntry]:
+        return [e for e in self.entries if e.tier == tier]
+
+    def state_bytes(self) -> int:
+        return sum(e.page.nbytes for e in self.entries)

@@ -1,0 +1,66 @@
+"""Moves pages between tiers so that the engine finds each page resident when it needs it.
+
+The engine drives the pager in scan order: `begin_pass(order)` before a pass over the pages, `get(page)`
+for each page (returns the host buffer and how long the engine waited for it), `done(page)` after
+its kernel ran, `end_pass()` when the pass is over. This pager keeps every page in host memory; the
+paging issue's pager keeps a fixed budget and spills the rest to state files behind the same calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stated.host_pool import HostPool
+from stated.page_table import PageEntry, Tier
+
+
+class ResidentPager:
+    """Every page of the session lives in host memory for the session's lifetime."""
+
+    def __init__(self, session, pin: bool = False):
+        self.session = session
+        self.pool = HostPool(session.page_bytes, capacity=1 << 62, pin=pin)
+        self.faults = 0
+
+    def begin_pass(self, order: list[int]) -> None:
+        pass
+
+    def get(self, page: int) -> tuple[torch.Tensor, float]:
+        entry = self.session.table[page]
+        if entry.tier == Tier.NONE:
+            self._materialise(entry)
+        return self.pool.buffer(entry.slot), 0.0
+
+    def done(self, page: int) -> None:
+        self.session.table[page].dirty = True
+
+    def end_pass(self) -> None:
+        pass
+
+    def reset(self, page: int) -> None:
+        """Gives the page fresh (zero) state, as before its first step."""
+        entry = self.session.table[page]
+        if entry.tier == Tier.NONE:
+            return
+        self._initialise(entry)
+
+    def _materialise(self, entry: PageEntry) -> None:
+        slot = self.pool.acquire()
+        if slot is None:  # cannot happen with an unbounded pool
+            raise MemoryError("host pool exhausted")
+        entry.slot, entry.tier = slot, Tier.HOST
+        self._initialise(entry)
+
+    def _initialise(self, entry: PageEntry) -> None:
+        binding = self.session.bind(entry, self.pool.buffer(entry.slot))
+        for segment in binding.segments:
+            self.session.algorithm.init_fields(segment)
+        entry.initialised = True
+        entry.dirty = True
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(e.page.nbytes for e in self.session.table if e.tier == Tier.HOST)
+
+    def close(self) -> None:
+        self.pool.close()

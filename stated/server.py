@@ -1,0 +1,288 @@
+"""The gRPC servicer: decode, validate, call the store, encode (STYLE.md point 8).
+
+Heavy work (steps, state transfers) runs in a thread pool so the event loop keeps answering every other
+session; one asyncio lock per session keeps that session's operations in order. Errors raised by the
+core carry their status code (stated.errors); anything else becomes INTERNAL with the exception's text,
+is logged, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import math
+
+import grpc
+import torch
+
+from stated import __version__
+from stated.errors import InvalidArgument, ServiceError
+from stated.metrics import Metrics
+from stated.session import Session
+from stated.store import Store
+from stated.v1 import state_service_pb2 as pb
+from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
+
+log = logging.getLogger("stated.server")
+
+# Tensors may be float32/bfloat16/float16/float64 on the wire (the store says which it supports);
+# state fields may also be 8-bit codes.
+DTYPES = {code: dtype for code, dtype in TORCH_DTYPES.items() if dtype != torch.uint8}
+MAX_CHUNK_BYTES = 3 << 20  # below gRPC's 4 MiB message limit
+
+
+def wire_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
+    return {**dict(msg.scalars), **dict(msg.flags)}
+
+
+def rpc(method):
+    """Maps core errors to status codes and counts them; unexpected errors become INTERNAL."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            self.metrics.errors.labels(exc.code.name).inc()
+            await context.abort(exc.code, str(exc))
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # the daemon keeps serving the other sessions
+            log.exception("%s failed", method.__name__)
+            self.metrics.errors.labels("INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+
+    return wrapper
+
+
+class StateServicer(pb_grpc.StateServiceServicer):
+    def __init__(self, store: Store, metrics: Metrics, workers: int = 4):
+        self.store = store
+        self.metrics = metrics
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.closed: dict[str, asyncio.Event] = {}
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _session(self, ref: pb.SessionRef) -> Session:
+        return self.store.get(ref.id, ref.token)
+
+    def _update_gauges(self) -> None:
+        sessions = self.store.sessions.values()
+        self.metrics.sessions.set(len(self.store.sessions))
+        self.metrics.state_bytes.set(sum(s.state_bytes for s in sessions))
+        self.metrics.parameters.set(sum(s.parameters for s in sessions))
+        self.metrics.resident_bytes.labels("host").set(sum(s.pager.resident_bytes for s in sessions))
+
+    # --- sessions ---------------------------------------------------------------------------------
+
+    @rpc
+    async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
+        session = self.store.attach(request.job, request.rank, request.algorithm, request.pid)
+        self.locks[session.id] = asyncio.Lock()
+        self.closed[session.id] = asyncio.Event()
+        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s", session.job, session.rank, session.id,
+                 session.pid, session.algorithm.name)
+        self._update_gauges()
+        return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),
+                                 daemon_version=__version__)
+
+    async def detach(self, session: Session, reason: str) -> None:
+        lock = self.locks.get(session.id)
+        if lock is None:
+            return
+        async with lock:
+            if session.id not in self.store.sessions:
+                return
+            self.store.detach(session)
+        self.locks.pop(session.id, None)
+        event = self.closed.pop(session.id, None)
+        if event is not None:
+            event.set()
+        log.info("detach job=%s rank=%d session=%s reason=%s steps=%d", session.job, session.rank, session.id,
+                 reason, session.steps)
+        self._update_gauges()
+
+    @rpc
+    async def Detach(self, request: pb.DetachRequest, context) -> pb.DetachResponse:
+        await self.detach(self._session(request.session), "client")
+        return pb.DetachResponse()
+
+    @rpc
+    async def Watch(self, request: pb.WatchRequest, context):
+        session = self._session(request.session)
+        closed = self.closed[session.id]
+        await context.write(pb.WatchResponse(attached=True))
+        try:
+            await closed.wait()
+        finally:
+            if session.id in self.store.sessions and not closed.is_set():
+                # The stream broke while the session was live: its client is gone.
+                await asyncio.shield(self.detach(session, "client died"))
+
+    # --- registration and steps ------------------------------------------------------------------
+
+    @rpc
+    async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        session = self._session(request.session)
+        groups = [hyperparameters(g) for g in request.groups]
+        tensors = []
+        for i, t in enumerate(request.tensors):
+            if t.dtype not in DTYPES:
+                raise InvalidArgument(f"tensors[{i}].dtype is {'unspecified' if t.dtype == 0 else t.dtype}; "
+                                      f"send one of float32, bfloat16, float16")
+            tensors.append((tuple(t.shape), DTYPES[t.dtype], t.group, t.name))
+        async with self.locks[session.id]:
+            region, infos, first_group, state_bytes = await self._run(self.store.register, session, groups, tensors)
+        self._update_gauges()
+        placements = [pb.TensorPlacement(index=info.index, offset_bytes=session.tensors[info.index].offset_bytes)
+                      for info in infos]
+        return pb.RegisterResponse(param_arena=region.params.name, grad_arena=region.grads.name,
+                                   arena_bytes=region.params.nbytes, placements=placements,
+                                   first_group=first_group, state_bytes=state_bytes)
+
+    @rpc
+    async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
+        session = self._session(request.session)
+        groups = [hyperparameters(g) for g in request.groups]
+        async with self.locks[session.id]:
+            result = await self._run(self.store.step, session, request.step, groups, request.has_grad)
+        self.metrics.step_duration.observe(result.seconds)
+        self.metrics.steps.inc()
+        self.metrics.stall_seconds.inc(result.stall_seconds)
+        return pb.StepResponse(seconds=result.seconds, stall_seconds=result.stall_seconds,
+                               page_faults=result.page_faults, tensors_updated=result.tensors_updated)
+
+    # --- state_dict ------------------------------------------------------------------------------
+
+    @rpc
+    async def ExportState(self, request: pb.ExportStateRequest, context):
+        session = self._session(request.session)
+        chunk = request.chunk_bytes or CHUNK_BYTES
+        if chunk > MAX_CHUNK_BYTES:
+            raise InvalidArgument(f"chunk_bytes is {chunk}, more than the limit of {MAX_CHUNK_BYTES}")
+        async with self.locks[session.id]:
+            for index in range(len(session.tensors)):
+                entry = await self._run(self.store.export_tensor, session, index)
+                if entry is None:
+                    continue
+                step = float(entry.pop("step", 0.0))
+                await context.write(pb.ExportStateResponse(
+                    header=pb.TensorStateHeader(tensor=index, step=step, fields=list(entry))))
+                for name, value in entry.items():
+                    for message in state_chunks(index, name, value, chunk):
+                        await context.write(pb.ExportStateResponse(chunk=message))
+
+    @rpc
+    async def ImportState(self, request_iterator, context) -> pb.ImportStateResponse:
+        session, lock, tensors, nbytes = None, None, 0, 0
+        assembler = Assembler()
+        try:
+            async for request in request_iterator:
+                if session is None:
+                    session = self._session(request.session)
+                    lock = self.locks[session.id]
+                    await lock.acquire()
+                    # torch's load_state_dict replaces all state: params absent from it start afresh.
+                    await self._run(self.store.reset_state, session)
+                kind = request.WhichOneof("item")
+                done = assembler.header(request.header) if kind == "header" else (
+                    assembler.chunk(request.chunk) if kind == "chunk" else None)
+                if done is not None:
+                    nbytes += await self._run(self.store.import_tensor, session, *done)
+                    tensors += 1
+            if session is None:
+                raise InvalidArgument("the ImportState stream was empty; its first message must name the session")
+            last = assembler.finish()
+            if last is not None:
+                nbytes += await self._run(self.store.import_tensor, session, *last)
+                tensors += 1
+        finally:
+            if lock is not None:
+                lock.release()
+        return pb.ImportStateResponse(tensors=tensors, bytes=nbytes)
+
+    # --- stats -----------------------------------------------------------------------------------
+
+    @rpc
+    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.GetStatsResponse:
+        sessions = []
+        for s in self.store.sessions.values():
+            params = s.parameters
+            sessions.append(pb.SessionStats(
+                id=s.id, job=s.job, rank=s.rank, algorithm=s.algorithm.name, pid=s.pid, tensors=len(s.tensors),
+                parameters=params, state_bytes=s.state_bytes, steps=s.steps,
+                state_bytes_per_parameter=s.state_bytes / params if params else 0.0))
+        return pb.GetStatsResponse(
+            daemon_version=__version__, sessions=sessions,
+            state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
+            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values()),
+            page_bytes=self.store.page_bytes)
+
+    def close(self) -> None:
+        for event in self.closed.values():
+            event.set()
+        self.store.close_all()
+        self.pool.shutdown(wait=True)
+
+
+class Assembler:
+    """Rebuilds state_dict entries from an ImportState stream, one tensor at a time."""
+
+    def __init__(self) -> None:
+        self.current: tuple[int, float, dict[str, bytearray], dict[str, tuple], set[str]] | None = None
+
+    def header(self, header: pb.TensorStateHeader):
+        done = self.finish()
+        if not header.step >= 0 or header.step != header.step:
+            raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0")
+        self.current = (header.tensor, header.step, {}, {}, set(header.fields))
+        return done
+
+    def chunk(self, chunk: pb.StateChunk):
+        if self.current is None:
+            raise InvalidArgument("a chunk came before any header; each tensor's state starts with a header")
+        tensor, _step, data, meta, expected = self.current
+        if chunk.tensor != tensor:
+            raise InvalidArgument(f"chunk.tensor is {chunk.tensor} inside the state of tensor {tensor}")
+        if chunk.field not in expected:
+            raise InvalidArgument(f"chunk.field {chunk.field!r} of tensor {tensor} was not announced in its header")
+        dtype = TORCH_DTYPES.get(chunk.dtype)
+        if dtype is None:
+            raise InvalidArgument(f"chunk.dtype {chunk.dtype} of tensor {tensor} field {chunk.field!r} is not known")
+        buf = data.setdefault(chunk.field, bytearray())
+        meta.setdefault(chunk.field, (dtype, tuple(chunk.shape)))
+        size = torch.empty((), dtype=dtype).element_size()
+        if chunk.offset * size != len(buf):
+            raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
+                                  f"follow the previous chunk (expected {len(buf) // size})")
+        buf.extend(chunk.data)
+        return None
+
+    def finish(self):
+        if self.current is None:
+            return None
+        tensor, step, data, meta, expected = self.current
+        self.current = None
+        missing = expected - set(data)
+        if missing:
+            raise InvalidArgument(f"the state of tensor {tensor} announced {sorted(missing)} but sent no data for them")
+        entry = {"step": torch.tensor(step, dtype=torch.float32)}
+        for name, raw in data.items():
+            dtype, shape = meta[name]
+            numel = math.prod(shape)
+            size = torch.empty((), dtype=dtype).element_size()
+            if len(raw) != numel * size:
+                raise InvalidArgument(f"field {name!r} of tensor {tensor} has {len(raw) // size} values but its "
+                                      f"shape {list(shape)} needs {numel}")
+            entry[name] = tensor_from_bytes(raw, dtype, shape)
+        return tensor, entry

@@ -1,0 +1,183 @@
+"""One attached trainer process (job, rank): its tensors, arenas, per-tensor state and pages.
+
+A session owns the shared-memory arenas it created for its tensors (one param and one grad arena per
+Register call, a "region"), the resident per-tensor state of the algorithm, and its page table. The
+pager decides where pages live; the engine runs steps over them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from stated import layout, shm
+from stated.errors import InvalidArgument
+from stated.layout import Page, TensorPlace
+from stated.page_table import PageEntry, PageTable
+from stated_kernels.spec import Algorithm, Hyperparameters, Segment, TensorInfo
+
+log = logging.getLogger("stated.session")
+
+
+@dataclasses.dataclass
+class Region:
+    params: shm.Segment
+    grads: shm.Segment
+    tensors: range
+    pages: range
+
+
+@dataclasses.dataclass
+class Binding:
+    """A page's segments bound to one buffer, grouped by param group for the kernel calls."""
+
+    buffer_ptr: int
+    segments: list[Segment]
+    by_group: dict[int, list[Segment]]
+
+
+class Session:
+    def __init__(self, session_id: str, token: bytes, job: str, rank: int, pid: int,
+                 algorithm: Algorithm, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None):
+        self.id = session_id
+        self.token = token
+        self.job = job
+        self.rank = rank
+        self.pid = pid
+        self.algorithm = algorithm
+        self.page_bytes = page_bytes
+        self.shm_mode = shm_mode
+        self.shm_gid = shm_gid
+        self.created = time.time()
+        self.groups: list[Hyperparameters] = []
+        self.tensors: list[TensorPlace] = []
+        self.regions: list[Region] = []
+        self.small: list[dict[str, Any]] = []
+        self.param_views: list[torch.Tensor] = []
+        self.grad_views: list[torch.Tensor] = []
+        self.table = PageTable()
+        self.bindings: dict[int, Binding] = {}
+        # One tensor per group, to check that a step's hyperparameters keep the group's state layout.
+        self.group_sample: dict[int, TensorPlace] = {}
+        # For state_dict: the pages (and segment positions in them) that hold each tensor.
+        self.tensor_pages: dict[int, list[tuple[int, int]]] = {}
+        self.steps = 0
+        self.dtype: torch.dtype | None = None
+        # One operation at a time per session: steps, exports and imports never interleave.
+        self.lock = threading.Lock()
+        self.closed = False
+        self.pager = None  # set by the store
+
+    # --- registration -----------------------------------------------------------------------
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.info.numel for t in self.tensors)
+
+    @property
+    def state_bytes(self) -> int:
+        return self.table.state_bytes()
+
+    def add_region(self, groups: list[Hyperparameters], infos: list[TensorInfo]) -> tuple[Region, list[Page]]:
+        """Creates the arenas and pages for new tensors. `infos` carry session-wide indices and
+        session-wide group numbers; `groups` are the new groups, already validated."""
+        element_size = torch.empty((), dtype=infos[0].dtype).element_size()
+        offsets, arena_bytes = layout.place_tensors(infos, element_size)
+        all_groups = self.groups + groups
+        placed = []
+        for info, offset in zip(infos, offsets):
+            fields = self.algorithm.page_fields(info, all_groups[info.group])
+            placed.append(TensorPlace(info, len(self.regions), offset, fields))
+        pages = layout.cut_pages([(p.info, p.fields) for p in placed], self.page_bytes,
+                                 self.algorithm.block_elements, len(self.regions), len(self.table))
+        params = shm.Segment.create("params", arena_bytes, self.shm_mode, self.shm_gid)
+        try:
+            grads = shm.Segment.create("grads", arena_bytes, self.shm_mode, self.shm_gid)
+        except BaseException:
+            params.close()
+            raise
+        region = Region(params, grads, range(len(self.tensors), len(self.tensors) + len(infos)),
+                        range(len(self.table), len(self.table) + len(pages)))
+        self.groups.extend(groups)
+        self.regions.append(region)
+        for place in placed:
+            nbytes = place.info.numel * element_size
+            span = slice(place.offset_bytes, place.offset_bytes + nbytes)
+            self.param_views.append(params.tensor[span].view(place.info.dtype))
+            self.grad_views.append(grads.tensor[span].view(place.info.dtype))
+            self.small.append(self.algorithm.init_small_state(place.info, all_groups[place.info.group]))
+            self.tensors.append(place)
+            self.group_sample.setdefault(place.info.group, place)
+        self.table.extend(pages)
+        for page in pages:
+            for position, seg in enumerate(page.segments):
+                self.tensor_pages.setdefault(seg.tensor, []).append((page.index, position))
+        self.dtype = infos[0].dtype
+        return region, pages
+
+    # --- binding pages to buffers -----------------------------------------------------------
+
+    def bind(self, entry: PageEntry, buffer: torch.Tensor) -> Binding:
+        """The page's segments with field views cut from `buffer` (cached while the buffer stays)."""
+        ptr = buffer.data_ptr()
+        cached = self.bindings.get(entry.page.index)
+        if cached is not None and cached.buffer_ptr == ptr:
+            return cached
+        segments, by_group = [], {}
+        for seg in entry.page.segments:
+            place = self.tensors[seg.tensor]
+            fields = {
+                fp.field.name: buffer[fp.offset: fp.offset + fp.field.nbytes(seg.length)].view(fp.field.dtype)
+                for fp in seg.fields
+            }
+            s = Segment(place.info, seg.start, self.param_views[seg.tensor][seg.start: seg.start + seg.length],
+                        self.grad_views[seg.tensor][seg.start: seg.start + seg.length], fields,
+                        self.small[seg.tensor])
+            segments.append(s)
+            by_group.setdefault(place.info.group, []).append(s)
+        binding = Binding(ptr, segments, by_group)
+        self.bindings[entry.page.index] = binding
+        return binding
+
+    def forget_binding(self, page: int) -> None:
+        self.bindings.pop(page, None)
+
+    # --- validation of per-step input ---------------------------------------------------------
+
+    def check_groups(self, groups: list[Hyperparameters]) -> list[Hyperparameters]:
+        if len(groups) != len(self.groups):
+            raise InvalidArgument(f"groups has {len(groups)} entries but the session has {len(self.groups)} "
+                                  f"registered param groups")
+        full = []
+        for i, hp in enumerate(groups):
+            problem = self.algorithm.validate(hp, where=f"groups[{i}].")
+            if problem:
+                raise InvalidArgument(problem)
+            merged = {**self.algorithm.defaults(), **hp}
+            sample = self.group_sample.get(i)
+            if sample is not None:
+                fields = self.algorithm.page_fields(sample.info, merged)
+                if fields != sample.fields:
+                    raise InvalidArgument(
+                        f"groups[{i}]: these hyperparameters would change the state layout "
+                        f"({', '.join(f.name for f in sample.fields) or 'no state'} -> "
+                        f"{', '.join(f.name for f in fields) or 'no state'}); amsgrad and whether momentum "
+                        f"is zero are fixed at registration"
+                    )
+            full.append(merged)
+        return full
+
+    def close(self) -> None:
+        """Frees the arenas; the segments' names disappear at once."""
+        self.closed = True
+        self.bindings.clear()
+        self.param_views.clear()
+        self.grad_views.clear()
+        for region in self.regions:
+            region.params.close()
+            region.grads.close()

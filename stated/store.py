@@ -1,0 +1,200 @@
+"""Jobs, sessions and their state: the daemon's core, below the wire and above the engine.
+
+Every request is validated here before any memory is touched (DESIGN.md, "Isolation and bad input"):
+counts, sizes, dtypes and hyperparameters, each problem raised as an error that names the field.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from stated import shm
+from stated.backends.base import Backend
+from stated.engine import Engine, StepResult
+from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from stated.pager import ResidentPager
+from stated.session import Session
+from stated_kernels import lookup
+from stated_kernels.spec import Hyperparameters, TensorInfo
+
+log = logging.getLogger("stated.store")
+
+SUPPORTED_DTYPES = {torch.float32}
+MAX_TENSORS_PER_REQUEST = 1 << 20
+MAX_JOB_NAME = 200
+
+
+class Store:
+    def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
+                 pager_factory: Callable[[Session], Any] | None = None):
+        self.backend = backend
+        self.engine = Engine(backend)
+        self.page_bytes = page_bytes
+        self.shm_mode = shm_mode
+        self.shm_gid = shm_gid
+        self.sessions: dict[str, Session] = {}
+        self.by_job_rank: dict[tuple[str, int], str] = {}
+        self.pager_factory = pager_factory or (lambda s: ResidentPager(s, pin=backend.pin_host_memory))
+
+    # --- sessions -------------------------------------------------------------------------------
+
+    def attach(self, job: str, rank: int, algorithm: str, pid: int) -> Session:
+        if not job:
+            raise InvalidArgument("job must be a non-empty name")
+        if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
+            raise InvalidArgument(f"job {job[:40]!r} must be at most {MAX_JOB_NAME} characters without "
+                                  f"slashes, NUL or newlines")
+        algo = lookup(algorithm)
+        if algo is None:
+            from stated_kernels import ALGORITHMS
+
+            raise InvalidArgument(f"algorithm {algorithm!r} is not known; known: {', '.join(sorted(ALGORITHMS))}")
+        if (job, rank) in self.by_job_rank:
+            live = self.sessions[self.by_job_rank[(job, rank)]]
+            raise AlreadyExists(f"job {job!r} rank {rank} is already attached (session {live.id}, pid {live.pid}); "
+                                f"detach it or use another rank")
+        session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
+                          self.page_bytes, self.shm_mode, self.shm_gid)
+        session.pager = self.pager_factory(session)
+        self.sessions[session.id] = session
+        self.by_job_rank[(job, rank)] = session.id
+        return session
+
+    def get(self, session_id: str, token: bytes) -> Session:
+        """The session a call names, after checking its token (PERMISSION_DENIED changes nothing)."""
+        if not session_id:
+            raise InvalidArgument("session.id is empty; call Attach first")
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise NotFound(f"session {session_id} does not exist (detached, or its client died)")
+        if not hmac.compare_digest(session.token, token):
+            raise PermissionDenied(f"session.token does not match session {session_id}")
+        return session
+
+    def detach(self, session: Session) -> None:
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.by_job_rank.pop((session.job, session.rank), None)
+        session.pager.close()
+        session.close()
+
+    def close_all(self) -> None:
+        for session in list(self.sessions.values()):
+            self.detach(session)
+
+    # --- registration -------------------------------------------------------------------------
+
+    def register(self, session: Session, groups: list[Hyperparameters],
+                 tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]]):
+        """Adds tensors (shape, dtype, group within this request, name) and creates their arenas."""
+        if not groups:
+            raise InvalidArgument("groups is empty: register at least one param group")
+        if not tensors:
+            raise InvalidArgument("tensors is empty: register at least one tensor")
+        if len(tensors) > MAX_TENSORS_PER_REQUEST:
+            raise InvalidArgument(f"tensors has {len(tensors)} entries, more than {MAX_TENSORS_PER_REQUEST}")
+        for i, hp in enumerate(groups):
+            problem = session.algorithm.validate(hp, where=f"groups[{i}].")
+            if problem:
+                raise InvalidArgument(problem)
+        used = set()
+        first_group, first_tensor = len(session.groups), len(session.tensors)
+        infos = []
+        for i, (shape, dtype, group, name) in enumerate(tensors):
+            if dtype is None:
+                raise InvalidArgument(f"tensors[{i}].dtype is unspecified")
+            if dtype not in SUPPORTED_DTYPES:
+                raise InvalidArgument(f"tensors[{i}].dtype {str(dtype).replace('torch.', '')} is not supported; "
+                                      f"supported: float32")
+            if session.dtype is not None and dtype != session.dtype or infos and dtype != infos[0].dtype:
+                raise InvalidArgument(f"tensors[{i}].dtype {dtype} differs from the session's other tensors; "
+                                      f"one session holds one dtype")
+            if group >= len(groups):
+                raise InvalidArgument(f"tensors[{i}].group is {group} but only {len(groups)} groups were sent")
+            if any(d < 0 for d in shape):
+                raise InvalidArgument(f"tensors[{i}].shape {list(shape)} has a negative size")
+            used.add(group)
+            infos.append(TensorInfo(first_tensor + i, tuple(shape), dtype, first_group + group, name))
+        for i in range(len(groups)):
+            if i not in used:
+                raise InvalidArgument(f"groups[{i}] has no tensors: every param group needs at least one")
+        element_size = torch.empty((), dtype=infos[0].dtype).element_size()
+        arena_bytes = 2 * sum(t.numel for t in infos) * element_size
+        self._check_shm_room(arena_bytes)
+        full = [{**session.algorithm.defaults(), **hp} for hp in groups]
+        region, pages = session.add_region(full, infos)
+        return region, infos, first_group, sum(p.nbytes for p in pages)
+
+    @staticmethod
+    def _check_shm_room(nbytes: int) -> None:
+        stat = os.statvfs(shm.SHM_DIR)
+        free = stat.f_bavail * stat.f_frsize
+        if nbytes > free:
+            raise ResourceExhausted(f"the arenas need {nbytes} bytes of shared memory but {shm.SHM_DIR} has "
+                                    f"{free} bytes free")
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def step(self, session: Session, step: int, groups: list[Hyperparameters], has_grad: bytes) -> StepResult:
+        if not session.tensors:
+            raise FailedPrecondition(f"session {session.id} has no registered tensors; call Register first")
+        if step != session.steps + 1:
+            raise InvalidArgument(f"step is {step} but the session's last step was {session.steps}; "
+                                  f"steps must follow one another")
+        full = session.check_groups(groups)
+        if len(has_grad) != len(session.tensors):
+            raise InvalidArgument(f"has_grad has {len(has_grad)} bytes but the session has "
+                                  f"{len(session.tensors)} registered tensors")
+        return self.engine.step(session, full, has_grad)
+
+    # --- state_dict -----------------------------------------------------------------------------
+
+    def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
+        """The tensor's state_dict entry with the reference's keys, or None if it has no state."""
+        place, small = session.tensors[index], session.small[index]
+        if not session.algorithm.has_state(small):
+            return None
+        flat = {f.name: torch.empty(f.count(place.info.numel), dtype=f.dtype) for f in place.fields}
+        for page, position in session.tensor_pages.get(index, []):
+            host, _ = session.pager.get(page)
+            seg = session.bind(session.table[page], host).segments[position]
+            for f in place.fields:
+                begin = seg.start // f.per
+                view = seg.fields[f.name]
+                flat[f.name][begin: begin + view.numel()].copy_(view)
+        return session.algorithm.export_state(place.info, small, flat)
+
+    def reset_state(self, session: Session) -> None:
+        """Back to the state before the first step: counters at zero, pages zeroed."""
+        for place in session.tensors:
+            session.small[place.info.index] = session.algorithm.init_small_state(
+                place.info, session.groups[place.info.group])
+        session.bindings.clear()  # they hold the old small-state dicts
+        for entry in session.table:
+            session.pager.reset(entry.page.index)
+
+    def import_tensor(self, session: Session, index: int, entry: dict[str, torch.Tensor]) -> int:
+        """Loads one tensor's state_dict entry; returns the bytes loaded."""
+        if not 0 <= index < len(session.tensors):
+            raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
+        place = session.tensors[index]
+        try:
+            flat = session.algorithm.import_state(place.info, session.small[index], entry, place.fields)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise InvalidArgument(str(exc)) from None
+        for page, position in session.tensor_pages.get(index, []):
+            host, _ = session.pager.get(page)
+            seg = session.bind(session.table[page], host).segments[position]
+            for name, view in seg.fields.items():
+                per = place.fields[[f.name for f in place.fields].index(name)].per
+                begin = seg.start // per
+                view.copy_(flat[name][begin: begin + view.numel()])
+            session.pager.done(page)
+        return sum(t.numel() * t.element_size() for t in flat.values())
