@@ -1,0 +1,91 @@
+"""Starting and stopping a real `stated serve` process for tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from stated.v1 import state_service_pb2_grpc as pb_grpc
+
+
+class DaemonProcess:
+    def __init__(self, directory, *extra: str):
+        self.directory = str(directory)
+        self.socket = os.path.join(self.directory, "run", "stated.sock")
+        self.log_path = os.path.join(self.directory, "daemon.log")
+        self.extra = list(extra)
+        self.process: subprocess.Popen | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def address(self) -> str:
+        return "unix://" + self.socket
+
+    def start(self, timeout: float = 60.0) -> None:
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, STATED_EMBEDDED="0")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "127.0.0.1:0",
+             "--state-dir", os.path.join(self.directory, "state"), *self.extra],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            match = re.search(r"metrics http://127\.0\.0\.1:(\d+)/metrics", self.log())
+            if match and self.healthy():
+                self.metrics_port = int(match.group(1))
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not start:\n{self.log()}")
+
+    def healthy(self) -> bool:
+        if not os.path.exists(self.socket):
+            return False
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stub(self) -> tuple[grpc.Channel, pb_grpc.StateServiceStub]:
+        channel = grpc.insecure_channel(self.address)
+        return channel, pb_grpc.StateServiceStub(channel)
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            return reply.read().decode()
+
+    def segments(self) -> list[str]:
+        """Shared memory segments this daemon created (their names carry its pid)."""
+        prefix = f"stated-{self.process.pid}-"
+        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+    def leaked_segments(self) -> list[str]:
+        return self.segments() if self.process is not None else []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
