@@ -1,23 +1,24 @@
 """stated: optimizer state outside the training process.
 
 Users import the client optimizers from here (`opt = stated.AdamW(model.parameters(), lr=3e-4)`);
-the rest of the package is the daemon (`stated serve`).
+the rest of the package is the daemon (`stated serve`). The client names are imported lazily, so that
+`stated serve` can configure OpenMP before torch loads (Note [idle OpenMP threads] in stated.cli).
 """
 
 __version__ = "0.1.0"
 
-from stated_client import (  # noqa: E402
-    SGD,
-    Adam,
-    AdamW,
-    AlreadyAttachedError,
-    DaemonUnavailableError,
-    InvalidArgumentError,
-    NotCopyableError,
-    NotFoundError,
-    PermissionDeniedError,
-    StatedError,
-)
+_CLIENT_NAMES = {
+    "AdamW", "Adam", "SGD", "StatedOptimizer", "StatedError", "InvalidArgumentError", "NotFoundError",
+    "PermissionDeniedError", "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
+    "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError",
+}
 
-__all__ = ["AdamW", "Adam", "SGD", "StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError",
-           "AlreadyAttachedError", "DaemonUnavailableError", "NotCopyableError", "__version__"]
+__all__ = sorted(_CLIENT_NAMES) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _CLIENT_NAMES:
+        import stated_client
+
+        return getattr(stated_client, name)
+    raise AttributeError(f"module 'stated' has no attribute {name!r}")

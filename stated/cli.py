@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if args.command == "serve":
+        # Note [idle OpenMP threads]: after a parallel region libgomp's threads spin-wait for more work
+        # by default. On a node where trainers and the daemon share cores, the daemon's spinning threads
+        # steal the CPU the trainer's next forward pass needs (and the trainer's steal the daemon's).
+        # Passive waiting must be chosen before torch loads, so it is set here, before any import of it.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from stated.daemon import DaemonConfig, serve
         from stated_client.address import resolve, socket_path
 

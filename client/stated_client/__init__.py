@@ -1,24 +1,28 @@
 """stated_client: the training process's side of stated (client optimizers, connection, arenas,
-embedded daemon). Users normally import the same names from `stated`."""
+embedded daemon). Users normally import the same names from `stated`. Names load lazily so that
+importing a submodule (the daemon uses `stated_client.address`) does not load torch."""
 
-from stated_client.errors import (
-    AlreadyAttachedError,
-    DaemonUnavailableError,
-    FailedPreconditionError,
-    InternalError,
-    InvalidArgumentError,
-    NotCopyableError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    StateCorruptError,
-    StatedError,
-)
-from stated_client.optimizer import StatedOptimizer
-from stated_client.optimizers import SGD, Adam, AdamW
+_ERRORS = {
+    "StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "AlreadyAttachedError",
+    "FailedPreconditionError", "ResourceExhaustedError", "StateCorruptError", "DaemonUnavailableError",
+    "InternalError", "NotCopyableError",
+}
+_OPTIMIZERS = {"AdamW", "Adam", "SGD"}
 
-__all__ = [
-    "AdamW", "Adam", "SGD", "StatedOptimizer", "StatedError", "InvalidArgumentError", "NotFoundError",
-    "PermissionDeniedError", "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
-    "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError",
-]
+__all__ = sorted(_ERRORS | _OPTIMIZERS | {"StatedOptimizer"})
+
+
+def __getattr__(name: str):
+    if name in _ERRORS:
+        from stated_client import errors
+
+        return getattr(errors, name)
+    if name in _OPTIMIZERS:
+        from stated_client import optimizers
+
+        return getattr(optimizers, name)
+    if name == "StatedOptimizer":
+        from stated_client.optimizer import StatedOptimizer
+
+        return StatedOptimizer
+    raise AttributeError(f"module 'stated_client' has no attribute {name!r}")

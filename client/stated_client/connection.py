@@ -65,10 +65,15 @@ def connect(address: str | None) -> Connection:
     if os.environ.get(ENV_EMBEDDED, "1") == "0":
         raise DaemonUnavailableError(f"no stated daemon answers at {target} (and {ENV_EMBEDDED}=0 forbids starting "
                                      f"a private one); start one with `stated serve`")
+    already = embedded.running_target()
+    if already is not None:
+        return Connection(already)
     try:
         private = embedded.embedded_target(_answers)
     except (OSError, RuntimeError) as exc:
         raise DaemonUnavailableError(f"no stated daemon answers at {target}, and starting a private one failed: "
                                      f"{exc}") from None
+    log.warning("stated: no daemon answers at %s, so this process started a private one (%s); it stops when "
+                "the process exits. Run `stated serve` to share one daemon between processes.", target, private)
     return Connection(private)
 

@@ -79,6 +79,14 @@ class EmbeddedDaemon:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def running_target() -> str | None:
+    """The private daemon's target if this process already started one."""
+    with _lock:
+        if _daemon is not None and _daemon.process.poll() is None:
+            return _daemon.target
+    return None
+
+
 def embedded_target(ready) -> str:
     """The target of this process's private daemon, starting it on first use."""
     global _daemon
@@ -93,9 +101,8 @@ def embedded_target(ready) -> str:
             raise
         _daemon = daemon
         atexit.register(_stop)
-        log.warning("stated: no daemon answered, so this process started a private one (pid %d, socket %s); "
-                    "it stops when the process exits. Run `stated serve` to share one daemon between processes.",
-                    daemon.process.pid, daemon.socket)
+        log.info("started a private stated daemon (pid %d, socket %s); it stops when this process exits",
+                 daemon.process.pid, daemon.socket)
         return daemon.target
 
 

@@ -1,0 +1,80 @@
+"""Step time of stated.AdamW over in-process torch.optim.AdamW(fused=True), on CPU.
+
+For each model size the two optimizers step the same parameters' worth of work, interleaved
+(stated, torch, stated, torch, ...). Gradients stay views of the grad arena, as in steady state with
+zero_grad(set_to_none=False), so the figure is the cost of the step itself: one gRPC call plus the
+daemon's page pass, against torch's fused kernel in the training process.
+
+    python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9]
+
+Targets (issue 2): ratio at most 1.10 from 50M up; at most 1 ms added per step at 1M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+from common import BenchDaemon, human, interleaved, ratios  # noqa: E402
+
+TENSOR_ELEMENTS = 4 << 20  # a model's large matrices: 4M elements each, the rest in one smaller tensor
+
+
+def parse_count(text: str) -> int:
+    units = {"K": 10**3, "M": 10**6, "B": 10**9}
+    return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
+
+
+def make_params(n: int) -> list[torch.nn.Parameter]:
+    sizes = [TENSOR_ELEMENTS] * (n // TENSOR_ELEMENTS) + ([n % TENSOR_ELEMENTS] if n % TENSOR_ELEMENTS else [])
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for size in sizes:
+        p = torch.nn.Parameter(torch.randn(size, generator=g) * 0.02)
+        p.grad = torch.randn(size, generator=g) * 1e-3
+        params.append(p)
+    return params
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1M,10M,50M,200M", help="comma-separated parameter counts")
+    parser.add_argument("--samples", type=int, default=9, help="timed steps per optimizer and size (default 9)")
+    parser.add_argument("--algorithm", default="adamw", help="stated class to time (default adamw)")
+    args = parser.parse_args()
+    import stated
+
+    daemon = BenchDaemon()
+    results = []
+    try:
+        print(f"{'params':>8s} {'stated ms':>10s} {'torch ms':>10s} {'added ms':>9s} {'ratio':>6s} "
+              f"{'min':>6s} {'max':>6s}", flush=True)
+        for text in args.sizes.split(","):
+            n = parse_count(text)
+            ours_params, ref_params = make_params(n), make_params(n)
+            ours = stated.AdamW(ours_params, lr=1e-3, address=daemon.address, job=f"bench-{text}")
+            ref = torch.optim.AdamW(ref_params, lr=1e-3, fused=True)
+            a, b = interleaved(ours.step, ref.step, args.samples)
+            median, low, high = ratios(a, b)
+            added = (statistics.median(a) - statistics.median(b)) * 1e3
+            results.append((n, median, low, high, added))
+            print(f"{human(n):>8s} {statistics.median(a) * 1e3:10.3f} {statistics.median(b) * 1e3:10.3f} "
+                  f"{added:9.3f} {median:6.3f} {low:6.3f} {high:6.3f}", flush=True)
+            ours.close()
+            del ours, ref, ours_params, ref_params
+    finally:
+        daemon.stop()
+    for n, median, low, high, added in results:
+        print(f"adamw cpu {human(n)} params: stated/torch-fused step time {median:.2f} "
+              f"(min {low:.2f}, max {high:.2f}), added {added:.3f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""`stated status`: what a running daemon holds, one line per session."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+
+from stated.v1 import state_service_pb2 as pb
+from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_client.address import resolve
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def render(stats: pb.GetStatsResponse, target: str) -> str:
+    lines = [f"stated {stats.daemon_version} at {target}: {len(stats.sessions)} sessions, "
+             f"{format_bytes(stats.state_bytes)} of state ({format_bytes(stats.resident_bytes)} resident in host "
+             f"memory), page size {format_bytes(stats.page_bytes)}"]
+    if stats.sessions:
+        lines.append(f"{'job':24s} {'rank':>4s} {'algorithm':10s} {'pid':>7s} {'params':>14s} {'state':>12s} "
+                     f"{'B/param':>8s} {'steps':>8s}")
+        for s in sorted(stats.sessions, key=lambda s: (s.job, s.rank)):
+            lines.append(f"{s.job[:24]:24s} {s.rank:4d} {s.algorithm:10s} {s.pid:7d} {s.parameters:14,d} "
+                         f"{format_bytes(s.state_bytes):>12s} {s.state_bytes_per_parameter:8.3f} {s.steps:8d}")
+    return "\n".join(lines)
+
+
+def show_status(address: str | None, out=sys.stdout) -> int:
+    target = resolve(address)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            stats = pb_grpc.StateServiceStub(channel).GetStats(pb.GetStatsRequest(), timeout=5)
+        except grpc.RpcError as error:
+            print(f"stated status: no daemon answers at {target} ({error.code().name}: {error.details()})",
+                  file=sys.stderr)
+            return 1
+    print(render(stats, target), file=out)
+    return 0
