@@ -1,0 +1,82 @@
+// Adam and AdamW (stated_kernels/adamw.py; ALGORITHMS.md section 1), one page launch per group.
+//
+// The arithmetic follows torch's fused CPU kernel, which is what the CPU update runs: values are
+// decoded to float, every scalar arrives already rounded from float64, and each stored value is
+// rounded once. With DECOUPLED set (AdamW) the weight decay multiplies theta; without it (Adam)
+// it is added to the gradient (L2).
+//
+//   g     <- -g                        if MAXIMIZE
+//   theta <- theta * decay             if weight_decay != 0 and DECOUPLED
+//   g     <- g + theta * weight_decay  if weight_decay != 0 and not DECOUPLED
+//   m     <- lerp(m, g, 1 - beta1)     (ATen's two-sided lerp, one fma)
+//   v     <- v * beta2 + (1 - beta2) * g * g
+//   vmax  <- max(vmax, v)              if AMSGRAD; it replaces v below
+//   theta <- theta + neg_step_size * m / (sqrt(v) / bc2_sqrt + eps)
+//
+// Kernel: stated_adamw<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
+//   P: parameter and gradient type (float, __nv_bfloat16, __half); S: state type (float or P).
+//   flags: ST_MAXIMIZE | ST_AMSGRAD | ST_DECOUPLED.
+//   fields: 0 exp_avg (S), 1 exp_avg_sq (S), 2 max_exp_avg_sq (S, with AMSGRAD), 3 master weights
+//           (float, optional: when present theta is read from and written to it, and the parameter
+//           receives the rounded value).
+//   hp: 0 lerp weight fl32(1 - beta1)      1 fl32(beta2)          2 fl32(1 - beta2)
+//       3 fl32(eps)                         4 fl32(weight_decay)   5 decay fl32(1 - lr * weight_decay)
+//       6 fl32(-lr / (1 - beta1^t))         7 fl32(sqrt(1 - beta2^t))      (all from float64, per tensor)
+
+#include "stated_common.cuh"
+
+using namespace stated;
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(ST_THREADS)
+stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
+             P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
+             unsigned flags) {
+    const bool maximize = flags & ST_MAXIMIZE;
+    const bool amsgrad = flags & ST_AMSGRAD;
+    const bool decoupled = flags & ST_DECOUPLED;
+    for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
+        P* param = param_arena + seg.param;
+        const P* grad = grad_arena + seg.grad;
+        S* exp_avg = field_ptr<S>(page, seg, 0);
+        S* exp_avg_sq = field_ptr<S>(page, seg, 1);
+        S* max_exp_avg_sq = amsgrad ? field_ptr<S>(page, seg, 2) : nullptr;
+        float* master = field_ptr<float>(page, seg, 3);
+        const bool vec = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(exp_avg_sq) &&
+                         aligned16(max_exp_avg_sq) && aligned16(master);
+        long long e0;
+        const int n = thread_items(seg, first, e0);
+        if (n == 0) return;
+
+        const float w1 = t.hp[0], beta2 = t.hp[1], c2 = t.hp[2], eps = t.hp[3];
+        const float wd = t.hp[4], decay = t.hp[5], neg_step = t.hp[6], bc2_sqrt = t.hp[7];
+
+        float g[ST_ITEMS], th[ST_ITEMS], m[ST_ITEMS], v[ST_ITEMS], vm[ST_ITEMS];
+        load_items(grad + e0, n, vec, g);
+        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
+        load_items(exp_avg + e0, n, vec, m);
+        load_items(exp_avg_sq + e0, n, vec, v);
+        if (amsgrad) load_items(max_exp_avg_sq + e0, n, vec, vm);
+
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) {
+            float gk = maximize ? -g[k] : g[k];
+            if (wd != 0.0f) {
+                if (decoupled) th[k] = th[k] * decay;
+                else gk = gk + th[k] * wd;
+            }
+            m[k] = lerp_aten(m[k], gk, w1);
+            v[k] = v[k] * beta2 + c2 * gk * gk;
+            float second = v[k];
+            if (amsgrad) { vm[k] = nan_max(vm[k], v[k]); second = vm[k]; }
+            const float denom = sqrtf(second) / bc2_sqrt + eps;
+            th[k] = th[k] + neg_step * m[k] / denom;
+        }
+
+        store_items(exp_avg + e0, n, vec, m);
+        store_items(exp_avg_sq + e0, n, vec, v);
+        if (amsgrad) store_items(max_exp_avg_sq + e0, n, vec, vm);
+        if (master) store_items(master + e0, n, vec, th);
+        store_items(param + e0, n, vec, th);
+    });
+}

@@ -1,0 +1,61 @@
+// Lion (stated_kernels/lion.py; ALGORITHMS.md section 6), following lion-pytorch.
+//
+//   theta <- theta * decay                       decay = 1 - lr * lambda' (lambda' = lambda / lr_initial
+//                                                when the decay is decoupled; the host folds that in)
+//   c     <- beta1 * m + (1 - beta1) * g
+//   theta <- theta - lr * sign(c)                sign(0) = 0, sign(NaN) = NaN
+//   m     <- beta2 * m + (1 - beta2) * g         after c is used
+//
+// Each line is one ATen op on the CPU (`a + alpha * b` being its fused multiply-add form).
+//
+// Kernel: stated_lion<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
+//   flags: ST_MAXIMIZE (negates g; off for the reference, which has no maximize).
+//   fields: 0 exp_avg (S), 1 master weights (float, optional).
+//   hp: 0 decay fl32(1 - lr * lambda')   1 fl32(beta1)   2 fl32(1 - beta1)   3 fl32(beta2)
+//       4 fl32(1 - beta2)                5 fl32(-lr)
+
+#include "stated_common.cuh"
+
+using namespace stated;
+
+__device__ __forceinline__ float lion_sign(float c) {
+    return c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : c * 0.0f);  // keeps 0 as 0 and NaN as NaN
+}
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(ST_THREADS)
+stated_lion(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
+            P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
+            unsigned flags) {
+    const bool maximize = flags & ST_MAXIMIZE;
+    for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
+        P* param = param_arena + seg.param;
+        const P* grad = grad_arena + seg.grad;
+        S* exp_avg = field_ptr<S>(page, seg, 0);
+        float* master = field_ptr<float>(page, seg, 1);
+        const bool vec = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(master);
+        long long e0;
+        const int n = thread_items(seg, first, e0);
+        if (n == 0) return;
+        const float decay = t.hp[0], beta1 = t.hp[1], c1 = t.hp[2], beta2 = t.hp[3], c2 = t.hp[4];
+        const float neg_lr = t.hp[5];
+
+        float g[ST_ITEMS], th[ST_ITEMS], m[ST_ITEMS];
+        load_items(grad + e0, n, vec, g);
+        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
+        load_items(exp_avg + e0, n, vec, m);
+
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) {
+            const float gk = maximize ? -g[k] : g[k];
+            th[k] = th[k] * decay;
+            const float c = fmaf(gk, c1, m[k] * beta1);
+            th[k] = fmaf(lion_sign(c), neg_lr, th[k]);
+            m[k] = fmaf(gk, c2, m[k] * beta2);
+        }
+
+        store_items(exp_avg + e0, n, vec, m);
+        if (master) store_items(master + e0, n, vec, th);
+        store_items(param + e0, n, vec, th);
+    });
+}

@@ -1,0 +1,67 @@
+// SGD with momentum, dampening and Nesterov (stated_kernels/sgd.py; ALGORITHMS.md section 2).
+//
+// The CPU update runs torch's per-op path; for float32 every op below is one ATen op with the same
+// rounding (`a + alpha * b` is ATen's fused multiply-add form). For 16-bit parameters the CPU path
+// rounds after every op while this kernel rounds once on store, so they agree to a few ulps of the
+// parameter type, not bit for bit.
+//
+//   g <- -g                             if MAXIMIZE
+//   g <- g + weight_decay * theta       if weight_decay != 0 (L2)
+//   if momentum != 0 and the buffer exists:
+//       b <- g                          on the tensor's first step (hp[4] != 0): no dampening
+//       b <- momentum * b + (1 - dampening) * g   afterwards
+//       d <- g + momentum * b  (NESTEROV)  or  b
+//   else d <- g
+//   theta <- theta - lr * d
+//
+// Kernel: stated_sgd<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
+//   flags: ST_MAXIMIZE | ST_NESTEROV.
+//   fields: 0 momentum_buffer (S, absent without momentum), 1 master weights (float, optional).
+//   hp: 0 fl32(-lr)   1 fl32(momentum)   2 fl32(1 - dampening)   3 fl32(weight_decay)
+//       4 first step of this tensor's buffer: 1.0 or 0.0
+
+#include "stated_common.cuh"
+
+using namespace stated;
+
+template <typename P, typename S>
+__global__ void __launch_bounds__(ST_THREADS)
+stated_sgd(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
+           P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
+           unsigned flags) {
+    const bool maximize = flags & ST_MAXIMIZE;
+    const bool nesterov = flags & ST_NESTEROV;
+    for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
+        P* param = param_arena + seg.param;
+        const P* grad = grad_arena + seg.grad;
+        const float neg_lr = t.hp[0], mu = t.hp[1], damp = t.hp[2], wd = t.hp[3];
+        const bool fresh = t.hp[4] != 0.0f;
+        S* buf = mu != 0.0f ? field_ptr<S>(page, seg, 0) : nullptr;
+        float* master = field_ptr<float>(page, seg, 1);
+        const bool vec = aligned16(param) && aligned16(grad) && aligned16(buf) && aligned16(master);
+        long long e0;
+        const int n = thread_items(seg, first, e0);
+        if (n == 0) return;
+
+        float g[ST_ITEMS], th[ST_ITEMS], b[ST_ITEMS];
+        load_items(grad + e0, n, vec, g);
+        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
+        if (buf && !fresh) load_items(buf + e0, n, vec, b);
+
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) {
+            float gk = maximize ? -g[k] : g[k];
+            if (wd != 0.0f) gk = fmaf(th[k], wd, gk);
+            float d = gk;
+            if (buf) {
+                b[k] = fresh ? gk : fmaf(gk, damp, b[k] * mu);
+                d = nesterov ? fmaf(b[k], mu, gk) : b[k];
+            }
+            th[k] = fmaf(d, neg_lr, th[k]);
+        }
+
+        if (buf) store_items(buf + e0, n, vec, b);
+        if (master) store_items(master + e0, n, vec, th);
+        store_items(param + e0, n, vec, th);
+    });
+}

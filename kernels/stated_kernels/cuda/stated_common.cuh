@@ -1,0 +1,371 @@
+// Shared pieces of every stated CUDA kernel: the launch ABI (segment and tensor tables), dtype
+// codecs with fp32 math, vectorized item loads, tile iteration and block reductions.
+//
+// Note [kernel ABI] (README.md in this directory has the full table)
+//
+// A page kernel updates the segments of ONE page that belong to ONE param group and share one
+// parameter dtype. Its arguments always begin with
+//
+//     const StSegment* segs, int nseg, const StTensor* tensors,
+//     P* param_arena, const P* grad_arena, unsigned char* page, unsigned flags
+//
+// - `segs[nseg]` (device memory, 128 bytes each) describes the segments: element offsets of the
+//   segment in the param and grad arenas (relative to `param_arena` / `grad_arena`), its length, its
+//   first element's index inside its tensor, its row in the tensor table, the index of its first
+//   tile, and the byte offset of every state field inside the page buffer (-1 when absent). These
+//   are fixed for a page: a backend can upload a page's table once and keep it.
+// - `tensors` (device memory, 256 bytes a row) is the session's tensor table: where each whole
+//   tensor lies in the arenas, its shape class, the device addresses of its resident per-tensor
+//   buffers (small state and scratch), and 32 float scalars that the host recomputes every step
+//   (hyperparameters and bias corrections, computed in float64 and rounded once). One upload per
+//   step, shared by every launch of that step.
+// - `page` is the base of the page's state buffer on the device (the staging slot it sits in).
+// - Work is cut into tiles of ST_TILE consecutive elements of one segment; segment k covers tiles
+//   [tile0_k, tile0_k + ceil(length_k / ST_TILE)). Blocks are ST_THREADS threads; each block walks
+//   tiles blockIdx.x, blockIdx.x + gridDim.x, ... so any grid size is correct; the natural grid is
+//   the total tile count (capped by the backend if it likes). Each thread handles ST_ITEMS
+//   consecutive elements of a tile.
+//
+// Tensor-list kernels (the reductions before a page pass, and between passes) take
+//
+//     const int* ids, int nids, const StTensor* tensors, const P* param_arena, const P* grad_arena
+//
+// with blockIdx.y selecting tensor ids[blockIdx.y] and blockIdx.x striding over that tensor's work.
+
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace stated {
+
+constexpr int ST_TILE = 2048;       // elements per tile, a multiple of the 8-bit block (256)
+constexpr int ST_THREADS = 256;     // threads per block of every kernel in this directory
+constexpr int ST_ITEMS = ST_TILE / ST_THREADS;  // consecutive elements per thread (8)
+constexpr int ST_MAX_FIELDS = 10;
+constexpr int ST_HP = 32;
+constexpr int ST_SMALL = 8;
+constexpr int ST_WARPS = ST_THREADS / 32;
+
+struct StSegment {                  // 128 bytes, little-endian, all int64
+    long long param;                // element offset of the segment's first element in the param arena
+    long long grad;                 // element offset of the segment's first element in the grad arena
+    long long length;               // elements in the segment
+    long long start;                // index of the segment's first element inside its tensor
+    long long tensor;               // row of the tensor table
+    long long tile0;                // first tile: sum of ceil(length / ST_TILE) over earlier segments
+    long long field[ST_MAX_FIELDS]; // byte offset of each state field in the page buffer, -1 if absent
+};
+
+struct StTensor {                   // 256 bytes
+    long long param;                // element offset of the tensor's element 0 in the param arena
+    long long grad;                 // element offset of the tensor's element 0 in the grad arena
+    long long numel;
+    long long kind;                 // algorithm-specific class: 0 plain, 1 factored/quantized/compressed
+    long long rows;                 // factored: n = size(-2)    SlimAdam: mid (product of the K dims)
+    long long cols;                 // factored: m = size(-1)    SlimAdam: inner (dims after K)
+    long long lead;                 // factored: L = numel/(n*m) SlimAdam: outer (dims before K)
+    long long reserved;
+    unsigned long long small[ST_SMALL];  // device addresses of resident per-tensor buffers, 0 if none
+    float hp[ST_HP];                // per-step scalars, meaning per algorithm (README.md)
+};
+
+static_assert(sizeof(StSegment) == 128, "StSegment must stay 128 bytes");
+static_assert(sizeof(StTensor) == 256, "StTensor must stay 256 bytes");
+
+// Flags shared by several kernels (a kernel reads only the ones it documents).
+constexpr unsigned ST_MAXIMIZE = 1u << 0;
+constexpr unsigned ST_AMSGRAD = 1u << 1;
+constexpr unsigned ST_DECOUPLED = 1u << 2;
+constexpr unsigned ST_NESTEROV = 1u << 3;
+
+// ---- dtype codecs: every value is decoded to float, computed in float, encoded once ----------
+
+template <typename T> struct Codec;
+
+template <> struct Codec<float> {
+    using Raw = unsigned int;
+    static __device__ __forceinline__ float decode(Raw r) { return __uint_as_float(r); }
+    static __device__ __forceinline__ Raw encode(float x) { return __float_as_uint(x); }
+};
+
+template <> struct Codec<__nv_bfloat16> {
+    using Raw = unsigned short;
+    // bf16 is the top half of a float: widening is exact.
+    static __device__ __forceinline__ float decode(Raw r) { return __uint_as_float(((unsigned int)r) << 16); }
+    // Round to nearest even, as torch's float -> bfloat16 conversion.
+    static __device__ __forceinline__ Raw encode(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+};
+
+template <> struct Codec<__half> {
+    using Raw = unsigned short;
+    static __device__ __forceinline__ float decode(Raw r) { return __half2float(__ushort_as_half(r)); }
+    static __device__ __forceinline__ Raw encode(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+
+template <typename T> __device__ __forceinline__ float to_float(T x) {
+    return Codec<T>::decode(*reinterpret_cast<const typename Codec<T>::Raw*>(&x));
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float x) {
+    typename Codec<T>::Raw r = Codec<T>::encode(x);
+    return *reinterpret_cast<const T*>(&r);
+}
+
+// ---- item loads and stores: ST_ITEMS consecutive values of one thread ------------------------
+//
+// `vec` says that every pointer of the tile is 16-byte aligned (8 for uint8 codes); then a full
+// group of ST_ITEMS values moves as 128-bit words. A partial group (the segment's tail) or an
+// unaligned segment moves one value at a time. Lanes past `n` read as 0 and are not written.
+
+// The one-value-at-a-time paths are out of line: they run only for tails and unaligned segments,
+// and keeping one copy per type (not one per call site) halves the build time of every kernel.
+struct Items { float v[ST_ITEMS]; };
+
+template <typename T>
+__device__ __noinline__ Items load_items_slow(const T* p, int n) {
+    using Raw = typename Codec<T>::Raw;
+    const Raw* r = reinterpret_cast<const Raw*>(p);
+    Items out;
+#pragma unroll
+    for (int k = 0; k < ST_ITEMS; ++k) out.v[k] = k < n ? Codec<T>::decode(r[k]) : 0.0f;
+    return out;
+}
+
+template <typename T>
+__device__ __noinline__ void store_items_slow(T* p, int n, Items in) {
+    using Raw = typename Codec<T>::Raw;
+    Raw* r = reinterpret_cast<Raw*>(p);
+#pragma unroll
+    for (int k = 0; k < ST_ITEMS; ++k) if (k < n) r[k] = Codec<T>::encode(in.v[k]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_items(const T* p, int n, bool vec, float (&out)[ST_ITEMS]) {
+    using Raw = typename Codec<T>::Raw;
+    const Raw* r = reinterpret_cast<const Raw*>(p);
+    if (vec && n == ST_ITEMS) {
+        constexpr int WORDS = sizeof(Raw) * ST_ITEMS / 16;  // 2 for fp32, 1 for 16-bit types
+        unsigned int w[WORDS * 4];
+#pragma unroll
+        for (int c = 0; c < WORDS; ++c) {
+            uint4 q = reinterpret_cast<const uint4*>(r)[c];
+            w[4 * c] = q.x; w[4 * c + 1] = q.y; w[4 * c + 2] = q.z; w[4 * c + 3] = q.w;
+        }
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) {
+            if constexpr (sizeof(Raw) == 4) {
+                out[k] = Codec<T>::decode((Raw)w[k]);
+            } else {
+                out[k] = Codec<T>::decode((Raw)((w[k >> 1] >> (16 * (k & 1))) & 0xffffu));
+            }
+        }
+    } else {
+        const Items slow = load_items_slow<T>(p, n);
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) out[k] = slow.v[k];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_items(T* p, int n, bool vec, const float (&in)[ST_ITEMS]) {
+    using Raw = typename Codec<T>::Raw;
+    Raw* r = reinterpret_cast<Raw*>(p);
+    if (vec && n == ST_ITEMS) {
+        constexpr int WORDS = sizeof(Raw) * ST_ITEMS / 16;
+        unsigned int w[WORDS * 4];
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) {
+            if constexpr (sizeof(Raw) == 4) {
+                w[k] = Codec<T>::encode(in[k]);
+            } else {
+                unsigned int bits = Codec<T>::encode(in[k]);
+                if (k & 1) w[k >> 1] |= bits << 16; else w[k >> 1] = bits;
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < WORDS; ++c) {
+            reinterpret_cast<uint4*>(r)[c] = make_uint4(w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]);
+        }
+    } else {
+        Items slow;
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) slow.v[k] = in[k];
+        store_items_slow<T>(p, n, slow);
+    }
+}
+
+__device__ __forceinline__ void load_codes(const unsigned char* p, int n, bool vec, unsigned int (&out)[ST_ITEMS]) {
+    if (vec && n == ST_ITEMS) {
+        uint2 q = *reinterpret_cast<const uint2*>(p);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) { out[k] = (q.x >> (8 * k)) & 0xffu; out[k + 4] = (q.y >> (8 * k)) & 0xffu; }
+    } else {
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) out[k] = k < n ? p[k] : 0u;
+    }
+}
+
+__device__ __forceinline__ void store_codes(unsigned char* p, int n, bool vec, const unsigned int (&in)[ST_ITEMS]) {
+    if (vec && n == ST_ITEMS) {
+        uint2 q;
+        q.x = in[0] | (in[1] << 8) | (in[2] << 16) | (in[3] << 24);
+        q.y = in[4] | (in[5] << 8) | (in[6] << 16) | (in[7] << 24);
+        *reinterpret_cast<uint2*>(p) = q;
+    } else {
+#pragma unroll
+        for (int k = 0; k < ST_ITEMS; ++k) if (k < n) p[k] = (unsigned char)in[k];
+    }
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+
+// ---- tables ------------------------------------------------------------------------------------
+
+template <typename T> __device__ __forceinline__ T* field_ptr(unsigned char* page, const StSegment& s, int f) {
+    return s.field[f] < 0 ? nullptr : reinterpret_cast<T*>(page + s.field[f]);
+}
+
+template <typename T> __device__ __forceinline__ T* small_ptr(const StTensor& t, int k) {
+    return reinterpret_cast<T*>(t.small[k]);
+}
+
+// The segment holding tile `tile`: the last one whose tile0 <= tile (tile0 is non-decreasing).
+__device__ __forceinline__ int find_segment(const StSegment* segs, int nseg, long long tile) {
+    int lo = 0, hi = nseg - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (segs[mid].tile0 <= tile) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ long long total_tiles(const StSegment* segs, int nseg) {
+    if (nseg <= 0) return 0;
+    const StSegment& last = segs[nseg - 1];
+    return last.tile0 + (last.length + ST_TILE - 1) / ST_TILE;
+}
+
+// Calls body(seg, tensor, first) for every tile of the launch that this block owns, where `first`
+// is the segment-relative index of the tile's first element. All threads of the block take part.
+template <class Body>
+__device__ __forceinline__ void for_each_tile(const StSegment* segs, int nseg, const StTensor* tensors, Body body) {
+    const long long ntiles = total_tiles(segs, nseg);
+    for (long long tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+        const int s = find_segment(segs, nseg, tile);
+        const StSegment seg = segs[s];
+        const StTensor& t = tensors[seg.tensor];
+        body(seg, t, (tile - seg.tile0) * (long long)ST_TILE);
+    }
+}
+
+// Items this thread owns in a tile that starts at segment element `first`: [e0, e0 + n).
+__device__ __forceinline__ int thread_items(const StSegment& seg, long long first, long long& e0) {
+    e0 = first + (long long)threadIdx.x * ST_ITEMS;
+    long long left = seg.length - e0;
+    return left <= 0 ? 0 : (left >= ST_ITEMS ? ST_ITEMS : (int)left);
+}
+
+// ---- float helpers -----------------------------------------------------------------------------
+
+// torch.maximum: NaN if either input is NaN.
+__device__ __forceinline__ float nan_max(float a, float b) {
+    return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
+// ATen's lerp(a, b, w): a + w (b - a) when |w| < 0.5, else b - (b - a)(1 - w), written with one
+// fused multiply-add each as the vectorized CPU kernel does.
+__device__ __forceinline__ float lerp_aten(float a, float b, float w) {
+    return fabsf(w) < 0.5f ? fmaf(w, b - a, a) : fmaf(w - 1.0f, b - a, b);
+}
+
+// torch.rsqrt on CPU is 1/sqrt (both correctly rounded); rsqrtf would differ by up to 2 ulp.
+__device__ __forceinline__ float rsqrt_exact(float x) { return 1.0f / sqrtf(x); }
+
+// ---- reductions --------------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// Sum over the block; the result is valid in every thread. `scratch` holds ST_WARPS floats and
+// may be reused after the call returns (the trailing barrier protects it).
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+    x = warp_sum(x);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    float total = lane < ST_WARPS ? scratch[lane] : 0.0f;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+    x = warp_max(x);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    float total = lane < ST_WARPS ? scratch[lane] : 0.0f;
+    total = warp_max(total);
+    __syncthreads();
+    return total;
+}
+
+// Sums over the middle axis of a tensor viewed as [outer, mid, inner]:
+// done(o * inner + k, sum over b of load(o * mid * inner + b * inner + k)).
+// inner == 1 (a row of contiguous values): one warp per row, lanes stride along it.
+// inner > 1 (a column): 32 columns per block, its 8 warps split the mid axis, then combine in
+// shared memory. Deterministic: no atomics. Every thread of the block must call it.
+template <class Load, class Done>
+__device__ __forceinline__ void reduce_mid(long long outer, long long mid, long long inner, Load load, Done done) {
+    __shared__ float part[ST_WARPS][33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (inner == 1) {
+        for (long long q = (long long)blockIdx.x * ST_WARPS + warp; q < outer; q += (long long)gridDim.x * ST_WARPS) {
+            float s = 0.0f;
+            for (long long b = lane; b < mid; b += 32) s += load(q * mid + b);
+            s = warp_sum(s);
+            if (lane == 0) done(q, s);
+        }
+        return;
+    }
+    const long long chunks_per_outer = (inner + 31) / 32;
+    const long long chunks = outer * chunks_per_outer;
+    for (long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const long long o = c / chunks_per_outer;
+        const long long k = (c - o * chunks_per_outer) * 32 + lane;
+        float s = 0.0f;
+        if (k < inner) {
+            const long long base = o * mid * inner + k;
+            for (long long b = warp; b < mid; b += ST_WARPS) s += load(base + b * inner);
+        }
+        part[warp][lane] = s;
+        __syncthreads();
+        if (warp == 0) {
+            float total = 0.0f;
+#pragma unroll
+            for (int w = 0; w < ST_WARPS; ++w) total += part[w][lane];
+            if (k < inner) done(o * inner + k, total);
+        }
+        __syncthreads();
+    }
+}
+
+// Adds a block's partial sum into a per-tensor float64 accumulator (one atomic per block).
+__device__ __forceinline__ void block_accumulate(float partial, double* target, float* scratch) {
+    const float total = block_sum(partial, scratch);
+    if (threadIdx.x == 0) atomicAdd(target, (double)total);
+}
+
+}  // namespace stated

@@ -1,0 +1,375 @@
+"""The CUDA sources of the stated kernels, the kernel names to instantiate, and an NVRTC build check.
+
+The sources live in `stated_kernels/cuda/` (one `.cu` per algorithm plus `stated_common.cuh`); their
+launch ABI is described in `cuda/README.md`. The CUDA backend compiles them with CuPy:
+
+    code = cuda_sources.source("adamw")                    # header inlined
+    names = cuda_sources.name_expressions("adamw")
+    module = cupy.RawModule(code=code, options=cuda_sources.nvrtc_options(), name_expressions=names)
+    kernel = module.get_function(cuda_sources.kernel_name("stated_adamw", torch.bfloat16, torch.float32))
+
+and fills the two tables with the numpy dtypes `SEGMENT_DTYPE` and `TENSOR_DTYPE` below.
+
+`compile_all(arch)` compiles every source with NVRTC through cuda-python, which needs no GPU: it is
+how the tests check that the sources build for sm_80 and sm_90 on a machine without one. CuPy is
+never imported here.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.resources
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+HEADER = "stated_common.cuh"
+
+# Elements per tile (every page kernel) and threads per block (every kernel): see the header.
+TILE = 2048
+THREADS = 256
+WARPS = THREADS // 32
+# Elements per 8-bit quantization block.
+QBLOCK = 256
+
+# C++ spelling of each parameter / state dtype, keyed by torch dtype name.
+CXX_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
+
+# Every kernel is a template <P, S>: P the parameter and gradient type, S the floating state type
+# (the state of the CPU module, which is the parameter's dtype, or float32 when a backend keeps
+# state in float32 for 16-bit parameters).
+DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("float32", "float32"),
+    ("bfloat16", "bfloat16"),
+    ("float16", "float16"),
+    ("bfloat16", "float32"),
+    ("float16", "float32"),
+)
+
+# CAME's reference keeps every state in float32 (it upcasts 16-bit gradients first).
+FLOAT_STATE_PAIRS = tuple(pair for pair in DTYPE_PAIRS if pair[1] == "float32")
+PAIRS = {"came": FLOAT_STATE_PAIRS}
+
+# For each algorithm: its source file and its kernels (each a template <P, S>) in launch order.
+# Names ending in _page run over pages; the others run over a list of whole tensors.
+KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "adamw": ("adamw.cu", ("stated_adamw",)),
+    "sgd": ("sgd.cu", ("stated_sgd",)),
+    "lion": ("lion.cu", ("stated_lion",)),
+    "adamw8bit": ("adamw8bit.cu", ("stated_adamw8bit",)),
+    "adafactor": ("adafactor.cu", (
+        "stated_adafactor_rows",
+        "stated_adafactor_cols",
+        "stated_adafactor_row_mean",
+        "stated_adafactor_norms",
+        "stated_adafactor_finish",
+        "stated_adafactor_page",
+    )),
+    "came": ("came.cu", (
+        "stated_came_rows",
+        "stated_came_cols",
+        "stated_came_row_mean",
+        "stated_came_norms",
+        "stated_came_finish",
+        "stated_came_page0",
+        "stated_came_between",
+        "stated_came_between_mean",
+        "stated_came_page1",
+    )),
+    "slimadam": ("slimadam.cu", ("stated_slimadam_reduce", "stated_slimadam_page")),
+}
+# Adam shares AdamW's kernel (ST_DECOUPLED off).
+ALIASES = {"adam": "adamw"}
+
+# Flags (the `flags` argument of page kernels).
+MAXIMIZE = 1 << 0
+AMSGRAD = 1 << 1
+DECOUPLED = 1 << 2
+NESTEROV = 1 << 3
+
+MAX_FIELDS = 10
+N_SMALL = 8
+N_HP = 32
+
+# One row of the segment table (StSegment in the header): 128 bytes.
+SEGMENT_DTYPE = np.dtype([
+    ("param", "<i8"),
+    ("grad", "<i8"),
+    ("length", "<i8"),
+    ("start", "<i8"),
+    ("tensor", "<i8"),
+    ("tile0", "<i8"),
+    ("field", "<i8", (MAX_FIELDS,)),
+])
+# One row of the tensor table (StTensor in the header): 256 bytes.
+TENSOR_DTYPE = np.dtype([
+    ("param", "<i8"),
+    ("grad", "<i8"),
+    ("numel", "<i8"),
+    ("kind", "<i8"),
+    ("rows", "<i8"),
+    ("cols", "<i8"),
+    ("lead", "<i8"),
+    ("reserved", "<i8"),
+    ("small", "<u8", (N_SMALL,)),
+    ("hp", "<f4", (N_HP,)),
+])
+assert SEGMENT_DTYPE.itemsize == 128 and TENSOR_DTYPE.itemsize == 256
+
+
+def resolve(algorithm: str) -> str:
+    name = ALIASES.get(algorithm, algorithm)
+    if name not in KERNELS:
+        raise KeyError(f"no CUDA kernels for algorithm {algorithm!r}; known: {', '.join(sorted(KERNELS))}")
+    return name
+
+
+def _read(filename: str) -> str:
+    return importlib.resources.files("stated_kernels").joinpath("cuda", filename).read_text(encoding="utf-8")
+
+
+def header() -> str:
+    return _read(HEADER)
+
+
+def source(algorithm: str, *, inline_header: bool = True) -> str:
+    """The CUDA source of an algorithm; with `inline_header` the shared header is pasted in, so the
+    text compiles with no include path other than the one for cuda_bf16.h / cuda_fp16.h."""
+    text = _read(KERNELS[resolve(algorithm)][0])
+    if inline_header:
+        text = text.replace(f'#include "{HEADER}"', header(), 1)
+    return text
+
+
+def _dtype_name(dtype: object) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in CXX_TYPES:
+        raise KeyError(f"unsupported dtype {dtype!r} for CUDA kernels; supported: {', '.join(CXX_TYPES)}")
+    return name
+
+
+def kernel_name(kernel: str, param_dtype: object, state_dtype: object) -> str:
+    """The name expression of one instantiation, e.g. `stated_adamw<__nv_bfloat16, float>`."""
+    return f"{kernel}<{CXX_TYPES[_dtype_name(param_dtype)]}, {CXX_TYPES[_dtype_name(state_dtype)]}>"
+
+
+def dtype_pairs(algorithm: str) -> tuple[tuple[str, str], ...]:
+    """The (param dtype, state dtype) pairs an algorithm's kernels are instantiated for."""
+    return PAIRS.get(resolve(algorithm), DTYPE_PAIRS)
+
+
+def name_expressions(algorithm: str, pairs: Iterable[tuple[str, str]] | None = None) -> list[str]:
+    """Every instantiation of every kernel of an algorithm (what CuPy's name_expressions takes)."""
+    pairs = dtype_pairs(algorithm) if pairs is None else tuple(pairs)
+    return [kernel_name(k, p, s) for k in KERNELS[resolve(algorithm)][1] for p, s in pairs]
+
+
+def include_dirs() -> list[str]:
+    """The directory holding cuda_bf16.h and cuda_fp16.h, as a one-element list (empty if none):
+    the `nvidia-cuda-runtime-cu12` wheel's include directory, else $CUDA_HOME/include or
+    $CUDA_PATH/include, else /usr/local/cuda/include. Only the first is used, so that the headers
+    come from one CUDA release (the wheel's matches the NVRTC wheel's)."""
+    found = []
+    try:
+        import nvidia.cuda_runtime as runtime  # the nvidia-cuda-runtime-cu12 wheel
+
+        for base in runtime.__path__:
+            found.append(os.path.join(base, "include"))
+    except ImportError:
+        pass
+    for env in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(env):
+            found.append(os.path.join(os.environ[env], "include"))
+    found.append("/usr/local/cuda/include")
+    usable = [d for d in dict.fromkeys(found) if os.path.isfile(os.path.join(d, "cuda_bf16.h"))]
+    return usable[:1]
+
+
+def nvrtc_options(arch: str | None = None) -> list[str]:
+    """NVRTC options every source is built with; `arch` is e.g. "sm_90" or "compute_80" (CuPy
+    picks the device's own architecture when it is None)."""
+    options = ["-std=c++17"]
+    if arch is not None:
+        options.append(f"--gpu-architecture={arch}")
+    options += [f"-I{d}" for d in include_dirs()]
+    return options
+
+
+# --- tables ---------------------------------------------------------------------------------------
+
+
+def tiles(length: int) -> int:
+    return -(-length // TILE)
+
+
+def segment_table(segments: Sequence[dict]) -> np.ndarray:
+    """Packs segment descriptions into the segment table, filling `tile0`.
+
+    Each entry has keys param, grad, length, start, tensor (ints) and fields (a sequence of byte
+    offsets in the page, None or -1 for an absent field, in the kernel's field order).
+    """
+    table = np.zeros(len(segments), dtype=SEGMENT_DTYPE)
+    tile = 0
+    for row, seg in zip(table, segments):
+        if seg["length"] <= 0:
+            raise ValueError(f"segment of tensor {seg['tensor']} has length {seg['length']}")
+        fields = [(-1 if f is None else int(f)) for f in seg.get("fields", ())]
+        if len(fields) > MAX_FIELDS:
+            raise ValueError(f"a segment has at most {MAX_FIELDS} fields, got {len(fields)}")
+        row["param"], row["grad"] = seg["param"], seg["grad"]
+        row["length"], row["start"], row["tensor"] = seg["length"], seg["start"], seg["tensor"]
+        row["tile0"] = tile
+        row["field"][:] = -1
+        row["field"][: len(fields)] = fields
+        tile += tiles(int(seg["length"]))
+    return table
+
+
+def total_tiles(table: np.ndarray) -> int:
+    if len(table) == 0:
+        return 0
+    return int(table["tile0"][-1]) + tiles(int(table["length"][-1]))
+
+
+def tensor_table(count: int) -> np.ndarray:
+    """A zeroed tensor table of `count` rows (small addresses 0, hp 0)."""
+    return np.zeros(count, dtype=TENSOR_DTYPE)
+
+
+# --- build check ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SourceReport:
+    algorithm: str
+    filename: str
+    arch: str
+    ok: bool
+    seconds: float
+    log: str
+    lowered: dict[str, str]  # name expression -> mangled name ("" when it did not resolve)
+    code_bytes: int
+
+    @property
+    def missing(self) -> list[str]:
+        return [n for n, low in self.lowered.items() if not low]
+
+
+@dataclasses.dataclass
+class CompileReport:
+    arch: str
+    nvrtc_version: tuple[int, int]
+    sources: list[SourceReport]
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok and not s.missing for s in self.sources)
+
+    def summary(self) -> str:
+        lines = [f"NVRTC {self.nvrtc_version[0]}.{self.nvrtc_version[1]}, {self.arch}:"]
+        for s in self.sources:
+            state = "ok" if s.ok and not s.missing else "FAILED"
+            lines.append(f"  {s.filename:14s} {state:6s} {len(s.lowered):3d} kernels {s.code_bytes:8d} bytes "
+                         f"{s.seconds:5.2f} s")
+            if s.log.strip() and state != "ok":
+                lines.append("    " + s.log.strip().replace("\n", "\n    "))
+        return "\n".join(lines)
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc  # cuda-python >= 12.6
+    except ImportError:  # older cuda-python
+        from cuda import nvrtc
+    return nvrtc
+
+
+def _check(nvrtc, result, what: str):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"{what} failed: {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def nvrtc_version() -> tuple[int, int]:
+    nvrtc = _nvrtc()
+    major, minor = _check(nvrtc, nvrtc.nvrtcVersion(), "nvrtcVersion")
+    return int(major), int(minor)
+
+
+def compile_source(algorithm: str, arch: str = "sm_80", extra_options: Sequence[str] = ()) -> SourceReport:
+    """Compiles one algorithm's source with every name expression; never raises on a build error
+    (the report says what failed), only when NVRTC itself is missing."""
+    nvrtc = _nvrtc()
+    algorithm = resolve(algorithm)
+    filename = KERNELS[algorithm][0]
+    names = name_expressions(algorithm)
+    started = time.perf_counter()
+    text = source(algorithm, inline_header=False).encode()
+    prog = _check(nvrtc, nvrtc.nvrtcCreateProgram(text, filename.encode(), 1, [header().encode()],
+                                                  [HEADER.encode()]), "nvrtcCreateProgram")
+    try:
+        for name in names:
+            _check(nvrtc, nvrtc.nvrtcAddNameExpression(prog, name.encode()), f"nvrtcAddNameExpression({name})")
+        options = [o.encode() for o in (*nvrtc_options(arch), *extra_options)]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
+        ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+        log = b" " * size
+        _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+        lowered: dict[str, str] = {}
+        code_bytes = 0
+        if ok:
+            for name in names:
+                err, low = nvrtc.nvrtcGetLoweredName(prog, name.encode())
+                lowered[name] = low.decode() if err == nvrtc.nvrtcResult.NVRTC_SUCCESS and low else ""
+            if arch.startswith("sm_"):
+                code_bytes = int(_check(nvrtc, nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize"))
+            else:
+                code_bytes = int(_check(nvrtc, nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize"))
+        else:
+            lowered = {name: "" for name in names}
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    return SourceReport(algorithm, filename, arch, ok, time.perf_counter() - started,
+                        log.rstrip(b"\0 ").decode(errors="replace"), lowered, code_bytes)
+
+
+def compile_all(arch: str = "sm_80", algorithms: Iterable[str] | None = None,
+                extra_options: Sequence[str] = (), workers: int | None = None) -> CompileReport:
+    """Compiles every source for `arch` ("sm_80", "sm_90", "compute_80", ...) without a GPU."""
+    return compile_archs([arch], algorithms, extra_options, workers)[0]
+
+
+def compile_archs(archs: Sequence[str], algorithms: Iterable[str] | None = None,
+                  extra_options: Sequence[str] = (), workers: int | None = None) -> list[CompileReport]:
+    """Compiles every source for each architecture, one report per architecture.
+
+    NVRTC releases the GIL while it compiles, so the (source, arch) jobs run on a thread pool of
+    `workers` threads (default: one per CPU core).
+    """
+    for arch in archs:
+        if not re.fullmatch(r"(sm|compute)_\d+a?", arch):
+            raise ValueError(f"arch must look like sm_90 or compute_80, got {arch!r}")
+    if not include_dirs():
+        raise RuntimeError("cuda_bf16.h not found: install nvidia-cuda-runtime-cu12 or set CUDA_HOME")
+    chosen = [resolve(a) for a in (algorithms if algorithms is not None else KERNELS)]
+    jobs = [(a, arch) for arch in archs for a in chosen]
+    workers = workers or os.cpu_count() or 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        done = list(pool.map(lambda job: compile_source(job[0], job[1], extra_options), jobs))
+    version = nvrtc_version()
+    return [CompileReport(arch, version, [r for r in done if r.arch == arch]) for arch in archs]
+
+
+if __name__ == "__main__":  # python -m stated_kernels.cuda_sources [arch ...]
+    import sys
+
+    reports = compile_archs(sys.argv[1:] or ["sm_80", "sm_90"])
+    for report in reports:
+        print(report.summary())
+    sys.exit(0 if all(r.ok for r in reports) else 1)

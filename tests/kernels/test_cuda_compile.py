@@ -1,0 +1,101 @@
+"""Every CUDA kernel source builds with NVRTC for sm_80 and sm_90, with every (param, state) dtype
+instantiation resolving to a kernel symbol. NVRTC needs no GPU, so this runs on every machine that
+has the cuda-python and nvidia-cuda-nvrtc-cu12 / nvidia-cuda-runtime-cu12 wheels (the dev extra)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python's NVRTC bindings are not installed")
+
+from stated_kernels import cuda_sources  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    if not cuda_sources.include_dirs():
+        pytest.skip("cuda_bf16.h not found (nvidia-cuda-runtime-cu12 is not installed)")
+    # Both architectures in one thread pool: NVRTC releases the GIL, so the jobs share the cores.
+    return dict(zip(ARCHS, cuda_sources.compile_archs(ARCHS)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("algorithm", sorted(cuda_sources.KERNELS))
+def test_source_compiles_with_every_instantiation(reports, arch, algorithm):
+    report = next(s for s in reports[arch].sources if s.algorithm == algorithm)
+    assert report.ok, f"{report.filename} for {arch}:\n{report.log}"
+    assert not report.missing, f"unresolved name expressions: {report.missing}"
+    assert set(report.lowered) == set(cuda_sources.name_expressions(algorithm))
+    assert report.code_bytes > 0
+    # Warnings are not errors, but a clean build keeps real problems visible.
+    assert "warning" not in report.log, report.log
+
+
+def test_every_kernel_is_instantiated_for_every_dtype_pair():
+    for algorithm, (_, kernels) in cuda_sources.KERNELS.items():
+        names = cuda_sources.name_expressions(algorithm)
+        pairs = cuda_sources.dtype_pairs(algorithm)
+        assert len(names) == len(kernels) * len(pairs)
+        for param, _state in pairs:
+            assert any(cuda_sources.CXX_TYPES[param] in n for n in names)
+
+
+def test_sources_inline_the_header_and_name_their_kernels():
+    header = cuda_sources.header()
+    assert "struct StSegment" in header and "struct StTensor" in header
+    for algorithm, (filename, kernels) in cuda_sources.KERNELS.items():
+        text = cuda_sources.source(algorithm)
+        assert '#include "stated_common.cuh"' not in text
+        assert "struct StSegment" in text
+        for kernel in kernels:
+            assert re.search(rf"\b{kernel}\(", text), f"{kernel} is not defined in {filename}"
+    assert cuda_sources.source("adam") == cuda_sources.source("adamw")
+
+
+def test_kernel_name_spells_torch_dtypes():
+    torch = pytest.importorskip("torch")
+    assert cuda_sources.kernel_name("stated_adamw", torch.bfloat16, torch.float32) == \
+        "stated_adamw<__nv_bfloat16, float>"
+    assert cuda_sources.kernel_name("stated_sgd", "float16", "float16") == "stated_sgd<__half, __half>"
+    with pytest.raises(KeyError, match="float64"):
+        cuda_sources.kernel_name("stated_sgd", torch.float64, torch.float64)
+
+
+def test_table_layouts_match_the_header():
+    header = cuda_sources.header()
+    assert cuda_sources.SEGMENT_DTYPE.itemsize == 128
+    assert cuda_sources.TENSOR_DTYPE.itemsize == 256
+    assert f"ST_TILE = {cuda_sources.TILE}" in header
+    assert f"ST_THREADS = {cuda_sources.THREADS}" in header
+    assert f"ST_MAX_FIELDS = {cuda_sources.MAX_FIELDS}" in header
+    assert f"ST_HP = {cuda_sources.N_HP}" in header
+    assert f"ST_SMALL = {cuda_sources.N_SMALL}" in header
+    # Field order of the numpy dtypes is the member order of the structs.
+    segment_members = re.search(r"struct StSegment \{(.*?)\};", header, re.S).group(1)
+    names = re.findall(r"^\s*(?:long long|unsigned long long|float)\s+(\w+)", segment_members, re.M)
+    assert names == list(cuda_sources.SEGMENT_DTYPE.names)
+    tensor_members = re.search(r"struct StTensor \{(.*?)\};", header, re.S).group(1)
+    names = re.findall(r"^\s*(?:long long|unsigned long long|float)\s+(\w+)", tensor_members, re.M)
+    assert names == list(cuda_sources.TENSOR_DTYPE.names)
+
+
+def test_segment_table_counts_tiles():
+    tile = cuda_sources.TILE
+    table = cuda_sources.segment_table([
+        {"param": 0, "grad": 0, "length": 1, "start": 0, "tensor": 0, "fields": [0, 64]},
+        {"param": 64, "grad": 64, "length": tile, "start": 0, "tensor": 1, "fields": [128, None]},
+        {"param": 9000, "grad": 9000, "length": 2 * tile + 1, "start": 5, "tensor": 2, "fields": []},
+    ])
+    assert table["tile0"].tolist() == [0, 1, 2]
+    assert cuda_sources.total_tiles(table) == 5
+    assert table["field"][1].tolist() == [128] + [-1] * (cuda_sources.MAX_FIELDS - 1)
+    assert table["field"][2].tolist() == [-1] * cuda_sources.MAX_FIELDS
+    with pytest.raises(ValueError, match="length 0"):
+        cuda_sources.segment_table([{"param": 0, "grad": 0, "length": 0, "start": 0, "tensor": 0}])
+    assert cuda_sources.total_tiles(cuda_sources.segment_table([])) == 0
+    assert np.all(cuda_sources.tensor_table(3)["small"] == 0)
