@@ -240,6 +240,60 @@ def tensor_table(count: int) -> np.ndarray:
     return np.zeros(count, dtype=TENSOR_DTYPE)
 
 
+# --- per-step scalars -----------------------------------------------------------------------------
+
+
+def host_scalars(algorithm: str, hp: dict, step: float, *, numel: int = 1, ndim: int = 1,
+                 param_dtype: str = "float32", initial_lr: float | None = None) -> tuple[np.ndarray, int]:
+    """The `hp` row (32 float32) and the `flags` of one tensor for one step, computed in float64 and
+    rounded once, as cuda/README.md lists them. `hp` holds the group's hyperparameters (the CPU
+    module's names, defaults filled in); `step` is the tensor's step after this step's increment.
+    """
+    name = algorithm
+    algorithm = resolve(algorithm)
+    row = np.zeros(N_HP, dtype=np.float32)
+    flags = MAXIMIZE if hp.get("maximize") else 0
+    lr = float(hp.get("lr", 0.0))
+    wd = float(hp.get("weight_decay", 0.0))
+    t = float(step)
+    if algorithm == "adamw":
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        flags |= (AMSGRAD if hp.get("amsgrad") else 0) | (DECOUPLED if name != "adam" else 0)
+        row[:8] = [1 - b1, b2, 1 - b2, hp["eps"], wd, 1 - lr * wd, -(lr / (1 - b1 ** t)), (1 - b2 ** t) ** 0.5]
+    elif algorithm == "sgd":
+        flags |= NESTEROV if hp.get("nesterov") else 0
+        row[:5] = [-lr, hp.get("momentum", 0.0), 1 - float(hp.get("dampening", 0.0)), wd, 1.0 if t <= 1 else 0.0]
+    elif algorithm == "lion":
+        decayed = wd / (initial_lr or lr) if hp.get("decoupled_weight_decay") else wd
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        row[:6] = [1 - lr * decayed, b1, 1 - b1, b2, 1 - b2, -lr]
+    elif algorithm == "adamw8bit":
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        flags |= (AMSGRAD if hp.get("amsgrad") else 0) | (DECOUPLED if hp.get("decoupled", True) else 0)
+        f32 = np.float32
+        # torchao: lr is a float32 tensor and step a float32 tensor, so these are float32 operations.
+        bc1 = f32(1) - np.power(f32(b1), f32(t))
+        bc2 = f32(1) - np.power(f32(b2), f32(t))
+        row[:8] = [lr, f32(lr) * f32(wd), 1 - b1, 1 - b2, hp["eps"], bc1, np.sqrt(bc2), wd]
+    elif algorithm == "adafactor":
+        eps1 = hp.get("eps1")
+        if eps1 is None:
+            eps1 = float(np.finfo(np.float32).eps) if param_dtype == "float32" else \
+                {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[param_dtype]
+        row[:8] = [t ** float(hp.get("beta2_decay", -0.8)), eps1, eps1 * eps1, 1 - lr * wd, wd,
+                   min(lr, 1 / t ** 0.5), hp.get("eps2", 1e-3), hp.get("d", 1.0)]
+    elif algorithm == "came":
+        b1, b2, b3 = float(hp["beta1"]), float(hp["beta2"]), float(hp["beta3"])
+        row[:12] = [b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, hp.get("eps1", 1e-30), hp.get("eps2", 1e-16),
+                    hp.get("clip_threshold", 1.0), lr, -wd * lr, wd]
+    elif algorithm == "slimadam":
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        if ndim < 2:
+            wd = 0.0
+        row[:10] = [b1, 1 - b1, b2, 1 - b2, hp["eps"], lr, 1 - lr * wd, wd, 1 - b1 ** t, 1 - b2 ** t]
+    return row, flags
+
+
 # --- build check ----------------------------------------------------------------------------------
 
 
