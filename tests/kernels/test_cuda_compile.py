@@ -99,3 +99,10 @@ def test_segment_table_counts_tiles():
         cuda_sources.segment_table([{"param": 0, "grad": 0, "length": 0, "start": 0, "tensor": 0}])
     assert cuda_sources.total_tiles(cuda_sources.segment_table([])) == 0
     assert np.all(cuda_sources.tensor_table(3)["small"] == 0)
+
+
+def test_header_builds_as_cplusplus11(reports):
+    """CuPy or a caller may add its own -std; the sources must not need more than C++11."""
+    report = cuda_sources.compile_source("lion", "compute_80", ["-std=c++11"])
+    assert report.ok, report.log
+    assert not report.missing

@@ -112,6 +112,22 @@ template <typename T> __device__ __forceinline__ T from_float(float x) {
     return *reinterpret_cast<const T*>(&r);
 }
 
+// Lane k of a group of ST_ITEMS raw values packed into 32-bit words (little-endian), for 4- and
+// 2-byte raw types. (No `if constexpr`: the sources build as C++11 too, whatever -std a caller adds.)
+template <int BYTES> struct Lanes;
+template <> struct Lanes<4> {
+    static __device__ __forceinline__ unsigned int get(const unsigned int* w, int k) { return w[k]; }
+    static __device__ __forceinline__ void put(unsigned int* w, int k, unsigned int bits) { w[k] = bits; }
+};
+template <> struct Lanes<2> {
+    static __device__ __forceinline__ unsigned int get(const unsigned int* w, int k) {
+        return (w[k >> 1] >> (16 * (k & 1))) & 0xffffu;
+    }
+    static __device__ __forceinline__ void put(unsigned int* w, int k, unsigned int bits) {
+        if (k & 1) w[k >> 1] |= bits << 16; else w[k >> 1] = bits;
+    }
+};
+
 // ---- item loads and stores: ST_ITEMS consecutive values of one thread ------------------------
 //
 // `vec` says that every pointer of the tile is 16-byte aligned (8 for uint8 codes); then a full
@@ -153,13 +169,7 @@ __device__ __forceinline__ void load_items(const T* p, int n, bool vec, float (&
             w[4 * c] = q.x; w[4 * c + 1] = q.y; w[4 * c + 2] = q.z; w[4 * c + 3] = q.w;
         }
 #pragma unroll
-        for (int k = 0; k < ST_ITEMS; ++k) {
-            if constexpr (sizeof(Raw) == 4) {
-                out[k] = Codec<T>::decode((Raw)w[k]);
-            } else {
-                out[k] = Codec<T>::decode((Raw)((w[k >> 1] >> (16 * (k & 1))) & 0xffffu));
-            }
-        }
+        for (int k = 0; k < ST_ITEMS; ++k) out[k] = Codec<T>::decode((Raw)Lanes<sizeof(Raw)>::get(w, k));
     } else {
         const Items slow = load_items_slow<T>(p, n);
 #pragma unroll
@@ -175,14 +185,7 @@ __device__ __forceinline__ void store_items(T* p, int n, bool vec, const float (
         constexpr int WORDS = sizeof(Raw) * ST_ITEMS / 16;
         unsigned int w[WORDS * 4];
 #pragma unroll
-        for (int k = 0; k < ST_ITEMS; ++k) {
-            if constexpr (sizeof(Raw) == 4) {
-                w[k] = Codec<T>::encode(in[k]);
-            } else {
-                unsigned int bits = Codec<T>::encode(in[k]);
-                if (k & 1) w[k >> 1] |= bits << 16; else w[k >> 1] = bits;
-            }
-        }
+        for (int k = 0; k < ST_ITEMS; ++k) Lanes<sizeof(Raw)>::put(w, k, (unsigned int)Codec<T>::encode(in[k]));
 #pragma unroll
         for (int c = 0; c < WORDS; ++c) {
             reinterpret_cast<uint4*>(r)[c] = make_uint4(w[4 * c], w[4 * c + 1], w[4 * c + 2], w[4 * c + 3]);
