@@ -7,20 +7,13 @@ import logging
 import os
 import sys
 
+from stated.sizes import parse_size
 from stated_client.address import ENV_ADDRESS, default_socket
 
 
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "stated")
-
-
-def _size(text: str) -> int:
-    try:
-        from stated.sizes import parse_size
-    except ImportError:  # pragma: no cover - sizes.py arrives with the paging work
-        return int(text)
-    return parse_size(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "picks a free port; 'none' turns the endpoint off)")
     serve.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
                        help="directory for state files (default: %(default)s)")
-    serve.add_argument("--page-size", type=_size, default=16 << 20, metavar="SIZE",
+    serve.add_argument("--page-size", type=parse_size, default=16 << 20, metavar="SIZE",
                        help="bytes of optimizer state in one page, plain or with a unit such as 16MiB "
                             "(default: 16MiB; see BENCHMARKS.md)")
+    serve.add_argument("--host-memory", type=parse_size, default=None, metavar="SIZE",
+                       help="cap on the bytes of optimizer state held in host memory, all jobs together, such as "
+                            "8GiB; pages beyond it live in state files under --state-dir, read and written with "
+                            "O_DIRECT (default: no cap, everything in host memory)")
+    serve.add_argument("--prefetch-depth", type=int, default=4, metavar="N",
+                       help="pages read ahead of the step's cursor, and so buffers per session beyond its resident "
+                            "set, when state is paged (default: 4)")
     serve.add_argument("--workers", type=int, default=4, metavar="N",
                        help="threads that run steps; sessions beyond this many wait their turn (default: 4)")
     serve.add_argument("--exit-with-parent", action="store_true",
@@ -91,13 +91,20 @@ def main(argv: list[str] | None = None) -> int:
         from stated.daemon import DaemonConfig, serve
         from stated_client.address import resolve, socket_path
 
+        if args.page_size < 64 << 10:
+            parser.error(f"--page-size must be at least 64KiB, got {args.page_size} bytes")
+        if args.prefetch_depth < 1:
+            parser.error(f"--prefetch-depth must be at least 1, got {args.prefetch_depth}")
+        if args.workers < 1:
+            parser.error(f"--workers must be at least 1, got {args.workers}")
         target = resolve(args.socket)
         path = socket_path(target)
         if path is None:
             parser.error(f"--socket must be a unix socket path, got {args.socket or target!r}")
         return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
                                   group=args.group, page_bytes=args.page_size, workers=args.workers,
-                                  exit_with_parent=args.exit_with_parent))
+                                  exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
+                                  prefetch_depth=args.prefetch_depth))
     if args.command == "demo":
         from stated.demo import run_demo
 

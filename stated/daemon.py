@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from stated import shm
 from stated.backends.cpu import CpuBackend
 from stated.metrics import Metrics
+from stated.paging import Paging
 from stated.server import StateServicer
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
@@ -42,6 +43,8 @@ class DaemonConfig:
     page_bytes: int = 16 << 20
     workers: int = 4
     exit_with_parent: bool = False
+    host_memory: int | None = None
+    prefetch_depth: int = 4
 
 
 def parse_hostport(text: str) -> tuple[str, int] | None:
@@ -95,7 +98,10 @@ class Daemon:
         self.path = socket_path(config.socket) or config.socket
         self.metrics = Metrics()
         mode = 0o660 if self.gid is not None else 0o600
-        self.store = Store(CpuBackend(), config.page_bytes, shm_mode=mode, shm_gid=self.gid)
+        backend = CpuBackend()
+        paging = Paging(self.metrics, host_memory=config.host_memory, state_dir=config.state_dir,
+                        prefetch_depth=config.prefetch_depth, pin=backend.pin_host_memory)
+        self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging)
         self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
         self.stopping = asyncio.Event()
         self.metrics_server = None
@@ -133,8 +139,9 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         watchdog = asyncio.create_task(self._watch_parent()) if self.config.exit_with_parent else None
         metrics_text = f"http://{hostport[0]}:{self.metrics_port}/metrics" if hostport else "off"
-        log.info("serving on unix:%s (metrics %s, page size %d bytes, pid %d)", self.path, metrics_text,
-                 self.config.page_bytes, os.getpid())
+        budget = "unlimited" if self.config.host_memory is None else f"{self.config.host_memory} bytes"
+        log.info("serving on unix:%s (metrics %s, page size %d bytes, host memory %s, pid %d)", self.path,
+                 metrics_text, self.config.page_bytes, budget, os.getpid())
         try:
             await self.stopping.wait()
         finally:
@@ -146,6 +153,7 @@ class Daemon:
                 await self.servicer.detach(session, "daemon shutdown")
             await server.stop(grace=1.0)
             self.servicer.close()
+            self.store.paging.close()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
                 self.metrics_server.server_close()

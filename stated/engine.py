@@ -71,7 +71,7 @@ class Engine:
                     self.backend.launch(algorithm, segments, groups[group], pass_index)
                 self.backend.stage_out(page, staged, host)
                 session.pager.done(page)
-            session.pager.end_pass()
+            stall += session.pager.end_pass()
             if pass_index + 1 < algorithm.passes:
                 self.backend.synchronize()
                 for place in active:

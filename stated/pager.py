@@ -31,11 +31,12 @@ class ResidentPager:
             self._materialise(entry)
         return self.pool.buffer(entry.slot), 0.0
 
-    def done(self, page: int) -> None:
-        self.session.table[page].dirty = True
+    def done(self, page: int, dirty: bool = True) -> None:
+        if dirty:
+            self.session.table[page].dirty = True
 
-    def end_pass(self) -> None:
-        pass
+    def end_pass(self) -> float:
+        return 0.0
 
     def reset(self, page: int) -> None:
         """Gives the page fresh (zero) state, as before its first step."""

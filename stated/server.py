@@ -84,7 +84,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.metrics.sessions.set(len(self.store.sessions))
         self.metrics.state_bytes.set(sum(s.state_bytes for s in sessions))
         self.metrics.parameters.set(sum(s.parameters for s in sessions))
-        self.metrics.resident_bytes.labels("host").set(sum(s.pager.resident_bytes for s in sessions))
+        pagers = [s.pager for s in sessions if s.pager is not None]
+        self.metrics.resident_bytes.labels("host").set(sum(p.resident_bytes for p in pagers))
+        self.metrics.resident_bytes.labels("disk").set(sum(getattr(p, "disk_bytes", 0) for p in pagers))
 
     # --- sessions ---------------------------------------------------------------------------------
 
@@ -165,6 +167,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.metrics.step_duration.observe(result.seconds)
         self.metrics.steps.inc()
         self.metrics.stall_seconds.inc(result.stall_seconds)
+        self._update_gauges()
         return pb.StepResponse(seconds=result.seconds, stall_seconds=result.stall_seconds,
                                page_faults=result.page_faults, tensors_updated=result.tensors_updated)
 
@@ -227,11 +230,13 @@ class StateServicer(pb_grpc.StateServiceServicer):
             sessions.append(pb.SessionStats(
                 id=s.id, job=s.job, rank=s.rank, algorithm=s.algorithm.name, pid=s.pid, tensors=len(s.tensors),
                 parameters=params, state_bytes=s.state_bytes, steps=s.steps,
-                state_bytes_per_parameter=s.state_bytes / params if params else 0.0))
+                state_bytes_per_parameter=s.state_bytes / params if params else 0.0, pages=len(s.table),
+                resident_capacity=len(s.pager.policy.resident()) if hasattr(s.pager, "policy") else len(s.table),
+                page_faults=s.pager.faults if s.pager is not None else 0))
         return pb.GetStatsResponse(
             daemon_version=__version__, sessions=sessions,
             state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
-            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values()),
+            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values() if s.pager is not None),
             page_bytes=self.store.page_bytes)
 
     def close(self) -> None:

@@ -120,6 +120,22 @@ class Session:
         self.dtype = infos[0].dtype
         return region, pages
 
+    def drop_last_region(self) -> None:
+        """Undoes the last add_region (its pages could not be given room on disk)."""
+        region = self.regions.pop()
+        for index in region.tensors:
+            self.tensor_pages.pop(index, None)
+        for group, place in list(self.group_sample.items()):
+            if place.info.index in region.tensors:
+                del self.group_sample[group]
+        groups = {self.tensors[i].info.group for i in region.tensors}
+        del self.tensors[region.tensors.start:], self.small[region.tensors.start:]
+        del self.param_views[region.tensors.start:], self.grad_views[region.tensors.start:]
+        del self.table.entries[region.pages.start:]
+        del self.groups[min(groups):]
+        region.params.close()
+        region.grads.close()
+
     # --- binding pages to buffers -----------------------------------------------------------
 
     def bind(self, entry: PageEntry, buffer: torch.Tensor) -> Binding:

@@ -10,8 +10,6 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -19,7 +17,8 @@ from stated import shm
 from stated.backends.base import Backend
 from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from stated.pager import ResidentPager
+from stated.metrics import Metrics
+from stated.paging import Paging
 from stated.session import Session
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo
@@ -33,7 +32,7 @@ MAX_JOB_NAME = 200
 
 class Store:
     def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 pager_factory: Callable[[Session], Any] | None = None):
+                 paging: Paging | None = None):
         self.backend = backend
         self.engine = Engine(backend)
         self.page_bytes = page_bytes
@@ -41,7 +40,7 @@ class Store:
         self.shm_gid = shm_gid
         self.sessions: dict[str, Session] = {}
         self.by_job_rank: dict[tuple[str, int], str] = {}
-        self.pager_factory = pager_factory or (lambda s: ResidentPager(s, pin=backend.pin_host_memory))
+        self.paging = paging or Paging(Metrics(), pin=backend.pin_host_memory)
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -62,7 +61,7 @@ class Store:
                                 f"detach it or use another rank")
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
                           self.page_bytes, self.shm_mode, self.shm_gid)
-        session.pager = self.pager_factory(session)
+        session.pager = self.paging.new_pager(session)
         self.sessions[session.id] = session
         self.by_job_rank[(job, rank)] = session.id
         return session
@@ -82,7 +81,9 @@ class Store:
         if self.sessions.pop(session.id, None) is None:
             return
         self.by_job_rank.pop((session.job, session.rank), None)
-        session.pager.close()
+        if session.pager is not None:
+            session.pager.close()
+        self.paging.removed(session)
         session.close()
 
     def close_all(self) -> None:
@@ -130,6 +131,11 @@ class Store:
         self._check_shm_room(arena_bytes)
         full = [{**session.algorithm.defaults(), **hp} for hp in groups]
         region, pages = session.add_region(full, infos)
+        try:
+            self.paging.added_pages(session, len(pages))
+        except BaseException:
+            session.drop_last_region()
+            raise
         return region, infos, first_group, sum(p.nbytes for p in pages)
 
     @staticmethod
@@ -169,6 +175,7 @@ class Store:
                 begin = seg.start // f.per
                 view = seg.fields[f.name]
                 flat[f.name][begin: begin + view.numel()].copy_(view)
+            session.pager.done(page, dirty=False)
         return session.algorithm.export_state(place.info, small, flat)
 
     def reset_state(self, session: Session) -> None:

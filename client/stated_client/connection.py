@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client import embedded
 from stated_client.address import resolve
-from stated_client.errors import DaemonUnavailableError, from_rpc_error
+from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
 
 log = logging.getLogger("stated.client")
 
@@ -38,8 +38,16 @@ class Connection:
         self.target = target
         self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.StateServiceStub(self.channel)
+        self.closed = False
+
+    def _check_open(self) -> None:
+        # grpc would raise a bare ValueError("Cannot invoke RPC on closed channel!").
+        if self.closed:
+            raise FailedPreconditionError(f"the optimizer was closed (detached from the stated daemon at "
+                                          f"{self.target}); create a new optimizer to go on")
 
     def call(self, method: str, request, timeout: float | None = None):
+        self._check_open()
         try:
             return getattr(self.stub, method)(request, timeout=timeout)
         except grpc.RpcError as error:
@@ -47,12 +55,14 @@ class Connection:
 
     def stream(self, method: str, request):
         """Iterates a server-streaming call, translating errors."""
+        self._check_open()
         try:
             yield from getattr(self.stub, method)(request)
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.target) from None
 
     def close(self) -> None:
+        self.closed = True
         self.channel.close()
 
 

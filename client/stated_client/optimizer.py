@@ -78,7 +78,14 @@ class StatedOptimizer(torch.optim.Optimizer):
         self._arenas: list[torch.Tensor] = []
         self._step_number = 0
         self._lock = threading.Lock()
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except BaseException:
+            # A refused group (bad lr, float64 params, ...) must not leave the session attached until
+            # garbage collection: the traceback keeps `self` alive, and a retry with the same job and
+            # rank would be refused as already attached.
+            self._finalizer()
+            raise
 
     # --- identity --------------------------------------------------------------------------------
 

@@ -1,0 +1,269 @@
+"""The pager for a host-memory budget smaller than the state: a fixed resident set, the rest streamed
+through staging buffers from and to the job's state file.
+
+Driven by the engine exactly like `ResidentPager` (begin_pass, get, done, end_pass). The residency policy
+decides which pages stay (Note [cyclic scan eviction] in stated.residency); the mover reads the pages
+that will fault ahead of the cursor and writes evicted dirty pages behind it, so disk transfers overlap
+the kernels (Note [capacity and staging]).
+
+Note [slots of a session]
+-------------------------
+A session may hold `capacity` page slots (its share of --host-memory, stated.budget). `staging` of
+them are staging buffers: reads in flight ahead of the cursor, the page being worked on, and pages
+being written back; the rest (`capacity - staging`) is the policy's resident set. A share too small
+for that still gets two staging buffers, so a job always makes progress, at most two pages over its
+share; the daemon logs that once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import logging
+import threading
+import time
+
+import torch
+
+from stated.disk import StateFile
+from stated.host_pool import HostPool
+from stated.metrics import Metrics
+from stated.page_table import PageEntry, Tier
+from stated.residency import ResidencyPolicy
+from stated.transfers import Mover
+
+log = logging.getLogger("stated.pager")
+
+MIN_STAGING = 2
+# How far ahead of the cursor the policy is asked which pages will fault.
+PLAN_WINDOW = 64
+
+
+class DiskPager:
+    def __init__(self, session, state_file: StateFile, first_file_page: int, capacity: int, depth: int,
+                 metrics: Metrics, pin: bool = False):
+        self.session = session
+        self.file = state_file
+        # File page of each session page (several sessions of one job share one file).
+        self.file_pages: list[int] = []
+        self.depth = depth
+        self.metrics = metrics
+        self.mover = Mover(depth=depth, name=f"stated-io-{session.id[:6]}")
+        self.pool = HostPool(session.page_bytes, capacity=0, pin=pin)
+        self.policy = ResidencyPolicy(0)
+        self.capacity = -1
+        self.staging = MIN_STAGING
+        self._free: list[int] = []  # staging slots ready for a read
+        self._lock = threading.Lock()
+        self._writing: dict[int, cf.Future] = {}  # slot -> its write-back
+        self._page_writes: dict[int, cf.Future] = {}  # page -> its latest write-back, until it lands
+        self._reading: dict[int, tuple[int, cf.Future]] = {}  # page -> (slot it is read into, the read)
+        self._transient: dict[int, int] = {}  # page -> staging slot, for pages the policy did not admit
+        self._order: list[int] | None = None
+        self._position: dict[int, int] = {}
+        self.faults = 0
+        self.extend(first_file_page)
+        self._wanted: int | None = capacity
+
+    # --- growth and budget ----------------------------------------------------------------------
+
+    def extend(self, first_file_page: int) -> None:
+        """Maps the session's new pages (a Register) to consecutive pages of the state file."""
+        added = len(self.session.table) - len(self.file_pages)
+        self.file_pages.extend(range(first_file_page, first_file_page + added))
+
+    def request_capacity(self, capacity: int) -> None:
+        """A new share, applied by this session's next operation (never in the middle of a step)."""
+        self._wanted = capacity
+
+    def _apply_wanted(self) -> None:
+        if self._wanted is not None:
+            wanted, self._wanted = self._wanted, None
+            self.set_capacity(wanted)
+
+    def set_capacity(self, capacity: int) -> None:
+        """Applies a new share of the budget, in pages (Note [slots of a session])."""
+        if capacity == self.capacity:
+            return
+        staging = max(MIN_STAGING, min(2 * self.depth + 1, capacity // 2))
+        if capacity < MIN_STAGING:
+            log.warning("job %s rank %d: its host share of %d pages is below the %d staging pages it needs; it "
+                        "uses %d", self.session.job, self.session.rank, capacity, MIN_STAGING, MIN_STAGING)
+        resident = max(0, capacity - staging)
+        for page in self.policy.resize(resident):
+            self._evict(page)
+        self.capacity, self.staging = capacity, staging
+        self.pool.resize(resident + staging)
+
+    # --- the engine's calls -----------------------------------------------------------------------
+
+    def begin_pass(self, order: list[int]) -> None:
+        self._apply_wanted()
+        self._order = order
+        self._position = {page: i for i, page in enumerate(order)}
+
+    def get(self, page: int) -> tuple[torch.Tensor, float]:
+        if self._order is None:
+            self._apply_wanted()
+        entry = self.session.table[page]
+        if page in self.policy:
+            self.policy.access(page)
+            return self.pool.buffer(entry.slot), 0.0
+        if page in self._transient:  # a repeated get of a page the policy did not keep
+            return self.pool.buffer(self._transient[page]), 0.0
+        self.faults += 1
+        self.metrics.page_faults.labels("host").inc()
+        waited = 0.0
+        if page in self._reading:
+            slot, future = self._reading.pop(page)
+            ready = future.done()
+            waited = self.mover.wait(page)
+            self.metrics.prefetch.labels("hit" if ready else "late").inc()
+        else:
+            start = time.perf_counter()
+            slot = self._take_slot(block=True)
+            with self._lock:
+                pending = self._page_writes.get(page)
+            if pending is not None:  # evicted a moment ago: its write must land before we read it back
+                cf.wait([pending])
+            self._fill(entry, slot)
+            waited = time.perf_counter() - start
+        decision = self.policy.access(page)
+        if decision.evict is not None:
+            self._evict(decision.evict)
+        if decision.admitted:
+            entry.tier, entry.slot = Tier.HOST, slot
+        else:
+            self._transient[page] = slot
+            entry.slot = slot
+        self._prefetch(page)
+        return self.pool.buffer(slot), waited
+
+    def done(self, page: int, dirty: bool = True) -> None:
+        entry = self.session.table[page]
+        if dirty:
+            entry.dirty = True
+        if page in self._transient:
+            slot = self._transient.pop(page)
+            entry.slot, entry.tier = None, Tier.DISK
+            self.session.forget_binding(page)
+            self._write_back(entry, slot)
+
+    def end_pass(self) -> float:
+        """Waits for the pass's write-backs, so their errors surface before the step replies; returns
+        the seconds waited."""
+        self._order = None
+        return self.mover.drain()
+
+    def reset(self, page: int) -> None:
+        """Fresh (zero) state, as before the first step: dropped from memory and forgotten on disk."""
+        entry = self.session.table[page]
+        if page in self.policy:
+            self.policy.remove(page)
+            self._release(entry.slot)
+        entry.tier, entry.slot, entry.dirty, entry.checksum, entry.initialised = Tier.NONE, None, False, None, False
+        self.session.forget_binding(page)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.session.table[p].page.nbytes for p in self.policy.resident())
+
+    @property
+    def disk_bytes(self) -> int:
+        return sum(e.page.nbytes for e in self.session.table if e.checksum is not None)
+
+    def close(self) -> None:
+        try:
+            self.mover.drain()
+        except Exception:  # the session is going away; its state with it
+            pass
+        self.mover.close()
+        self.pool.close()
+
+    # --- moving pages ---------------------------------------------------------------------------
+
+    def _fill(self, entry: PageEntry, slot: int) -> None:
+        """Brings a page's state into `slot`: from the state file, or zeros for a fresh page."""
+        if entry.tier == Tier.NONE:
+            binding = self.session.bind(entry, self.pool.buffer(slot))
+            for segment in binding.segments:
+                self.session.algorithm.init_fields(segment)
+            entry.initialised, entry.dirty = True, True
+            return
+        self.file.read(self.file_pages[entry.page.index], self.pool.buffer(slot), entry.checksum)
+        self.metrics.transfer_bytes.labels("disk_to_host").inc(self.file.page_bytes)
+        entry.dirty = False
+
+    def _prefetch(self, current: int) -> None:
+        """Starts reads for the pages that will fault next, as far as staging slots and depth allow."""
+        if self._order is None or current not in self._position:
+            return
+        start = self._position[current] + 1
+        upcoming = itertools.islice(itertools.chain(self._order[start:], self._order[:start]), PLAN_WINDOW)
+        for page in self.policy.plan(upcoming, self.mover.depth + len(self._reading)):
+            if page in self._reading or page == current:
+                continue
+            if self.mover.room() <= 0:
+                return
+            entry = self.session.table[page]
+            if entry.tier == Tier.NONE:
+                continue  # a fresh page: nothing to read, it is zeroed when its turn comes
+            slot = self._take_slot(block=False)
+            if slot is None:
+                return
+            self._reading[page] = (slot, self.mover.submit_read(page, self._fill, entry, slot))
+
+    def _evict(self, page: int) -> None:
+        entry = self.session.table[page]
+        slot = entry.slot
+        self.metrics.page_evictions.labels("host").inc()
+        entry.slot = None
+        entry.tier = Tier.DISK
+        self.session.forget_binding(page)
+        self._write_back(entry, slot)
+
+    def _write_back(self, entry: PageEntry, slot: int) -> None:
+        if not entry.dirty:
+            self._release(slot)
+            return
+        entry.dirty = False
+        future = self.mover.submit_write(entry.page.index, self._store, entry, slot)
+        with self._lock:
+            self._writing[slot] = future
+            self._page_writes[entry.page.index] = future
+
+        def finished(f: cf.Future, slot=slot, page=entry.page.index) -> None:
+            with self._lock:
+                if self._page_writes.get(page) is f:
+                    del self._page_writes[page]
+                self._writing.pop(slot, None)
+                self._free.append(slot)
+
+        future.add_done_callback(finished)
+
+    def _store(self, entry: PageEntry, slot: int) -> None:
+        """Writes a page to its place in the state file (in a mover thread). The checksum is recorded
+        here, before the write's future completes, so that a read of the same page queued behind it
+        (Note [same-page ordering] in stated.transfers) always sees it."""
+        entry.checksum = self.file.write(self.file_pages[entry.page.index], self.pool.buffer(slot))
+        self.metrics.transfer_bytes.labels("host_to_disk").inc(self.file.page_bytes)
+
+    def _release(self, slot: int) -> None:
+        with self._lock:
+            self._free.append(slot)
+
+    def _take_slot(self, block: bool) -> int | None:
+        while True:
+            with self._lock:
+                if self._free:
+                    return self._free.pop()
+            slot = self.pool.acquire()
+            if slot is not None:
+                return slot
+            if not block:
+                return None
+            with self._lock:
+                pending = list(self._writing.values())
+            if not pending:
+                raise RuntimeError("no staging slot is free and none is being written back")
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)

@@ -1,0 +1,113 @@
+"""The daemon-wide side of paging: the host-memory budget, the jobs' state files, each session's pager.
+
+Without --host-memory every page stays in host memory (ResidentPager). With it, each job gets a share
+of the budget (Note [max-min budget sharing] in stated.budget), split between the job's sessions the
+same way, and each session's DiskPager keeps that many pages resident and streams the rest from the
+job's state file. One state file per job under --state-dir; the sessions (ranks) of a job own
+disjoint ranges of its pages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from stated.budget import Demand, HostBudget, share_budget
+from stated.disk import StateFile
+from stated.disk_pager import DiskPager
+from stated.layout import align_up
+from stated.metrics import Metrics
+from stated.pager import ResidentPager
+from stated.session import Session
+
+log = logging.getLogger("stated.paging")
+
+
+@dataclasses.dataclass
+class JobFile:
+    file: StateFile
+    next_page: int = 0
+    sessions: int = 0
+
+
+class Paging:
+    def __init__(self, metrics: Metrics, host_memory: int | None = None, state_dir: str = "",
+                 prefetch_depth: int = 4, pin: bool = False):
+        self.metrics = metrics
+        self.host_memory = host_memory
+        self.state_dir = state_dir
+        self.depth = prefetch_depth
+        self.pin = pin
+        self.budget = HostBudget(host_memory) if host_memory is not None else None
+        self.files: dict[str, JobFile] = {}
+        self.sessions: dict[str, list[Session]] = {}
+
+    @property
+    def limited(self) -> bool:
+        return self.budget is not None
+
+    def new_pager(self, session: Session):
+        """The pager a session starts with (before it has pages)."""
+        return ResidentPager(session, pin=self.pin) if self.budget is None else None
+
+    def added_pages(self, session: Session, pages: int) -> None:
+        """After a Register: reserve the new pages in the job's state file (so a full disk is reported
+        now, not in a step) and reshare the budget. Raises DiskSpaceError / StateDirError."""
+        if self.budget is None:
+            return
+        slot = align_up(session.page_bytes, 4096)
+        job = self.files.get(session.job)
+        if job is None:
+            job = JobFile(StateFile.create(self.state_dir, session.job, session.page_bytes, pages))
+            self.files[session.job] = job
+        else:
+            job.file.grow(job.next_page + pages)
+        first = job.next_page
+        job.next_page += pages
+        if session.pager is None:
+            session.pager = DiskPager(session, job.file, first, capacity=0, depth=self.depth,
+                                      metrics=self.metrics, pin=self.pin)
+            job.sessions += 1
+            self.sessions.setdefault(session.job, []).append(session)
+        else:
+            session.pager.extend(first)
+        job_bytes = sum(len(s.table) for s in self.sessions[session.job]) * slot
+        self._apply(self.budget.set_job(session.job, job_bytes, slot))
+
+    def removed(self, session: Session) -> None:
+        """After a session detached: its job's file goes with the job's last session."""
+        if self.budget is None or session.job not in self.sessions:
+            return
+        members = self.sessions[session.job]
+        if session in members:
+            members.remove(session)
+        job = self.files[session.job]
+        job.sessions -= 1
+        if job.sessions <= 0:
+            job.file.remove()
+            del self.files[session.job]
+            del self.sessions[session.job]
+            self._apply(self.budget.remove_job(session.job))
+        else:
+            self._split(session.job, self.budget.capacity(session.job))
+
+    def _apply(self, changes) -> None:
+        for change in changes:
+            self._split(change.job, change.new)
+
+    def _split(self, job: str, capacity: int) -> None:
+        """A job's pages of budget, shared between its sessions by the same max-min rule."""
+        members = self.sessions.get(job, [])
+        if not members:
+            return
+        slot = align_up(members[0].page_bytes, 4096)
+        demands = {s.id: Demand(len(s.table) * slot, slot) for s in members}
+        shares = share_budget(capacity * slot, demands)
+        for s in members:
+            s.pager.request_capacity(shares[s.id])
+
+    def close(self) -> None:
+        for job in self.files.values():
+            job.file.remove()
+        self.files.clear()
+
