@@ -169,6 +169,9 @@ class StateFile:
         needed = HEADER_BYTES + pages * align_up(page_bytes)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as e:  # FileExistsError here means a non-directory is in the way
+            raise _storage_error(e, path, directory, needed) from e
+        try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             raise AlreadyExists(f"job {job!r} already has a state file {path}") from None

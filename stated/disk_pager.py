@@ -62,8 +62,9 @@ class DiskPager:
         self._order: list[int] | None = None
         self._position: dict[int, int] = {}
         self.faults = 0
+        self._wanted: int | None = None
         self.extend(first_file_page)
-        self._wanted: int | None = capacity
+        self._wanted = capacity
 
     # --- growth and budget ----------------------------------------------------------------------
 
@@ -71,6 +72,9 @@ class DiskPager:
         """Maps the session's new pages (a Register) to consecutive pages of the state file."""
         added = len(self.session.table) - len(self.file_pages)
         self.file_pages.extend(range(first_file_page, first_file_page + added))
+        if self._wanted is None and self.capacity >= 0:
+            self._wanted = self.capacity  # the split between resident and staging depends on the page count
+        self.capacity = -1
 
     def request_capacity(self, capacity: int) -> None:
         """A new share, applied by this session's next operation (never in the middle of a step)."""
@@ -85,11 +89,15 @@ class DiskPager:
         """Applies a new share of the budget, in pages (Note [slots of a session])."""
         if capacity == self.capacity:
             return
-        staging = max(MIN_STAGING, min(2 * self.depth + 1, capacity // 2))
-        if capacity < MIN_STAGING:
-            log.warning("job %s rank %d: its host share of %d pages is below the %d staging pages it needs; it "
-                        "uses %d", self.session.job, self.session.rank, capacity, MIN_STAGING, MIN_STAGING)
-        resident = max(0, capacity - staging)
+        pages = len(self.session.table)
+        if capacity >= pages:
+            staging = 0  # everything fits: no page ever streams, so no staging buffers either
+        else:
+            staging = max(MIN_STAGING, min(2 * self.depth + 1, capacity // 2))
+            if capacity < MIN_STAGING:
+                log.warning("job %s rank %d: its host share of %d pages is below the %d staging pages it needs; "
+                            "it uses %d", self.session.job, self.session.rank, capacity, MIN_STAGING, MIN_STAGING)
+        resident = min(pages, max(0, capacity - staging))
         for page in self.policy.resize(resident):
             self._evict(page)
         self.capacity, self.staging = capacity, staging

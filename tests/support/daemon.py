@@ -19,6 +19,7 @@ from stated.v1 import state_service_pb2_grpc as pb_grpc
 class DaemonProcess:
     def __init__(self, directory, *extra: str):
         self.directory = str(directory)
+        os.makedirs(self.directory, exist_ok=True)
         self.socket = os.path.join(self.directory, "run", "stated.sock")
         self.log_path = os.path.join(self.directory, "daemon.log")
         self.extra = list(extra)
