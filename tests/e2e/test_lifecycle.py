@@ -1,0 +1,319 @@
+"""The daemon's life and the optimizer's: clean shutdown on SIGTERM and SIGINT, socket and directory
+permissions, one daemon per socket, recovery from a daemon killed with SIGKILL (stale socket, stale
+shared memory), log lines per attach and detach, the embedded default, and an optimizer that cannot
+be copied and detaches on close().
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import grp
+import io
+import json
+import os
+import pickle
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import grpc
+import pytest
+import torch
+
+import stated
+from stated.v1 import state_service_pb2 as pb
+from support.daemon import DaemonProcess
+
+
+def unique(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Starts extra daemons for one test, each in its own directory; stops whatever is left at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str, *extra: str, socket: str | None = None) -> DaemonProcess:
+        (tmp_path / name).mkdir()
+        proc = DaemonProcess(tmp_path / name, *extra)
+        if socket is not None:
+            proc.socket = socket
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.stop()
+
+
+def attach_and_register(proc: DaemonProcess, job: str | None = None) -> pb.SessionRef:
+    """A raw session with two tensors registered (so it owns a param and a grad arena)."""
+    channel, stub = proc.stub()
+    with channel:
+        session = stub.Attach(pb.AttachRequest(job=job or unique("raw"), rank=0, algorithm="adamw",
+                                               pid=os.getpid())).session
+        stub.Register(pb.RegisterRequest(
+            session=session, groups=[pb.GroupHyperparameters(scalars={"lr": 1e-3})],
+            tensors=[pb.TensorSpec(shape=[64], dtype=pb.D_TYPE_FLOAT32), pb.TensorSpec(shape=[8, 8],
+                                                                                    dtype=pb.D_TYPE_FLOAT32)]))
+    return session
+
+
+def live_sessions(proc: DaemonProcess) -> dict[str, pb.SessionStats]:
+    channel, stub = proc.stub()
+    with channel:
+        return {s.id: s for s in stub.GetStats(pb.GetStatsRequest(), timeout=10).sessions}
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def train(model, opt, steps: int = 3) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+
+
+def lines(log: str, what: str, session: str) -> list[str]:
+    return [line for line in log.splitlines() if f" {what} job=" in line and f" session={session} " in line]
+
+
+# --- shutdown ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_shuts_down_cleanly_with_sessions_attached(spawn, sig):
+    proc = spawn("daemon")
+    raw = attach_and_register(proc)
+    model = small_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=unique("client"))
+    train(model, opt)
+    assert len(proc.segments()) == 4 and len(live_sessions(proc)) == 2
+
+    assert proc.stop(sig) == 0
+    assert proc.segments() == [], "shared memory left behind"
+    assert not os.path.exists(proc.socket), "socket left behind"
+    log = proc.log()
+    assert "shutting down: detaching 2 sessions" in log
+    for session in (raw.id, opt.session_id):
+        assert [line.endswith(" reason=daemon shutdown steps=" + ("3" if session == opt.session_id else "0"))
+                for line in lines(log, "detach", session)] == [True]
+    assert log.rstrip().endswith("stopped")
+    assert "Traceback" not in log
+
+    # The client left behind learns it from a StatedError, and its parameters stay usable.
+    with pytest.raises(stated.DaemonUnavailableError, match=re.escape(proc.socket)):
+        train(model, opt, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    opt.close()
+
+
+# --- permissions ---------------------------------------------------------------------------------------
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_socket_is_0600_in_a_0700_directory(daemon):
+    assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
+    assert mode(daemon.socket) == 0o600
+    assert mode(os.path.dirname(daemon.socket)) == 0o700
+    session = attach_and_register(daemon)
+    try:
+        for name in daemon.segments():
+            assert mode(f"/dev/shm/{name}") == 0o600
+    finally:
+        channel, stub = daemon.stub()
+        with channel:
+            stub.Detach(pb.DetachRequest(session=session))
+
+
+def test_group_gives_0660_socket_and_0750_directory(spawn):
+    group = grp.getgrgid(os.getgid())
+    proc = spawn("grouped", "--group", group.gr_name)
+    directory = os.path.dirname(proc.socket)
+    assert (mode(proc.socket), os.stat(proc.socket).st_gid) == (0o660, group.gr_gid)
+    assert (mode(directory), os.stat(directory).st_gid) == (0o750, group.gr_gid)
+    attach_and_register(proc)
+    assert len(proc.segments()) == 2
+    for name in proc.segments():
+        assert (mode(f"/dev/shm/{name}"), os.stat(f"/dev/shm/{name}").st_gid) == (0o660, group.gr_gid)
+    assert proc.stop() == 0
+    assert proc.segments() == [] and not os.path.exists(proc.socket)
+
+
+# --- one daemon per socket, and recovery from a killed one ---------------------------------------------
+
+
+def test_second_daemon_on_the_same_socket_refuses_to_start(daemon, tmp_path):
+    (tmp_path / "second").mkdir()
+    second = DaemonProcess(tmp_path / "second")
+    second.socket = daemon.socket
+    with pytest.raises(RuntimeError, match="daemon exited with 1"):
+        second.start()
+    second.stop()
+    assert f"cannot serve: another daemon is already serving on {daemon.socket}" in second.log()
+    # The first one is untouched and serves on.
+    assert daemon.healthy() and mode(daemon.socket) == 0o600
+    session = attach_and_register(daemon)
+    channel, stub = daemon.stub()
+    with channel:
+        stub.Detach(pb.DetachRequest(session=session))
+
+
+def test_killed_daemon_socket_is_taken_over_and_its_segments_swept(spawn):
+    first = spawn("killed")
+    attach_and_register(first)
+    attach_and_register(first)
+    stale = first.segments()
+    assert len(stale) == 4
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    # SIGKILL leaves everything behind.
+    assert stat.S_ISSOCK(os.stat(first.socket).st_mode)
+    assert first.segments() == stale
+
+    second = spawn("next", socket=first.socket)
+    assert second.healthy()
+    # (Any daemon that starts sweeps segments of dead daemons, so the log's count is not checked: a daemon
+    # of a test running beside this one may have swept some of them first.)
+    assert first.segments() == [], "the next daemon did not sweep the killed one's segments"
+    session = attach_and_register(second)
+    assert list(live_sessions(second)) == [session.id]
+    assert second.stop() == 0
+    assert second.segments() == [] and not os.path.exists(second.socket)
+
+
+# --- log lines -------------------------------------------------------------------------------------------
+
+
+def test_one_log_line_per_attach_and_per_detach(daemon, address):
+    job = unique("logged")
+    closed = stated.AdamW(small_model().parameters(), address=address, job=job, rank=0)
+    collected = stated.SGD(small_model().parameters(), lr=0.1, address=address, job=job, rank=1)
+    raw = attach_and_register(daemon, job=unique("raw"))
+    ids = [closed.session_id, collected.session_id, raw.id]
+
+    with pytest.raises(stated.AlreadyAttachedError):  # refused: no attach line
+        stated.AdamW(small_model().parameters(), address=address, job=job, rank=0)
+    closed.close()
+    closed.close()  # a second close does nothing
+    del collected
+    gc.collect()  # the finalizer detaches
+    channel, stub = daemon.stub()
+    with channel:
+        stub.Detach(pb.DetachRequest(session=raw))
+        with pytest.raises(grpc.RpcError):
+            stub.Detach(pb.DetachRequest(session=raw))  # already gone: NOT_FOUND, no second line
+
+    log = daemon.log()
+    for session in ids:
+        assert len(lines(log, "attach", session)) == 1, session
+        detach = lines(log, "detach", session)
+        assert len(detach) == 1 and " reason=client " in detach[0], detach
+    assert len([line for line in log.splitlines() if f" attach job={job} rank=0 " in line]) == 1
+    assert not set(ids) & set(live_sessions(daemon))
+
+
+# --- the optimizer object ----------------------------------------------------------------------------------
+
+
+def test_optimizer_cannot_be_copied_or_pickled(address):
+    model = small_model()
+    opt = stated.AdamW(model.parameters(), address=address, job=unique("copy"))
+    try:
+        train(model, opt, 1)
+        for attempt, words in ((copy.deepcopy, "cannot be copied"), (copy.copy, "cannot be copied"),
+                               (pickle.dumps, "cannot be pickled"), (lambda o: torch.save(o, io.BytesIO()),
+                                                                     "cannot be pickled")):
+            with pytest.raises(stated.NotCopyableError) as info:
+                attempt(opt)
+            assert isinstance(info.value, stated.StatedError) and isinstance(info.value, TypeError)
+            assert words in str(info.value) and "AdamW" in str(info.value) and "state_dict()" in str(info.value)
+        # The advice holds: the state_dict pickles, and the optimizer still works.
+        assert pickle.loads(pickle.dumps(opt.state_dict()))["state"][0]["step"].item() == 1.0
+        train(model, opt, 1)
+    finally:
+        opt.close()
+
+
+def test_close_detaches_and_frees_the_sessions_arenas(daemon, address):
+    before = set(daemon.segments())
+    model = small_model()
+    opt = stated.AdamW(model.parameters(), address=address, job=unique("closed"))
+    train(model, opt, 2)
+    mine = set(daemon.segments()) - before
+    assert len(mine) == 2 and live_sessions(daemon)[opt.session_id].steps == 2
+    opt.close()
+    assert opt.session_id not in live_sessions(daemon)
+    assert not mine & set(daemon.segments())
+    assert all(not os.path.exists(f"/dev/shm/{name}") for name in mine)
+    # The parameters stay usable (they keep the memory they mapped).
+    assert model(torch.randn(2, 4)).shape == (2, 2)
+
+
+# --- the embedded default ----------------------------------------------------------------------------------
+
+EMBEDDED_SCRIPT = textwrap.dedent("""
+    import json, os, torch, stated
+    from stated_client import embedded
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = stated.AdamW(model.parameters(), lr=1e-2)
+    other = stated.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # shares the same private daemon
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with open("/proc/self/maps") as maps:
+        segments = sorted({line.split()[-1] for line in maps if "/dev/shm/stated-" in line})
+    print(json.dumps(dict(pid=embedded._daemon.process.pid, directory=embedded._daemon.directory,
+                          target=embedded._daemon.target, addresses=[opt.address, other.address],
+                          segments=segments, first=losses[0], last=losses[-1])))
+""")
+
+
+def test_embedded_default_starts_a_private_daemon_and_leaves_nothing(tmp_path):
+    nowhere = tmp_path / "nothing" / "stated.sock"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "STATED_EMBEDDED"}
+    env.update(STATED_ADDRESS=f"unix://{nowhere}", TMPDIR=str(tmp))
+    run = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout.splitlines()[-1])
+
+    assert run.stderr.count("started a private one") == 1, run.stderr
+    assert str(nowhere) in run.stderr  # says where it looked
+    assert report["addresses"] == [report["target"]] * 2
+    assert report["directory"].startswith(str(tmp))
+    assert len(report["segments"]) == 4
+    assert all(os.path.basename(s).startswith(f"stated-{report['pid']}-") for s in report["segments"])
+    assert report["last"] < report["first"]
+
+    # At exit: the private daemon is gone, and so is everything of stated in /dev/shm and the temp dir.
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{report['pid']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{report['pid']}"), "the private daemon outlived its process"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"stated-{report['pid']}-")]
+    assert os.listdir(tmp) == []
+    assert not nowhere.exists()
