@@ -57,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small model with stated.AdamW beside torch.optim.AdamW",
                           description=(
-        "Start an embedded daemon, train a small model on generated data with stated.AdamW and, from the "
-        "same initialisation, with torch.optim.AdamW, and print a table comparing the two."))
+        "Start an embedded daemon with a host-memory budget smaller than the optimizer state, train a small "
+        "model on generated data with stated.AdamW and, from the same initialisation, with torch.optim.AdamW, and "
+        "print a table comparing the two and what the pager did."))
     demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    demo.add_argument("--width", type=int, default=256, help="hidden width of the model (default: 256)")
+    demo.add_argument("--width", type=int, default=512, help="hidden width of the model (default: 512)")
+    demo.add_argument("--budget", type=float, default=0.25,
+                      help="host memory for optimizer state, as a fraction of the state; the rest is paged to "
+                           "disk (default: 0.25; 1 turns paging off)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     status = sub.add_parser("status", help="show the sessions a running daemon holds",
@@ -108,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from stated.demo import run_demo
 
-        return run_demo(steps=args.steps, width=args.width, seed=args.seed)
+        if not 0 < args.budget:
+            parser.error(f"--budget must be a fraction above 0, got {args.budget}")
+        return run_demo(steps=args.steps, width=args.width, seed=args.seed, budget=args.budget)
     if args.command == "status":
         from stated.status import show_status
 

@@ -40,16 +40,28 @@ def _train_step(model, opt, x, y) -> tuple[float, float]:
     return loss.item(), time.perf_counter() - start
 
 
-def run_demo(steps: int = 300, width: int = 256, seed: int = 0, out=sys.stdout) -> int:
+PAGE_BYTES = 64 << 10
+
+
+def run_demo(steps: int = 300, width: int = 512, seed: int = 0, budget: float = 0.25, out=sys.stdout) -> int:
     import stated
     from stated_client import embedded
     from stated_client.connection import _answers
 
-    print(f"stated demo: {steps} steps of a {width}-wide MLP, stated.AdamW beside torch.optim.AdamW", file=out)
-    print("starting an embedded daemon ...", file=out, flush=True)
-    address = embedded.embedded_target(_answers)
     ours_model, ref_model = build_model(width, seed), build_model(width, seed)
     params = sum(p.numel() for p in ours_model.parameters())
+    host_memory = int(8 * params * budget)
+    print(f"stated demo: {steps} steps of a {width}-wide MLP ({params:,} parameters), stated.AdamW beside "
+          f"torch.optim.AdamW", file=out)
+    extra: tuple[str, ...] = ()
+    if budget < 1:
+        extra = ("--host-memory", str(host_memory), "--page-size", str(PAGE_BYTES))
+        print(f"starting an embedded daemon whose host memory for state is {budget:.0%} of it "
+              f"({host_memory:,} of {8 * params:,} bytes, {PAGE_BYTES // 1024} KiB pages): the rest is paged "
+              f"to a state file ...", file=out, flush=True)
+    else:
+        print("starting an embedded daemon ...", file=out, flush=True)
+    address = embedded.embedded_target(_answers, extra)
     ours = stated.AdamW(ours_model.parameters(), lr=1e-3, weight_decay=0.01, address=address, job="demo")
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, weight_decay=0.01)
     X, Y = make_batches(steps, seed)
@@ -80,6 +92,12 @@ def run_demo(steps: int = 300, width: int = 256, seed: int = 0, out=sys.stdout) 
         print(f"{name:34s}{a:>18s}{b:>20s}", file=out)
     print(f"{'largest parameter difference':34s}{diff:>18.3g}", file=out)
     print(f"{'state bytes per parameter':34s}{mine.state_bytes_per_parameter:>18.2f}", file=out)
+    print(file=out)
+    print(f"paging: {mine.pages} pages, {mine.resident_capacity} kept in host memory; "
+          f"{mine.page_faults:,} page faults ({mine.page_faults / steps:.1f} per step), "
+          f"{mine.bytes_read / 1e6:,.1f} MB read and {mine.bytes_written / 1e6:,.1f} MB written; "
+          f"the daemon waited for pages {100 * mine.stall_seconds / max(mine.step_seconds, 1e-12):.1f}% of its "
+          f"step time", file=out)
     ours.close()
     # The reference is torch's default single-tensor path; stated runs the fused kernel, which agrees with
     # it to about an ulp per step (ALGORITHMS.md section 1), so differences stay near float32 resolution.

@@ -5,7 +5,7 @@ files under the state directory. Page `i` of a job sits at `HEADER_BYTES + i * s
 the page size rounded up to 4096), so a page is one aligned transfer that can never touch another.
 The file is preallocated for all of the job's pages when it is created or grown, so a full disk is
 reported at registration, not in the middle of a step. Transfers release the GIL (os.preadv,
-os.pwritev, zlib.crc32), so a thread pool overlaps them with the kernels (stated.transfers).
+os.pwritev, xxhash), so a thread pool overlaps them with the kernels (stated.transfers).
 
 Note [O_DIRECT and the page cache]
 ----------------------------------
@@ -18,7 +18,7 @@ at the first transfer, e.g. ramfs) gets buffered I/O and one warning per state d
 
 Note [page checksums]
 ---------------------
-Every write returns the crc32 of the page's `page_bytes` bytes; every read verifies it and raises
+Every write returns the checksum (64-bit XXH3) of the page's `page_bytes` bytes; every read verifies it and raises
 PageCorruptError (gRPC DATA_LOSS) on a mismatch. The checksums are metadata: the page table holds
 them and checkpoints write them to manifests. A StateFile also remembers the ones written through it,
 so `read` can verify without being told. A write that fails leaves the remembered checksum at the
@@ -37,9 +37,9 @@ import struct
 import threading
 import time
 import urllib.parse
-import zlib
 
 import numpy as np
+import xxhash
 
 from stated.errors import AlreadyExists, DataLoss, FailedPrecondition, ResourceExhausted
 from stated.sizes import format_bytes
@@ -82,6 +82,11 @@ class StateDirError(FailedPrecondition):
     def __init__(self, path: str, needed: int, reason: str):
         self.path, self.needed, self.reason = path, needed, reason
         super().__init__(f"cannot write state file {path} ({format_bytes(needed)}, {needed} bytes): {reason}")
+
+
+def checksum_of(data) -> int:
+    """The page checksum: 64-bit XXH3 of the bytes."""
+    return xxhash.xxh3_64_intdigest(data)
 
 
 def align_up(n: int, to: int = DIRECT_ALIGN) -> int:
@@ -233,10 +238,13 @@ class StateFile:
             self.pages = pages
 
     def write(self, page: int, buffer) -> int:
-        """Writes the first `page_bytes` bytes of `buffer` to page `page`; returns their crc32."""
+        """Writes the first `page_bytes` bytes of `buffer` to page `page`; returns their checksum.
+
+        XXH3 rather than crc32: it hashes at over 10 GB/s where zlib's crc32 manages about 1.3 GB/s, which
+        on a two-core machine would cost as much CPU as the disk transfer itself."""
         arr = _as_array(buffer, writable=False)
         self._check(page, arr)
-        checksum = zlib.crc32(arr[: self.page_bytes])
+        checksum = checksum_of(arr[: self.page_bytes])
         self._transfer(page, arr, write=True)
         self.checksums[page] = checksum
         return checksum
@@ -250,7 +258,7 @@ class StateFile:
         if expected is None:
             raise ValueError(f"page {page} of job {self.job!r} was never written: no checksum to verify")
         self._transfer(page, arr, write=False)
-        found = zlib.crc32(arr[: self.page_bytes])
+        found = checksum_of(arr[: self.page_bytes])
         if found != expected:
             raise PageCorruptError(self.job, page, self.path, expected, found)
         return found

@@ -62,6 +62,8 @@ class DiskPager:
         self._order: list[int] | None = None
         self._position: dict[int, int] = {}
         self.faults = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
         self._wanted: int | None = None
         self.extend(first_file_page)
         self._wanted = capacity
@@ -121,6 +123,7 @@ class DiskPager:
             return self.pool.buffer(self._transient[page]), 0.0
         self.faults += 1
         self.metrics.page_faults.labels("host").inc()
+        self._prefetch(page, include=True)  # keep the reads ahead going before we wait for this one
         waited = 0.0
         if page in self._reading:
             slot, future = self._reading.pop(page)
@@ -200,16 +203,18 @@ class DiskPager:
             return
         self.file.read(self.file_pages[entry.page.index], self.pool.buffer(slot), entry.checksum)
         self.metrics.transfer_bytes.labels("disk_to_host").inc(self.file.page_bytes)
+        self.bytes_read += self.file.page_bytes
         entry.dirty = False
 
-    def _prefetch(self, current: int) -> None:
-        """Starts reads for the pages that will fault next, as far as staging slots and depth allow."""
+    def _prefetch(self, current: int, include: bool = False) -> None:
+        """Starts reads for the pages that will fault next (from `current` on when `include`, else
+        after it), as far as staging slots and depth allow."""
         if self._order is None or current not in self._position:
             return
-        start = self._position[current] + 1
+        start = self._position[current] + (0 if include else 1)
         upcoming = itertools.islice(itertools.chain(self._order[start:], self._order[:start]), PLAN_WINDOW)
         for page in self.policy.plan(upcoming, self.mover.depth + len(self._reading)):
-            if page in self._reading or page == current:
+            if page in self._reading or (page == current and not include):
                 continue
             if self.mover.room() <= 0:
                 return
@@ -255,6 +260,7 @@ class DiskPager:
         (Note [same-page ordering] in stated.transfers) always sees it."""
         entry.checksum = self.file.write(self.file_pages[entry.page.index], self.pool.buffer(slot))
         self.metrics.transfer_bytes.labels("host_to_disk").inc(self.file.page_bytes)
+        self.bytes_written += self.file.page_bytes
 
     def _release(self, slot: int) -> None:
         with self._lock:

@@ -79,4 +79,7 @@ class Engine:
                                              groups[place.info.group], pass_index)
         self.backend.synchronize()
         session.steps += 1
-        return StepResult(time.perf_counter() - start, stall, session.pager.faults - faults_before, len(active))
+        seconds = time.perf_counter() - start
+        session.step_seconds += seconds
+        session.stall_seconds += stall
+        return StepResult(seconds, stall, session.pager.faults - faults_before, len(active))

@@ -21,6 +21,8 @@ class ResidentPager:
         self.session = session
         self.pool = HostPool(session.page_bytes, capacity=1 << 62, pin=pin)
         self.faults = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
 
     def begin_pass(self, order: list[int]) -> None:
         pass

@@ -232,7 +232,10 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 parameters=params, state_bytes=s.state_bytes, steps=s.steps,
                 state_bytes_per_parameter=s.state_bytes / params if params else 0.0, pages=len(s.table),
                 resident_capacity=len(s.pager.policy.resident()) if hasattr(s.pager, "policy") else len(s.table),
-                page_faults=s.pager.faults if s.pager is not None else 0))
+                page_faults=s.pager.faults if s.pager is not None else 0,
+                bytes_read=s.pager.bytes_read if s.pager is not None else 0,
+                bytes_written=s.pager.bytes_written if s.pager is not None else 0,
+                stall_seconds=s.stall_seconds, step_seconds=s.step_seconds))
         return pb.GetStatsResponse(
             daemon_version=__version__, sessions=sessions,
             state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),

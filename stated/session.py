@@ -67,6 +67,8 @@ class Session:
         # For state_dict: the pages (and segment positions in them) that hold each tensor.
         self.tensor_pages: dict[int, list[tuple[int, int]]] = {}
         self.steps = 0
+        self.step_seconds = 0.0
+        self.stall_seconds = 0.0
         self.dtype: torch.dtype | None = None
         # One operation at a time per session: steps, exports and imports never interleave.
         self.lock = threading.Lock()
