@@ -193,31 +193,24 @@ class StateServicer(pb_grpc.StateServiceServicer):
 
     @rpc
     async def ImportState(self, request_iterator, context) -> pb.ImportStateResponse:
-        session, lock, tensors, nbytes = None, None, 0, 0
+        # The whole stream is assembled and checked before any state changes (all or nothing).
+        session, entries = None, []
         assembler = Assembler()
-        try:
-            async for request in request_iterator:
-                if session is None:
-                    session = self._session(request.session)
-                    lock = self.locks[session.id]
-                    await lock.acquire()
-                    # torch's load_state_dict replaces all state: params absent from it start afresh.
-                    await self._run(self.store.reset_state, session)
-                kind = request.WhichOneof("item")
-                done = assembler.header(request.header) if kind == "header" else (
-                    assembler.chunk(request.chunk) if kind == "chunk" else None)
-                if done is not None:
-                    nbytes += await self._run(self.store.import_tensor, session, *done)
-                    tensors += 1
+        async for request in request_iterator:
             if session is None:
-                raise InvalidArgument("the ImportState stream was empty; its first message must name the session")
-            last = assembler.finish()
-            if last is not None:
-                nbytes += await self._run(self.store.import_tensor, session, *last)
-                tensors += 1
-        finally:
-            if lock is not None:
-                lock.release()
+                session = self._session(request.session)
+            kind = request.WhichOneof("item")
+            done = assembler.header(request.header) if kind == "header" else (
+                assembler.chunk(request.chunk) if kind == "chunk" else None)
+            if done is not None:
+                entries.append(done)
+        if session is None:
+            raise InvalidArgument("the ImportState stream was empty; its first message must name the session")
+        last = assembler.finish()
+        if last is not None:
+            entries.append(last)
+        async with self.locks[session.id]:
+            tensors, nbytes = await self._run(self.store.import_state, session, entries)
         return pb.ImportStateResponse(tensors=tensors, bytes=nbytes)
 
     # --- stats -----------------------------------------------------------------------------------

@@ -187,21 +187,41 @@ class Store:
         for entry in session.table:
             session.pager.reset(entry.page.index)
 
-    def import_tensor(self, session: Session, index: int, entry: dict[str, torch.Tensor]) -> int:
-        """Loads one tensor's state_dict entry; returns the bytes loaded."""
-        if not 0 <= index < len(session.tensors):
-            raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
+    def import_state(self, session: Session, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[int, int]:
+        """Loads state_dict entries all or nothing: every entry is checked before any state changes, then
+        all state is reset (torch's load_state_dict replaces it whole) and the entries written.
+        Returns (tensors, bytes) loaded."""
+        staged, seen = [], set()
+        for index, entry in entries:
+            if not 0 <= index < len(session.tensors):
+                raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
+            if index in seen:
+                raise InvalidArgument(f"header.tensor {index} appears twice in one ImportState stream")
+            seen.add(index)
+            place = session.tensors[index]
+            small = session.algorithm.init_small_state(place.info, session.groups[place.info.group])
+            try:
+                flat = session.algorithm.import_state(place.info, small, entry, place.fields)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise InvalidArgument(str(exc)) from None
+            staged.append((index, small, flat))
+        self.reset_state(session)
+        for index, small, _flat in staged:
+            session.small[index] = small
+        session.bindings.clear()  # bound segments carry the small-state dicts just replaced
+        nbytes = 0
+        for index, _small, flat in staged:
+            nbytes += self._write_fields(session, index, flat)
+        return len(staged), nbytes
+
+    def _write_fields(self, session: Session, index: int, flat: dict[str, torch.Tensor]) -> int:
         place = session.tensors[index]
-        try:
-            flat = session.algorithm.import_state(place.info, session.small[index], entry, place.fields)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise InvalidArgument(str(exc)) from None
+        per = {f.name: f.per for f in place.fields}
         for page, position in session.tensor_pages.get(index, []):
             host, _ = session.pager.get(page)
             seg = session.bind(session.table[page], host).segments[position]
             for name, view in seg.fields.items():
-                per = place.fields[[f.name for f in place.fields].index(name)].per
-                begin = seg.start // per
+                begin = seg.start // per[name]
                 view.copy_(flat[name][begin: begin + view.numel()])
             session.pager.done(page)
         return sum(t.numel() * t.element_size() for t in flat.values())

@@ -103,3 +103,21 @@ def test_load_resets_params_absent_from_the_state_dict(address):
     ours.load_state_dict(fresh)
     assert ours.state_dict()["state"] == {}
     ours.close()
+
+
+def test_a_refused_load_changes_nothing(address):
+    """load_state_dict is all or nothing: a bad entry anywhere leaves the daemon's state as it was."""
+    model = make_model()
+    ours = stated.AdamW(model.parameters(), lr=1e-2, address=address)
+    X, Y = data(5)
+    train(model, ours, torch.optim.lr_scheduler.LambdaLR(ours, lambda i: 1.0), X, Y)
+    before = ours.state_dict()
+    bad = ours.state_dict()
+    bad["state"][3]["exp_avg"] = torch.zeros(7)  # the wrong size, after three good entries
+    with pytest.raises(stated.StatedError, match="exp_avg"):
+        ours.load_state_dict(bad)
+    after = ours.state_dict()
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(after["state"][index][key], value)
+    ours.close()
