@@ -34,14 +34,14 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class EmbeddedDaemon:
-    def __init__(self) -> None:
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.directory = tempfile.mkdtemp(prefix="stated-embedded-")
         os.chmod(self.directory, 0o700)
         self.socket = os.path.join(self.directory, "stated.sock")
         self.log_path = os.path.join(self.directory, "daemon.log")
         self._log = open(self.log_path, "wb")
         command = [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "127.0.0.1:0",
-                   "--state-dir", os.path.join(self.directory, "state"), "--exit-with-parent"]
+                   "--state-dir", os.path.join(self.directory, "state"), "--exit-with-parent", *extra]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                         preexec_fn=_die_with_parent, close_fds=True)
 
@@ -87,13 +87,14 @@ def running_target() -> str | None:
     return None
 
 
-def embedded_target(ready) -> str:
-    """The target of this process's private daemon, starting it on first use."""
+def embedded_target(ready, extra: tuple[str, ...] = ()) -> str:
+    """The target of this process's private daemon, starting it on first use (with `extra` flags for
+    `stated serve`; they apply only when this call starts it)."""
     global _daemon
     with _lock:
         if _daemon is not None and _daemon.process.poll() is None:
             return _daemon.target
-        daemon = EmbeddedDaemon()
+        daemon = EmbeddedDaemon(extra)
         try:
             daemon.wait_ready(ready)
         except BaseException:
