@@ -8,7 +8,7 @@ the rest of the package is the daemon (`stated serve`). The client names are imp
 __version__ = "0.1.0"
 
 _CLIENT_NAMES = {
-    "AdamW", "Adam", "SGD", "StatedOptimizer", "StatedError", "InvalidArgumentError", "NotFoundError",
+    "AdamW", "Adam", "SGD", "AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam", "StatedOptimizer", "StatedError", "InvalidArgumentError", "NotFoundError",
     "PermissionDeniedError", "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
     "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError",
 }

@@ -8,8 +8,9 @@ _ERRORS = {
     "InternalError", "NotCopyableError",
 }
 _OPTIMIZERS = {"AdamW", "Adam", "SGD"}
+_LEAN = {"AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam"}
 
-__all__ = sorted(_ERRORS | _OPTIMIZERS | {"StatedOptimizer"})
+__all__ = sorted(_ERRORS | _OPTIMIZERS | _LEAN | {"StatedOptimizer"})
 
 
 def __getattr__(name: str):
@@ -21,6 +22,10 @@ def __getattr__(name: str):
         from stated_client import optimizers
 
         return getattr(optimizers, name)
+    if name in _LEAN:
+        from stated_client import lean
+
+        return getattr(lean, name)
     if name == "StatedOptimizer":
         from stated_client.optimizer import StatedOptimizer
 

@@ -121,6 +121,10 @@ class StatedOptimizer(torch.optim.Optimizer):
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         raise NotImplementedError
 
+    def _tensor_name(self, name: str) -> str:
+        """The name a tensor is registered under (SlimAdam appends its per-name rule)."""
+        return name
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._register(self.param_groups[-1])
@@ -134,7 +138,7 @@ class StatedOptimizer(torch.optim.Optimizer):
                                            f"parameters only")
             if p.dtype not in WIRE_DTYPES or p.dtype == torch.uint8:
                 raise InvalidArgumentError(f"a parameter has dtype {p.dtype}, which stated cannot optimize")
-        specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=name)
+        specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=self._tensor_name(name))
                  for p, name in zip(params, names)]
         try:
             reply = self._connection.call("Register", pb.RegisterRequest(

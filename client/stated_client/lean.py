@@ -1,0 +1,160 @@
+"""The memory-lean optimizers: stated.AdamW8bit, Adafactor, CAME, Lion and SlimAdam.
+
+Each takes its reference's signature and defaults (ALGORITHMS.md's first table names the reference),
+plus the keyword-only `address=`, `job=` and `rank=` of every stated optimizer. The math runs in the
+daemon (stated_kernels); state_dict uses the reference's key names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from stated.v1 import state_service_pb2 as pb
+from stated_client.errors import InvalidArgumentError
+from stated_client.optimizer import StatedOptimizer
+from stated_client.optimizers import _float
+
+
+def _pair(value, name: str, size: int = 2) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != size:
+        raise InvalidArgumentError(f"{name} must be a tuple of {size} numbers, got {value!r}")
+    return tuple(value)
+
+
+class AdamW8bit(StatedOptimizer):
+    """AdamW with blockwise 8-bit moments (torchao's AdamW8bit math on the bitsandbytes map).
+
+    State is 2 bytes per parameter plus one float per 256-element block for tensors of 4096 elements or
+    more whose size is a multiple of 256; smaller tensors keep fp32 state, as torchao does. The pages
+    hold the 8-bit codes themselves, so paging moves four times fewer bytes than AdamW.
+    """
+
+    algorithm = "adamw8bit"
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, block_size: int = 256, bf16_stochastic_round: bool = False,
+                 address: str | None = None, job: str | None = None, rank: int | None = None):
+        if block_size != 256:
+            raise InvalidArgumentError(f"block_size must be 256 (the bitsandbytes block), got {block_size}")
+        if bf16_stochastic_round:
+            raise InvalidArgumentError("bf16_stochastic_round=True is not supported by stated")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        block_size=block_size, bf16_stochastic_round=bf16_stochastic_round)
+        super().__init__(params, defaults, address=address, job=job, rank=rank)
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        beta1, beta2 = _pair(group["betas"], "betas")
+        return pb.GroupHyperparameters(
+            scalars={"lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2),
+                     "eps": _float(group["eps"]), "weight_decay": _float(group["weight_decay"])},
+            flags={"amsgrad": bool(group["amsgrad"])})
+
+
+class Adafactor(StatedOptimizer):
+    """torch.optim.Adafactor: factored second moment, no first moment."""
+
+    algorithm = "adafactor"
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-2, beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
+                 foreach: bool | None = None, maximize: bool = False, address: str | None = None,
+                 job: str | None = None, rank: int | None = None):
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
+                        maximize=maximize)
+        super().__init__(params, defaults, address=address, job=job, rank=rank)
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        eps1, eps2 = _pair(group["eps"], "eps")
+        return pb.GroupHyperparameters(
+            scalars={"lr": _float(group["lr"]), "beta2_decay": _float(group["beta2_decay"]),
+                     # None means finfo(dtype).eps in torch; the wire says so with a negative value.
+                     "eps1": -1.0 if eps1 is None else _float(eps1), "eps2": _float(eps2),
+                     "d": _float(group["d"]), "weight_decay": _float(group["weight_decay"])},
+            flags={"maximize": bool(group["maximize"])})
+
+
+class CAME(StatedOptimizer):
+    """CAME (came-pytorch): confidence-guided factored Adam. `lr` is required, as in the reference."""
+
+    algorithm = "came"
+
+    def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-16), clip_threshold: float = 1.0,
+                 betas=(0.9, 0.999, 0.9999), weight_decay: float = 0.0, *, address: str | None = None,
+                 job: str | None = None, rank: int | None = None):
+        if lr is None:
+            raise InvalidArgumentError("lr is required for CAME (came-pytorch has no default learning rate)")
+        defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay)
+        super().__init__(params, defaults, address=address, job=job, rank=rank)
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        eps1, eps2 = _pair(group["eps"], "eps")
+        beta1, beta2, beta3 = _pair(group["betas"], "betas", 3)
+        return pb.GroupHyperparameters(scalars={
+            "lr": _float(group["lr"]), "eps1": _float(eps1), "eps2": _float(eps2),
+            "clip_threshold": _float(group["clip_threshold"]), "beta1": _float(beta1), "beta2": _float(beta2),
+            "beta3": _float(beta3), "weight_decay": _float(group["weight_decay"])})
+
+
+class Lion(StatedOptimizer):
+    """Lion (lion-pytorch): sign of an interpolated momentum; 4 bytes of state per parameter."""
+
+    algorithm = "lion"
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
+                 use_triton: bool = False, decoupled_weight_decay: bool = False, *, address: str | None = None,
+                 job: str | None = None, rank: int | None = None):
+        # lion-pytorch divides decoupled decay by the lr the optimizer was built with.
+        self._init_lr = _float(lr)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
+        self._decoupled = bool(decoupled_weight_decay)
+        super().__init__(params, defaults, address=address, job=job, rank=rank)
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        beta1, beta2 = _pair(group["betas"], "betas")
+        return pb.GroupHyperparameters(
+            scalars={"lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2),
+                     "weight_decay": _float(group["weight_decay"]), "init_lr": self._init_lr},
+            flags={"decoupled_weight_decay": self._decoupled})
+
+    def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        entry.pop("step", None)  # lion-pytorch keeps no step count
+        return entry
+
+
+class SlimAdam(StatedOptimizer):
+    """SlimAdamW (low-memory-adam): AdamW whose second moment is averaged over some dims of a tensor.
+
+    Pass `model.named_parameters()` so the static rules can match layer names (q/k/v/o projections, MLP,
+    embeddings, lm_head); `rules` (name -> dims or None) or `rules_json_path` override them by exact
+    name. 1-D tensors are never compressed. lr, betas, eps and weight_decay are required, as in the
+    reference.
+    """
+
+    algorithm = "slimadam"
+
+    def __init__(self, named_parameters, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
+                 rules: Mapping[str, Sequence[int] | None] | None = None, rules_json_path: str | None = None,
+                 address: str | None = None, job: str | None = None, rank: int | None = None):
+        self._rules = dict(rules or {})
+        if rules_json_path:
+            with open(rules_json_path) as f:
+                self._rules.update(json.load(f))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(named_parameters, defaults, address=address, job=job, rank=rank)
+
+    def _tensor_name(self, name: str) -> str:
+        key = name[len("_orig_mod."):] if name.startswith("_orig_mod.") else name
+        if key not in self._rules:
+            return name
+        dims = self._rules[key]
+        return f"{name}|compress_dims={'none' if dims is None else ','.join(str(int(d)) for d in dims)}"
+
+    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
+        beta1, beta2 = _pair(group["betas"], "betas")
+        return pb.GroupHyperparameters(scalars={
+            "lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2), "eps": _float(group["eps"]),
+            "weight_decay": _float(group["weight_decay"])})
