@@ -25,6 +25,10 @@ class Metrics:
         r = self.registry
         self.sessions = Gauge("stated_sessions", "Attached client sessions.", registry=r)
         self.state_bytes = Gauge("stated_state_bytes", "Bytes of optimizer state held, all tiers.", registry=r)
+        self.bytes_per_parameter = Gauge(
+            "stated_state_bytes_per_parameter",
+            "Bytes of optimizer state per registered parameter, by algorithm (jobs are in GetStats and "
+            "`stated status`: job names would make an unbounded label).", ["algorithm"], registry=r)
         self.parameters = Gauge("stated_parameters", "Parameters registered by all sessions.", registry=r)
         self.step_duration = Histogram("stated_step_duration_seconds", "Time the daemon spent applying one step.",
                                        buckets=STEP_BUCKETS, registry=r)

@@ -23,6 +23,7 @@ from stated.metrics import Metrics
 from stated.session import Session
 from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
+from stated_kernels import ALGORITHMS
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
 
@@ -84,6 +85,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.metrics.sessions.set(len(self.store.sessions))
         self.metrics.state_bytes.set(sum(s.state_bytes for s in sessions))
         self.metrics.parameters.set(sum(s.parameters for s in sessions))
+        by_algorithm: dict[str, list[int]] = {}
+        for s in sessions:
+            figures = by_algorithm.setdefault(s.algorithm.name, [0, 0])
+            figures[0] += s.state_bytes
+            figures[1] += s.parameters
+        for name in ALGORITHMS:
+            state, params = by_algorithm.get(name, (0, 0))
+            self.metrics.bytes_per_parameter.labels(name).set(state / params if params else 0.0)
         pagers = [s.pager for s in sessions if s.pager is not None]
         self.metrics.resident_bytes.labels("host").set(sum(p.resident_bytes for p in pagers))
         self.metrics.resident_bytes.labels("disk").set(sum(getattr(p, "disk_bytes", 0) for p in pagers))

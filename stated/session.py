@@ -83,6 +83,18 @@ class Session:
 
     @property
     def state_bytes(self) -> int:
+        """Bytes of optimizer state: every paged field at its exact size, plus resident per-tensor
+        vectors (factored statistics). Scalars (step counts, running sums) are bookkeeping, and page
+        alignment padding is not state; `page_bytes_held` counts that."""
+        total = 0
+        for place, small in zip(self.tensors, self.small):
+            total += sum(f.nbytes(place.info.numel) for f in place.fields)
+            total += sum(v.numel() * v.element_size() for v in small.values()
+                         if isinstance(v, torch.Tensor) and v.numel() > 1)
+        return total
+
+    @property
+    def page_bytes_held(self) -> int:
         return self.table.state_bytes()
 
     def add_region(self, groups: list[Hyperparameters], infos: list[TensorInfo]) -> tuple[Region, list[Page]]:
