@@ -197,8 +197,7 @@ class DiskPager:
         """Brings a page's state into `slot`: from the state file, or zeros for a fresh page."""
         if entry.tier == Tier.NONE:
             binding = self.session.bind(entry, self.pool.buffer(slot))
-            for segment in binding.segments:
-                self.session.algorithm.init_fields(segment)
+            self.session.init_page(binding)
             entry.initialised, entry.dirty = True, True
             return
         self.file.read(self.file_pages[entry.page.index], self.pool.buffer(slot), entry.checksum)

@@ -68,7 +68,12 @@ class Engine:
                         segments = [s for s in segments if has_grad[s.tensor.index]]
                         if not segments:
                             continue
+                    if session.master:  # Note [master weights]: fp32 gradients in, rounded parameters out
+                        segments = [dataclasses.replace(s, grad=s.grad.float()) for s in segments]
                     self.backend.launch(algorithm, segments, groups[group], pass_index)
+                    if session.master:
+                        for s in segments:
+                            session.arena_param(s).copy_(s.param)
                 self.backend.stage_out(page, staged, host)
                 session.pager.done(page)
             stall += session.pager.end_pass()

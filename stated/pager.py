@@ -56,8 +56,7 @@ class ResidentPager:
 
     def _initialise(self, entry: PageEntry) -> None:
         binding = self.session.bind(entry, self.pool.buffer(entry.slot))
-        for segment in binding.segments:
-            self.session.algorithm.init_fields(segment)
+        self.session.init_page(binding)
         entry.initialised = True
         entry.dirty = True
 

@@ -101,11 +101,12 @@ class StateServicer(pb_grpc.StateServiceServicer):
 
     @rpc
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
-        session = self.store.attach(request.job, request.rank, request.algorithm, request.pid)
+        session = self.store.attach(request.job, request.rank, request.algorithm, request.pid,
+                                    request.master_weights)
         self.locks[session.id] = asyncio.Lock()
         self.closed[session.id] = asyncio.Event()
-        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s", session.job, session.rank, session.id,
-                 session.pid, session.algorithm.name)
+        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s%s", session.job, session.rank, session.id,
+                 session.pid, session.algorithm.name, " master_weights" if session.master else "")
         self._update_gauges()
         return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),
                                  daemon_version=__version__)

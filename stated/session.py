@@ -19,7 +19,15 @@ from stated import layout, shm
 from stated.errors import InvalidArgument
 from stated.layout import Page, TensorPlace
 from stated.page_table import PageEntry, PageTable
-from stated_kernels.spec import Algorithm, Hyperparameters, Segment, TensorInfo
+from stated_kernels.spec import Algorithm, FieldSpec, Hyperparameters, Segment, TensorInfo
+
+# Note [master weights]: with master_weights, the arenas hold bf16/fp16 parameters and gradients while
+# every page also holds an fp32 copy of its parameters (this field). The algorithm sees only fp32: its
+# segments' `param` is the master copy and the engine hands it fp32 gradients; after each update the
+# engine writes the rounded parameters back into the arena. The master copy is taken from the arena when
+# a page is first touched, and travels in state_dict as "master_param".
+MASTER = FieldSpec("master", torch.float32)
+MASTER_KEY = "master_param"
 
 log = logging.getLogger("stated.session")
 
@@ -43,13 +51,15 @@ class Binding:
 
 class Session:
     def __init__(self, session_id: str, token: bytes, job: str, rank: int, pid: int,
-                 algorithm: Algorithm, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None):
+                 algorithm: Algorithm, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
+                 master_weights: bool = False):
         self.id = session_id
         self.token = token
         self.job = job
         self.rank = rank
         self.pid = pid
         self.algorithm = algorithm
+        self.master = master_weights
         self.page_bytes = page_bytes
         self.shm_mode = shm_mode
         self.shm_gid = shm_gid
@@ -105,7 +115,9 @@ class Session:
         all_groups = self.groups + groups
         placed = []
         for info, offset in zip(infos, offsets):
-            fields = self.algorithm.page_fields(info, all_groups[info.group])
+            if self.master:  # the algorithm works on the fp32 master copy (Note [master weights])
+                info = dataclasses.replace(info, dtype=torch.float32)
+            fields = self.algorithm.page_fields(info, all_groups[info.group]) + ((MASTER,) if self.master else ())
             placed.append(TensorPlace(info, len(self.regions), offset, fields))
         pages = layout.cut_pages([(p.info, p.fields) for p in placed], self.page_bytes,
                                  self.algorithm.block_elements, len(self.regions), len(self.table))
@@ -119,11 +131,11 @@ class Session:
                         range(len(self.table), len(self.table) + len(pages)))
         self.groups.extend(groups)
         self.regions.append(region)
-        for place in placed:
+        for place, arena_info in zip(placed, infos):
             nbytes = place.info.numel * element_size
             span = slice(place.offset_bytes, place.offset_bytes + nbytes)
-            self.param_views.append(params.tensor[span].view(place.info.dtype))
-            self.grad_views.append(grads.tensor[span].view(place.info.dtype))
+            self.param_views.append(params.tensor[span].view(arena_info.dtype))
+            self.grad_views.append(grads.tensor[span].view(arena_info.dtype))
             self.small.append(self.algorithm.init_small_state(place.info, all_groups[place.info.group]))
             self.tensors.append(place)
             self.group_sample.setdefault(place.info.group, place)
@@ -165,7 +177,8 @@ class Session:
                 fp.field.name: buffer[fp.offset: fp.offset + fp.field.nbytes(seg.length)].view(fp.field.dtype)
                 for fp in seg.fields
             }
-            s = Segment(place.info, seg.start, self.param_views[seg.tensor][seg.start: seg.start + seg.length],
+            param = self.param_views[seg.tensor][seg.start: seg.start + seg.length]
+            s = Segment(place.info, seg.start, fields["master"] if self.master else param,
                         self.grad_views[seg.tensor][seg.start: seg.start + seg.length], fields,
                         self.small[seg.tensor])
             segments.append(s)
@@ -173,6 +186,17 @@ class Session:
         binding = Binding(ptr, segments, by_group)
         self.bindings[entry.page.index] = binding
         return binding
+
+    def init_page(self, binding: Binding) -> None:
+        """Fresh state for a page's segments; the master copy starts as the arena's parameters."""
+        for segment in binding.segments:
+            self.algorithm.init_fields(segment)
+            if self.master:
+                index = segment.tensor.index
+                segment.param.copy_(self.param_views[index][segment.start: segment.start + segment.length])
+
+    def arena_param(self, segment: Segment) -> torch.Tensor:
+        return self.param_views[segment.tensor.index][segment.start: segment.start + segment.length]
 
     def forget_binding(self, page: int) -> None:
         self.bindings.pop(page, None)
@@ -191,7 +215,7 @@ class Session:
             merged = {**self.algorithm.defaults(), **hp}
             sample = self.group_sample.get(i)
             if sample is not None:
-                fields = self.algorithm.page_fields(sample.info, merged)
+                fields = self.algorithm.page_fields(sample.info, merged) + ((MASTER,) if self.master else ())
                 if fields != sample.fields:
                     raise InvalidArgument(
                         f"groups[{i}]: these hyperparameters would change the state layout "

@@ -19,13 +19,14 @@ from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from stated.metrics import Metrics
 from stated.paging import Paging
-from stated.session import Session
+from stated.session import MASTER, MASTER_KEY, Session
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo
 
 log = logging.getLogger("stated.store")
 
 SUPPORTED_DTYPES = {torch.float32}
+HALF_DTYPES = {torch.bfloat16, torch.float16}  # with master weights only
 MAX_TENSORS_PER_REQUEST = 1 << 20
 MAX_JOB_NAME = 200
 
@@ -44,7 +45,7 @@ class Store:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def attach(self, job: str, rank: int, algorithm: str, pid: int) -> Session:
+    def attach(self, job: str, rank: int, algorithm: str, pid: int, master_weights: bool = False) -> Session:
         if not job:
             raise InvalidArgument("job must be a non-empty name")
         if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
@@ -60,7 +61,7 @@ class Store:
             raise AlreadyExists(f"job {job!r} rank {rank} is already attached (session {live.id}, pid {live.pid}); "
                                 f"detach it or use another rank")
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
-                          self.page_bytes, self.shm_mode, self.shm_gid)
+                          self.page_bytes, self.shm_mode, self.shm_gid, master_weights)
         session.pager = self.paging.new_pager(session)
         self.sessions[session.id] = session
         self.by_job_rank[(job, rank)] = session.id
@@ -111,9 +112,12 @@ class Store:
         for i, (shape, dtype, group, name) in enumerate(tensors):
             if dtype is None:
                 raise InvalidArgument(f"tensors[{i}].dtype is unspecified")
-            if dtype not in SUPPORTED_DTYPES:
+            if dtype in HALF_DTYPES and not session.master:
+                raise InvalidArgument(f"tensors[{i}].dtype {str(dtype).replace('torch.', '')} needs master_weights: "
+                                      f"attach with master_weights=True to keep an fp32 copy in the daemon")
+            if dtype not in SUPPORTED_DTYPES | HALF_DTYPES:
                 raise InvalidArgument(f"tensors[{i}].dtype {str(dtype).replace('torch.', '')} is not supported; "
-                                      f"supported: float32")
+                                      f"supported: float32, and bfloat16 or float16 with master_weights")
             if session.dtype is not None and dtype != session.dtype or infos and dtype != infos[0].dtype:
                 raise InvalidArgument(f"tensors[{i}].dtype {dtype} differs from the session's other tensors; "
                                       f"one session holds one dtype")
@@ -176,7 +180,11 @@ class Store:
                 view = seg.fields[f.name]
                 flat[f.name][begin: begin + view.numel()].copy_(view)
             session.pager.done(page, dirty=False)
-        return session.algorithm.export_state(place.info, small, flat)
+        master = flat.pop(MASTER.name, None)
+        entry = session.algorithm.export_state(place.info, small, flat)
+        if master is not None:
+            entry[MASTER_KEY] = master.reshape(place.info.shape)
+        return entry
 
     def reset_state(self, session: Session) -> None:
         """Back to the state before the first step: counters at zero, pages zeroed."""
@@ -200,10 +208,19 @@ class Store:
             seen.add(index)
             place = session.tensors[index]
             small = session.algorithm.init_small_state(place.info, session.groups[place.info.group])
+            fields = tuple(f for f in place.fields if f is not MASTER)
             try:
-                flat = session.algorithm.import_state(place.info, small, entry, place.fields)
+                flat = session.algorithm.import_state(place.info, small, entry, fields)
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise InvalidArgument(str(exc)) from None
+            if session.master:  # a state_dict without master copies (from torch) starts them from the arena
+                master = entry.get(MASTER_KEY)
+                if master is None:
+                    master = session.param_views[index]
+                if master.numel() != place.info.numel:
+                    raise InvalidArgument(f"state {MASTER_KEY!r} of tensor {index} has {master.numel()} elements, "
+                                          f"expected {place.info.numel}")
+                flat[MASTER.name] = master.reshape(-1).to(torch.float32)
             staged.append((index, small, flat))
         self.reset_state(session)
         for index, small, _flat in staged:

@@ -58,7 +58,7 @@ class StatedOptimizer(torch.optim.Optimizer):
     algorithm = ""
 
     def __init__(self, params, defaults: dict[str, Any], *, address: str | None = None, job: str | None = None,
-                 rank: int | None = None):
+                 rank: int | None = None, master_weights: bool = False):
         for flag in ("capturable", "differentiable"):
             if defaults.get(flag):
                 raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
@@ -66,8 +66,10 @@ class StatedOptimizer(torch.optim.Optimizer):
         instance = next(_instances)
         self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
         self._rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+        self._master_weights = bool(master_weights)
         reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
-                                                                 algorithm=self.algorithm, pid=os.getpid()))
+                                                                 algorithm=self.algorithm, pid=os.getpid(),
+                                                                 master_weights=self._master_weights))
         self._session = reply.session
         # Held open for the session's life: if this process dies the daemon sees the stream break.
         self._watch = self._connection.stub.Watch(pb.WatchRequest(session=self._session))
@@ -223,8 +225,18 @@ class StatedOptimizer(torch.optim.Optimizer):
         return entry
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every floating state tensor to its parameter's dtype: keep fp32 master copies out
+        # of that (Note [master weights] in stated.session).
+        masters = {k: v["master_param"] for k, v in state_dict.get("state", {}).items()
+                   if isinstance(v, dict) and "master_param" in v}
+        if masters:
+            state_dict = {**state_dict, "state": {k: {n: t for n, t in v.items() if n != "master_param"}
+                                                  for k, v in state_dict["state"].items()}}
         super().load_state_dict(state_dict)
         loaded, self.state = self.state, defaultdict(dict)
+        ids = [p for group in self.param_groups for p in group["params"]]
+        for key, master in masters.items():
+            loaded[ids[int(key)]]["master_param"] = master
         index = {id(p): i for i, p in enumerate(self._params)}
 
         def messages():

@@ -28,11 +28,13 @@ class AdamW(StatedOptimizer):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, address: str | None = None, job: str | None = None,
-                 rank: int | None = None):
+                 rank: int | None = None,
+                 master_weights: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
         self._extra_defaults(defaults)
-        super().__init__(params, defaults, address=address, job=job, rank=rank)
+        super().__init__(params, defaults, address=address, job=job, rank=rank,
+                         master_weights=master_weights)
 
     def _extra_defaults(self, defaults: dict[str, Any]) -> None:
         # torch.optim.AdamW is Adam with decoupled decay; its state_dict records that.
@@ -57,11 +59,12 @@ class Adam(AdamW):
                  weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, address: str | None = None,
-                 job: str | None = None, rank: int | None = None):
+                 job: str | None = None, rank: int | None = None,
+                 master_weights: bool = False):
         self._decoupled = bool(decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused, address=address,
-                         job=job, rank=rank)
+                         job=job, rank=rank, master_weights=master_weights)
 
     @property
     def algorithm(self) -> str:  # Adam(decoupled_weight_decay=True) is AdamW, as in torch
@@ -79,10 +82,12 @@ class SGD(StatedOptimizer):
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 address: str | None = None, job: str | None = None, rank: int | None = None):
+                 address: str | None = None, job: str | None = None, rank: int | None = None,
+                 master_weights: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, address=address, job=job, rank=rank)
+        super().__init__(params, defaults, address=address, job=job, rank=rank,
+                         master_weights=master_weights)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         return pb.GroupHyperparameters(
