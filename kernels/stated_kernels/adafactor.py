@@ -1,0 +1,200 @@
+r"""Adafactor, following torch.optim.Adafactor (torch 2.13; ALGORITHMS.md section 4.1).
+
+Per step, for every tensor with a gradient (t counted per tensor from 1; no first moment, no bias
+correction; g <- -g if maximize):
+
+    w     = t^beta2_decay                         (plays 1 - beta2_t; w = 1 at t = 1)
+    rho   = min(lr, 1 / sqrt(t))
+    alpha = max(eps2, RMS(theta)) * rho           (RMS = ||theta||_2 / sqrt(numel), before the decay)
+    theta <- theta * (1 - lr * lambda)            (decoupled, with the group lr)
+    ndim >= 2, shape (..., n, m), factored over the last two dims:
+        R <- lerp(R, mean_{-1}(g^2), w)           R: (..., n, 1)   `row_var`
+        C <- lerp(C, mean_{-2}(g^2), w)           C: (..., 1, m)   `col_var`
+        Vhat = (R * C) / max(mean_{-2}(R), eps1)
+    ndim <= 1:
+        V <- lerp(V, g^2, w);  Vhat = V                             `variance`
+    U     = g * rsqrt(max(Vhat, eps1^2))
+    theta <- theta - alpha / max(1, RMS(U) / d) * U
+
+eps1 defaults to torch's None, finfo(dtype).eps; on the wire a negative eps1 means None. eps2 is the
+second entry of torch's `eps` tuple.
+
+Layout and passes. R and C are small and stay resident; V is elementwise and paged. RMS(theta) and,
+for factored tensors, R, C and RMS(U) are computed in `prepass` over the whole tensor with the
+reference's operations. For 1-D tensors RMS(U) needs the new V, which lives in pages, so the
+algorithm takes two passes: pass 0 updates V and folds sum(U^2) into a float64 accumulator in page
+order (a strict left fold, so every segmentation gives the same bits); pass 1 moves theta, where U is
+recomputed elementwise from the stored V. Factored tensors do nothing in pass 0.
+
+Broadcast state reaches a segment through `broadcast_index`: for each element of a flat slice of the
+tensor, the flat index of the small tensor entry it reads. CAME and SlimAdam use it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stated_kernels.spec import (
+    Algorithm,
+    FieldSpec,
+    HyperSpec,
+    Hyperparameters,
+    Segment,
+    TensorInfo,
+    non_negative,
+)
+
+
+def broadcast_index(shape: Sequence[int], small_shape: Sequence[int], start: int, length: int) -> torch.Tensor:
+    """Flat indices into a tensor of `small_shape` (broadcastable to `shape`, same rank) for the
+    elements [start, start + length) of `shape` flattened: `small.reshape(-1)[index]` equals
+    `small.expand(shape).reshape(-1)[start:start + length]` without building the expansion."""
+    flat = torch.arange(start, start + length)
+    index = torch.zeros(length, dtype=torch.long)
+    stride = small_stride = 1
+    for size, small_size in zip(reversed(shape), reversed(small_shape)):
+        if small_size != 1:
+            index += (flat // stride % size) * small_stride
+        stride *= size
+        small_stride *= small_size
+    return index
+
+
+def fold_into(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """acc[index[k]] += values[k] in float64, one k after another: a left fold in element order, so
+    folding a tensor's segments in order gives the same bits however it is cut."""
+    acc.index_add_(0, index, values.double())
+
+
+def is_factored(tensor: TensorInfo) -> bool:
+    return len(tensor.shape) >= 2
+
+
+def row_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return (*shape[:-1], 1)
+
+
+def col_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return (*shape[:-2], 1, shape[-1])
+
+
+def non_positive(value: float) -> str | None:
+    return None if value <= 0 else f"must be <= 0, got {value}"
+
+
+def at_least_one(value: float) -> str | None:
+    return None if value >= 1 else f"must be >= 1, got {value}"
+
+
+class Adafactor(Algorithm):
+    name = "adafactor"
+    passes = 2
+    hyperparameters = (
+        HyperSpec("lr", 1e-2, check=non_negative),
+        HyperSpec("beta2_decay", -0.8, check=non_positive),
+        HyperSpec("eps1", -1.0),  # negative: torch's None, finfo(dtype).eps
+        HyperSpec("eps2", 1e-3, check=non_negative),
+        HyperSpec("d", 1.0, check=at_least_one),
+        HyperSpec("weight_decay", 0.0, check=non_negative),
+        HyperSpec("maximize", False, is_flag=True),
+    )
+
+    def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
+        return () if is_factored(tensor) else (FieldSpec("variance", tensor.dtype),)
+
+    def init_small_state(self, tensor: TensorInfo, hp: Hyperparameters) -> dict[str, Any]:
+        small = super().init_small_state(tensor, hp)
+        if is_factored(tensor):
+            small["row_var"] = torch.zeros(row_shape(tensor.shape), dtype=tensor.dtype)
+            small["col_var"] = torch.zeros(col_shape(tensor.shape), dtype=tensor.dtype)
+        return small
+
+    # --- the step -----------------------------------------------------------------------------
+
+    def prepass(self, tensor: TensorInfo, param: torch.Tensor, grad: torch.Tensor,
+                small: dict[str, Any], hp: Hyperparameters) -> None:
+        # With master weights the arenas are 16-bit while the tensor registered as float32.
+        param, grad = param.to(tensor.dtype), grad.to(tensor.dtype)
+        t = float(small["step"])
+        small["_w"] = t ** float(hp["beta2_decay"])
+        rho = min(float(hp["lr"]), 1 / (t**0.5))
+        small["_alpha"] = max(float(hp["eps2"]), param.norm(2).item() / (param.numel() ** 0.5)) * rho
+        eps1 = float(hp["eps1"]) if hp["eps1"] >= 0 else torch.finfo(param.dtype).eps
+        small["_eps1"] = eps1
+        if not is_factored(tensor):
+            small["_sum_u2"] = torch.zeros(1, dtype=torch.float64)
+            return
+        g = -grad if hp["maximize"] else grad
+        # The reference's reductions: mean(g^2) as a squared norm over the size.
+        small["row_var"].lerp_(torch.norm(g, dim=-1, keepdim=True).square_().div_(g.size(-1)), small["_w"])
+        small["col_var"].lerp_(torch.norm(g, dim=-2, keepdim=True).square_().div_(g.size(-2)), small["_w"])
+        small["_row_norm"] = small["row_var"].mean(dim=-2, keepdim=True).clamp_(min=eps1)
+        u = (small["row_var"] * small["col_var"]).div_(small["_row_norm"]).clamp_(min=eps1 * eps1).rsqrt_()
+        u.mul_(g)
+        self._set_step_size(small, u.norm(2).item(), tensor.numel, hp)
+
+    @staticmethod
+    def _set_step_size(small: dict[str, Any], norm_u: float, numel: int, hp: Hyperparameters) -> None:
+        denom = max(1.0, norm_u / ((numel**0.5) * float(hp["d"])))
+        small["_step_size"] = -small["_alpha"] / denom
+
+    def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
+        lr, decay = float(hp["lr"]), float(hp["weight_decay"])
+        for s in segments:
+            factored = is_factored(s.tensor)
+            if pass_index == 0 and factored:
+                continue
+            g = -s.grad if hp["maximize"] else s.grad
+            eps1 = s.small["_eps1"]
+            if factored:
+                shape = s.tensor.shape
+                rows = s.small["row_var"].reshape(-1)[broadcast_index(shape, row_shape(shape), s.start, s.length)]
+                cols = s.small["col_var"].reshape(-1)[broadcast_index(shape, col_shape(shape), s.start, s.length)]
+                norm = s.small["_row_norm"].reshape(-1)[
+                    broadcast_index(shape, (*shape[:-2], 1, 1), s.start, s.length)]
+                u = (rows * cols).div_(norm)
+            else:
+                variance = s.fields["variance"]
+                if pass_index == 0:
+                    variance.lerp_(g * g, s.small["_w"])
+                u = variance.clone()
+            u = u.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+            if pass_index == 0:
+                fold_into(s.small["_sum_u2"], torch.zeros(s.length, dtype=torch.long), u.double().square())
+                continue
+            if decay != 0:
+                s.param.mul_(1 - lr * decay)
+            s.param.add_(u, alpha=s.small["_step_size"])
+
+    def between_passes(self, tensor: TensorInfo, small: dict[str, Any], hp: Hyperparameters,
+                       pass_index: int) -> None:
+        if not is_factored(tensor):
+            self._set_step_size(small, math.sqrt(float(small["_sum_u2"])), tensor.numel, hp)
+
+    # --- state_dict ---------------------------------------------------------------------------
+
+    def export_state(self, tensor: TensorInfo, small: dict[str, Any],
+                     paged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        entry = {"step": small["step"].clone()}
+        if is_factored(tensor):
+            entry["row_var"], entry["col_var"] = small["row_var"].clone(), small["col_var"].clone()
+        else:
+            entry["variance"] = paged["variance"].reshape(tensor.shape)
+        return entry
+
+    def import_state(self, tensor: TensorInfo, small: dict[str, Any], entry: dict[str, torch.Tensor],
+                     fields: Sequence[FieldSpec]) -> dict[str, torch.Tensor]:
+        if is_factored(tensor):
+            for key, shape in (("row_var", row_shape(tensor.shape)), ("col_var", col_shape(tensor.shape))):
+                if key not in entry:
+                    raise ValueError(f"state of tensor {tensor.index} has no {key!r}")
+                if tuple(entry[key].shape) != shape:
+                    raise ValueError(f"state {key!r} of tensor {tensor.index} has shape {tuple(entry[key].shape)}, "
+                                     f"expected {shape}")
+            small["row_var"].copy_(entry["row_var"])
+            small["col_var"].copy_(entry["col_var"])
+        return super().import_state(tensor, small, entry, fields)

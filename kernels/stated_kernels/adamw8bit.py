@@ -1,0 +1,221 @@
+r"""AdamW with 8-bit blockwise state, following torchao 0.18.0 `AdamW8bit` (ALGORITHMS.md 3.1, 3.3).
+
+Per step, for every tensor with a gradient, all in float32 (lr is held as a float32 scalar tensor and
+the step count is a float32 tensor, as in torchao):
+
+    theta <- theta - (lr * lambda) * theta                     (decoupled decay, before the step)
+    bc1 = 1 - beta1^t,  bc2 = 1 - beta2^t                      (float32)
+    m     <- lerp(deq(m), g, 1 - beta1)
+    v     <- lerp(deq(v), g^2, 1 - beta2)                      (both stored quantized)
+    vmax  <- max(deq(vmax), v)                                 if amsgrad; vmax replaces v below
+    theta <- theta - lr * (m / bc1) / (sqrt(v) / sqrt(bc2) + eps)   (with the unquantized m and v)
+
+Quantization (`stated_kernels.quant_maps`): blocks of 256 consecutive elements of the flattened
+tensor, one float32 absmax per block (floored at 1e-12), the bitsandbytes "dynamic" maps (signed for
+m, unsigned for v and vmax), nearest code with ties up. The CPU update runs torchao's operations in
+eager torch on each segment; segments start on block boundaries, so the numbers do not depend on
+the paging.
+
+State: as torchao, a tensor gets 8-bit state only if numel >= 4096 and numel % 256 == 0; otherwise
+`exp_avg`, `exp_avg_sq` are kept in the parameter's dtype (float32 for float32 parameters). 8-bit
+tensors page their codes and scales, which is also their state_dict format:
+
+    exp_avg, exp_avg_sq, max_exp_avg_sq               uint8 codes, the parameter's shape
+    exp_avg_scale, exp_avg_sq_scale, max_exp_avg_sq_scale   float32 absmax, numel / 256
+
+that is 2 + 8/256 = 2.03 B/param (3.05 with amsgrad); `step` is a float32 scalar. These are torchao's
+`codes` and `scale` of its `OptimState8bit` states. `to_torchao` builds those objects (to load into
+torchao's AdamW8bit) and `dequantize_state` / `quantize_state` convert to and from the float32
+`exp_avg`, `exp_avg_sq` that torch.optim.AdamW loads. `import_state` also takes float32 moments and
+quantizes them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from stated_kernels import quant_maps
+from stated_kernels.spec import (
+    Algorithm,
+    FieldSpec,
+    HyperSpec,
+    Hyperparameters,
+    Segment,
+    TensorInfo,
+    non_negative,
+    unit_interval,
+)
+
+MIN_8BIT_SIZE = 4096
+BLOCK = quant_maps.BLOCK
+# Moment name -> whether its map is signed.
+SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+
+
+@functools.cache
+def _qmap(signed: bool) -> torch.Tensor:
+    return quant_maps.dynamic_map(signed)
+
+
+def is_quantized(numel: int) -> bool:
+    """torchao's rule: small tensors, and tensors that do not split into whole blocks, stay float."""
+    return numel >= MIN_8BIT_SIZE and numel % BLOCK == 0
+
+
+def _moments(amsgrad: bool) -> tuple[str, ...]:
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+
+
+def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """torch.lerp as torchao runs it, compiled by inductor: `coeff * (end - start) + base` with the
+    weight in float32 and every operation rounded on its own (inductor builds with
+    -ffp-contract=off), where eager torch.lerp fuses the multiply-add and differs in the last bit."""
+    coeff = torch.tensor(weight, dtype=torch.float32)
+    if abs(weight) >= 0.5:
+        return (end - start).mul_(coeff - 1).add_(end)
+    return (end - start).mul_(coeff).add_(start)
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root, as inductor's compiled kernel takes it. Eager torch.sqrt
+    on CPU may go through MKL's vector math, which is off by one ulp for about a fifth of inputs; the
+    float64 root rounded to float32 is exact (a float32 root is never within 2^-50 of a midpoint)."""
+    return x.double().sqrt().float()
+
+
+class AdamW8bit(Algorithm):
+    name = "adamw8bit"
+    block_elements = BLOCK
+    hyperparameters = (
+        HyperSpec("lr", 1e-3, check=non_negative),
+        HyperSpec("beta1", 0.9, check=unit_interval),
+        HyperSpec("beta2", 0.999, check=unit_interval),
+        HyperSpec("eps", 1e-8, check=non_negative),
+        HyperSpec("weight_decay", 1e-2),
+        HyperSpec("amsgrad", False, is_flag=True),
+    )
+
+    def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
+        names = _moments(bool(hp.get("amsgrad", False)))
+        if not is_quantized(tensor.numel):
+            return tuple(FieldSpec(n, tensor.dtype) for n in names)
+        return (tuple(FieldSpec(n, torch.uint8) for n in names)
+                + tuple(FieldSpec(n + "_scale", torch.float32, per=BLOCK) for n in names))
+
+    def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
+        lr = torch.tensor(hp["lr"], dtype=torch.float32)
+        beta1, beta2, eps = float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"])
+        decay, amsgrad = float(hp["weight_decay"]), bool(hp["amsgrad"])
+        for s in segments:
+            step = s.small["step"]
+            bias_correction1 = 1 - beta1**step
+            bias_correction2 = 1 - beta2**step
+            p = s.param.float()
+            g = s.grad.float()
+            # The operations and their grouping are torchao's, so that the bits are too.
+            p = p - lr * decay * p
+            m = _lerp(self._load(s, "exp_avg"), g, 1 - beta1)
+            v = _lerp(self._load(s, "exp_avg_sq"), g.square(), 1 - beta2)
+            self._store(s, "exp_avg", m)
+            self._store(s, "exp_avg_sq", v)
+            if amsgrad:
+                v = torch.maximum(self._load(s, "max_exp_avg_sq"), v)
+                self._store(s, "max_exp_avg_sq", v)
+            denom = (_sqrt(v) / _sqrt(bias_correction2)) + eps
+            p = p - lr * (m / bias_correction1) / denom
+            s.param.copy_(p)
+
+    @staticmethod
+    def _load(s: Segment, name: str) -> torch.Tensor:
+        if s.fields[name].dtype != torch.uint8:
+            return s.fields[name].float()
+        return quant_maps.dequantize(s.fields[name], s.fields[name + "_scale"], _qmap(SIGNED[name]))
+
+    @staticmethod
+    def _store(s: Segment, name: str, value: torch.Tensor) -> None:
+        if s.fields[name].dtype != torch.uint8:
+            s.fields[name].copy_(value)
+        else:
+            quant_maps.quantize(value, _qmap(SIGNED[name]), s.fields[name], s.fields[name + "_scale"])
+
+    # --- state_dict ---------------------------------------------------------------------------
+
+    def export_state(self, tensor: TensorInfo, small: dict[str, Any],
+                     paged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        entry = {"step": small["step"].clone()}
+        for name, flat in paged.items():
+            entry[name] = flat if name.endswith("_scale") else flat.reshape(tensor.shape)
+        return entry
+
+    def import_state(self, tensor: TensorInfo, small: dict[str, Any], entry: dict[str, torch.Tensor],
+                     fields: Sequence[FieldSpec]) -> dict[str, torch.Tensor]:
+        if is_quantized(tensor.numel):
+            entry = quantize_state(entry)
+        else:
+            for name in SIGNED:
+                if name in entry and entry[name].dtype == torch.uint8:
+                    raise ValueError(f"state {name!r} of tensor {tensor.index} holds 8-bit codes, but a tensor "
+                                     f"of {tensor.numel} elements keeps float state")
+        return super().import_state(tensor, small, entry, fields)
+
+
+# --- conversions -------------------------------------------------------------------------------
+
+
+def dequantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An AdamW8bit state_dict entry with float32 `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`) in
+    place of codes and scales, as torch.optim.AdamW loads it. Float entries pass through unchanged."""
+    out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
+    for name, signed in SIGNED.items():
+        codes = entry.get(name)
+        if codes is not None and codes.dtype == torch.uint8:
+            scale = entry[name + "_scale"]
+            flat = quant_maps.dequantize(codes.reshape(-1), scale.reshape(-1), _qmap(signed))
+            out[name] = flat.view(codes.shape)
+    return out
+
+
+def quantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Float moments of a tensor that gets 8-bit state become codes and scales, quantized as torchao
+    quantizes a float copy into its 8-bit state; other entries pass through. Not an exact inverse of
+    `dequantize_state`: the signed map has no -1, so a block whose largest magnitude is negative
+    decodes to 0.993 of its scale and re-encodes with that smaller scale."""
+    out = dict(entry)
+    for name, signed in SIGNED.items():
+        value = entry.get(name)
+        if value is None or value.dtype == torch.uint8 or not is_quantized(value.numel()):
+            continue
+        codes = torch.empty(value.shape, dtype=torch.uint8)
+        scale = torch.empty(value.numel() // BLOCK, dtype=torch.float32)
+        quant_maps.quantize(value.detach().reshape(-1).float(), _qmap(signed), codes.view(-1), scale)
+        out[name], out[name + "_scale"] = codes, scale
+    return out
+
+
+def to_torchao(entry: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The entry as torchao's AdamW8bit keeps it: 8-bit moments become `OptimState8bit` objects
+    (`dtype` is the parameter's). Needs torchao; float entries pass through."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
+    for name, signed in SIGNED.items():
+        codes = entry.get(name)
+        if codes is not None and codes.dtype == torch.uint8:
+            out[name] = OptimState8bit(codes.clone(), entry[name + "_scale"].clone(), _qmap(signed).clone(),
+                                       signed, dtype=dtype)
+    return out
+
+
+def from_torchao(entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The inverse of `to_torchao`: a torchao AdamW8bit state entry as stated's codes and scales."""
+    out = {}
+    for name, value in entry.items():
+        if hasattr(value, "codes") and hasattr(value, "scale"):
+            out[name], out[name + "_scale"] = value.codes.clone(), value.scale.clone()
+        else:
+            out[name] = value
+    return out
