@@ -118,6 +118,8 @@ class DiskPager:
         entry = self.session.table[page]
         if page in self.policy:
             self.policy.access(page)
+            if page in self._reading:  # read ahead for a fault that did not come (the budget changed)
+                self._drop_read(page)
             return self.pool.buffer(entry.slot), 0.0
         if page in self._transient:  # a repeated get of a page the policy did not keep
             return self.pool.buffer(self._transient[page]), 0.0
@@ -267,16 +269,28 @@ class DiskPager:
 
     def _take_slot(self, block: bool) -> int | None:
         while True:
-            with self._lock:
+            with self._lock:  # free slots and pending writes read together: a landing write moves one to the other
                 if self._free:
                     return self._free.pop()
+                pending = list(self._writing.values())
             slot = self.pool.acquire()
             if slot is not None:
                 return slot
             if not block:
                 return None
-            with self._lock:
-                pending = list(self._writing.values())
-            if not pending:
-                raise RuntimeError("no staging slot is free and none is being written back")
-            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            if pending:
+                cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            elif self._reading:
+                # Every spare slot holds a read ahead: give up the one needed last.
+                self._drop_read(next(reversed(self._reading)))
+            else:
+                raise RuntimeError(f"job {self.session.job}: all {self.pool.capacity} page slots are in use and "
+                                   f"none is being written back or read ahead")
+
+    def _drop_read(self, page: int) -> None:
+        slot, _future = self._reading.pop(page)
+        try:
+            self.mover.wait(page)
+        except Exception:  # the data is not used; a real problem shows again when the page is read for use
+            pass
+        self._release(slot)
