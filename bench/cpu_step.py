@@ -46,8 +46,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,10M,50M,200M", help="comma-separated parameter counts")
     parser.add_argument("--samples", type=int, default=9, help="timed steps per optimizer and size (default 9)")
-    parser.add_argument("--algorithm", default="adamw", help="stated class to time (default adamw)")
+    parser.add_argument("--algorithms-at", default=None, metavar="COUNT",
+                        help="instead: each algorithm's step time over stated.AdamW's at this size (e.g. 50M)")
     args = parser.parse_args()
+    if args.algorithms_at:
+        return compare_algorithms(parse_count(args.algorithms_at), args.samples)
     import stated
 
     daemon = BenchDaemon()
@@ -73,6 +76,54 @@ def main() -> int:
     for n, median, low, high, added in results:
         print(f"adamw cpu {human(n)} params: stated/torch-fused step time {median:.2f} "
               f"(min {low:.2f}, max {high:.2f}), added {added:.3f} ms")
+    return 0
+
+
+ALGORITHM_ARGS = {
+    "adamw8bit": {}, "adafactor": {}, "came": {"lr": 2e-4}, "lion": {},
+    "slimadam": {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}, "sgd": {"momentum": 0.9},
+    "adam": {},
+}
+CLASS_NAMES = {"adamw8bit": "AdamW8bit", "adafactor": "Adafactor", "came": "CAME", "lion": "Lion",
+               "slimadam": "SlimAdam", "sgd": "SGD", "adam": "Adam"}
+
+
+def matrix_params(n: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """Square-ish 2048 x 2048 matrices (named like MLP weights, so SlimAdam compresses them)."""
+    g = torch.Generator().manual_seed(0)
+    out, rows = [], 2048
+    for i in range(max(1, n // (rows * rows))):
+        p = torch.nn.Parameter(torch.randn(rows, rows, generator=g) * 0.02)
+        p.grad = torch.randn(rows, rows, generator=g) * 1e-3
+        out.append((f"layers.{i}.mlp.c_fc.weight", p))
+    return out
+
+
+def compare_algorithms(n: int, samples: int) -> int:
+    import stated
+
+    daemon = BenchDaemon()
+    lines = []
+    try:
+        base_params = matrix_params(n)
+        base = stated.AdamW([p for _, p in base_params], lr=1e-3, address=daemon.address, job="bench-adamw")
+        print(f"{'algorithm':>10s} {'ms':>9s} {'adamw ms':>9s} {'ratio':>6s} {'min':>6s} {'max':>6s}", flush=True)
+        for name, kwargs in ALGORITHM_ARGS.items():
+            named = matrix_params(n)
+            params = named if name == "slimadam" else [p for _, p in named]
+            opt = getattr(stated, CLASS_NAMES[name])(params, address=daemon.address, job=f"bench-{name}", **kwargs)
+            a, b = interleaved(opt.step, base.step, samples)
+            median, low, high = ratios(a, b)
+            print(f"{name:>10s} {statistics.median(a) * 1e3:9.2f} {statistics.median(b) * 1e3:9.2f} {median:6.2f} "
+                  f"{low:6.2f} {high:6.2f}", flush=True)
+            lines.append(f"{name} cpu {human(n)} params: step time over stated adamw {median:.2f} "
+                         f"(min {low:.2f}, max {high:.2f})")
+            opt.close()
+            del opt, named, params
+        base.close()
+    finally:
+        daemon.stop()
+    print("\n".join(lines))
     return 0
 
 
