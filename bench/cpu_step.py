@@ -46,6 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1M,10M,50M,200M", help="comma-separated parameter counts")
     parser.add_argument("--samples", type=int, default=9, help="timed steps per optimizer and size (default 9)")
+    parser.add_argument("--page-size", default=None, help="the daemon's --page-size (default: its own default)")
     parser.add_argument("--algorithms-at", default=None, metavar="COUNT",
                         help="instead: each algorithm's step time over stated.AdamW's at this size (e.g. 50M)")
     args = parser.parse_args()
@@ -53,7 +54,7 @@ def main() -> int:
         return compare_algorithms(parse_count(args.algorithms_at), args.samples)
     import stated
 
-    daemon = BenchDaemon()
+    daemon = BenchDaemon(*(["--page-size", args.page_size] if args.page_size else []))
     results = []
     try:
         print(f"{'params':>8s} {'stated ms':>10s} {'torch ms':>10s} {'added ms':>9s} {'ratio':>6s} "
