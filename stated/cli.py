@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "picks a free port; 'none' turns the endpoint off)")
     serve.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
                        help="directory for state files (default: %(default)s)")
-    serve.add_argument("--page-size", type=parse_size, default=16 << 20, metavar="SIZE",
+    serve.add_argument("--page-size", type=parse_size, default=64 << 20, metavar="SIZE",
                        help="bytes of optimizer state in one page, plain or with a unit such as 16MiB "
-                            "(default: 16MiB; see BENCHMARKS.md)")
+                            "(default: 64MiB, chosen by bench/cpu_step.py --page-size; see BENCHMARKS.md)")
     serve.add_argument("--host-memory", type=parse_size, default=None, metavar="SIZE",
                        help="cap on the bytes of optimizer state held in host memory, all jobs together, such as "
                             "8GiB; pages beyond it live in state files under --state-dir, read and written with "

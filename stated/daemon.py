@@ -40,7 +40,7 @@ class DaemonConfig:
     metrics_addr: str = "127.0.0.1:9464"
     state_dir: str = ""
     group: str | None = None
-    page_bytes: int = 16 << 20
+    page_bytes: int = 64 << 20
     workers: int = 4
     exit_with_parent: bool = False
     host_memory: int | None = None

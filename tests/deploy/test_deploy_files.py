@@ -130,8 +130,6 @@ def test_deploy_files_pass_only_flags_that_serve_accepts():
     flags |= {a.split("=", 1)[0] for a in ds["spec"]["template"]["spec"]["containers"][0]["args"][1:]}
     flags |= set(re.findall(r'"(--[a-z-]+)"', (DEPLOY / "Dockerfile").read_text()))
     missing = flags - _serve_flags()
-    if missing == {"--host-memory"}:
-        pytest.xfail("stated serve does not take --host-memory yet; the deploy files already pass it")
     assert not missing, f"flags that stated serve does not accept: {sorted(missing)}"
 
 
