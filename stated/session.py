@@ -77,6 +77,7 @@ class Session:
         # For state_dict: the pages (and segment positions in them) that hold each tensor.
         self.tensor_pages: dict[int, list[tuple[int, int]]] = {}
         self.steps = 0
+        self._state_bytes = (-1, 0)
         self.step_seconds = 0.0
         self.stall_seconds = 0.0
         self.dtype: torch.dtype | None = None
@@ -95,7 +96,14 @@ class Session:
     def state_bytes(self) -> int:
         """Bytes of optimizer state: every paged field at its exact size, plus resident per-tensor
         vectors (factored statistics). Scalars (step counts, running sums) are bookkeeping, and page
-        alignment padding is not state; `page_bytes_held` counts that."""
+        alignment padding is not state; `page_bytes_held` counts that. Cached: it changes only when
+        tensors are added or removed (gauges read it after every step)."""
+        key = len(self.tensors)
+        if self._state_bytes[0] != key:
+            self._state_bytes = (key, self._count_state_bytes())
+        return self._state_bytes[1]
+
+    def _count_state_bytes(self) -> int:
         total = 0
         for place, small in zip(self.tensors, self.small):
             total += sum(f.nbytes(place.info.numel) for f in place.fields)
