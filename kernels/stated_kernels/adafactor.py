@@ -26,8 +26,8 @@ algorithm takes two passes: pass 0 updates V and folds sum(U^2) into a float64 a
 order (a strict left fold, so every segmentation gives the same bits); pass 1 moves theta, where U is
 recomputed elementwise from the stored V. Factored tensors do nothing in pass 0.
 
-Broadcast state reaches a segment through `broadcast_index`: for each element of a flat slice of the
-tensor, the flat index of the small tensor entry it reads. CAME and SlimAdam use it too.
+Broadcast state reaches a segment through `expand_slice`, the segment's part of the small tensor
+expanded to the tensor's shape; CAME and SlimAdam use it too.
 """
 
 from __future__ import annotations
@@ -49,19 +49,34 @@ from stated_kernels.spec import (
 )
 
 
+def expand_slice(small: torch.Tensor, shape: Sequence[int], start: int, length: int) -> torch.Tensor:
+    """`small.expand(shape).reshape(-1)[start:start + length]` (small has shape's rank, broadcastable
+    to it) without expanding the whole tensor: whole rows of the leading dim are expanded at once,
+    the partial rows at either end recursively."""
+    if not shape:
+        return small.reshape(1)
+    inner = math.prod(shape[1:])
+    row, offset = divmod(start, inner)
+    pick = (lambda r: small[0]) if small.shape[0] == 1 else (lambda r: small[r])
+    pieces = []
+    if offset:
+        head = min(inner - offset, length)
+        pieces.append(expand_slice(pick(row), shape[1:], offset, head))
+        row, length = row + 1, length - head
+    if length >= inner:
+        rows = length // inner
+        block = small if small.shape[0] == 1 else small[row: row + rows]
+        pieces.append(block.expand(rows, *shape[1:]).reshape(-1))
+        row, length = row + rows, length - rows * inner
+    if length:
+        pieces.append(expand_slice(pick(row), shape[1:], 0, length))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def broadcast_index(shape: Sequence[int], small_shape: Sequence[int], start: int, length: int) -> torch.Tensor:
-    """Flat indices into a tensor of `small_shape` (broadcastable to `shape`, same rank) for the
-    elements [start, start + length) of `shape` flattened: `small.reshape(-1)[index]` equals
-    `small.expand(shape).reshape(-1)[start:start + length]` without building the expansion."""
-    flat = torch.arange(start, start + length)
-    index = torch.zeros(length, dtype=torch.long)
-    stride = small_stride = 1
-    for size, small_size in zip(reversed(shape), reversed(small_shape)):
-        if small_size != 1:
-            index += (flat // stride % size) * small_stride
-        stride *= size
-        small_stride *= small_size
-    return index
+    """Flat indices into a tensor of `small_shape` for the elements [start, start + length) of
+    `shape` flattened, as `expand_slice` lays them out."""
+    return expand_slice(torch.arange(math.prod(small_shape)).view(small_shape), shape, start, length)
 
 
 def fold_into(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -151,12 +166,10 @@ class Adafactor(Algorithm):
             g = -s.grad if hp["maximize"] else s.grad
             eps1 = s.small["_eps1"]
             if factored:
-                shape = s.tensor.shape
-                rows = s.small["row_var"].reshape(-1)[broadcast_index(shape, row_shape(shape), s.start, s.length)]
-                cols = s.small["col_var"].reshape(-1)[broadcast_index(shape, col_shape(shape), s.start, s.length)]
-                norm = s.small["_row_norm"].reshape(-1)[
-                    broadcast_index(shape, (*shape[:-2], 1, 1), s.start, s.length)]
-                u = (rows * cols).div_(norm)
+                shape, start, length = s.tensor.shape, s.start, s.length
+                u = expand_slice(s.small["row_var"], shape, start, length)
+                u.mul_(expand_slice(s.small["col_var"], shape, start, length))
+                u.div_(expand_slice(s.small["_row_norm"], shape, start, length))
             else:
                 variance = s.fields["variance"]
                 if pass_index == 0:

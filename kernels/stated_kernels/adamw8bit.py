@@ -36,6 +36,7 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from stated_kernels import quant_maps
@@ -81,10 +82,10 @@ def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root, as inductor's compiled kernel takes it. Eager torch.sqrt
-    on CPU may go through MKL's vector math, which is off by one ulp for about a fifth of inputs; the
-    float64 root rounded to float32 is exact (a float32 root is never within 2^-50 of a midpoint)."""
-    return x.double().sqrt().float()
+    """Correctly rounded float32 square root (x contiguous), as inductor's compiled kernel takes it.
+    Eager torch.sqrt on CPU may go through MKL's vector math, one ulp off for about a fifth of the
+    inputs; numpy's float32 sqrt is the IEEE instruction."""
+    return torch.as_tensor(np.sqrt(x.numpy()))
 
 
 class AdamW8bit(Algorithm):
@@ -108,16 +109,18 @@ class AdamW8bit(Algorithm):
 
     def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
         lr = torch.tensor(hp["lr"], dtype=torch.float32)
+        lr_decay = lr * float(hp["weight_decay"])  # torchao's float32 (lr * weight_decay)
         beta1, beta2, eps = float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"])
-        decay, amsgrad = float(hp["weight_decay"]), bool(hp["amsgrad"])
+        amsgrad = bool(hp["amsgrad"])
         for s in segments:
             step = s.small["step"]
             bias_correction1 = 1 - beta1**step
             bias_correction2 = 1 - beta2**step
-            p = s.param.float()
+            # torchao's operations and their grouping, so that the bits are too; a float32
+            # parameter is updated in place, a 16-bit one through a float32 copy rounded once.
+            p = s.param if s.param.dtype == torch.float32 else s.param.float()
             g = s.grad.float()
-            # The operations and their grouping are torchao's, so that the bits are too.
-            p = p - lr * decay * p
+            p.sub_(p * lr_decay)
             m = _lerp(self._load(s, "exp_avg"), g, 1 - beta1)
             v = _lerp(self._load(s, "exp_avg_sq"), g.square(), 1 - beta2)
             self._store(s, "exp_avg", m)
@@ -125,22 +128,23 @@ class AdamW8bit(Algorithm):
             if amsgrad:
                 v = torch.maximum(self._load(s, "max_exp_avg_sq"), v)
                 self._store(s, "max_exp_avg_sq", v)
-            denom = (_sqrt(v) / _sqrt(bias_correction2)) + eps
-            p = p - lr * (m / bias_correction1) / denom
-            s.param.copy_(p)
+            denom = _sqrt(v).div_(_sqrt(bias_correction2)).add_(eps)
+            p.sub_((m / bias_correction1).mul_(lr).div_(denom))
+            if p is not s.param:
+                s.param.copy_(p)
 
     @staticmethod
     def _load(s: Segment, name: str) -> torch.Tensor:
         if s.fields[name].dtype != torch.uint8:
             return s.fields[name].float()
-        return quant_maps.dequantize(s.fields[name], s.fields[name + "_scale"], _qmap(SIGNED[name]))
+        return quant_maps.dequantize(s.fields[name], s.fields[name + "_scale"], SIGNED[name])
 
     @staticmethod
     def _store(s: Segment, name: str, value: torch.Tensor) -> None:
         if s.fields[name].dtype != torch.uint8:
             s.fields[name].copy_(value)
         else:
-            quant_maps.quantize(value, _qmap(SIGNED[name]), s.fields[name], s.fields[name + "_scale"])
+            quant_maps.quantize(value, SIGNED[name], s.fields[name], s.fields[name + "_scale"])
 
     # --- state_dict ---------------------------------------------------------------------------
 
@@ -174,7 +178,7 @@ def dequantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         codes = entry.get(name)
         if codes is not None and codes.dtype == torch.uint8:
             scale = entry[name + "_scale"]
-            flat = quant_maps.dequantize(codes.reshape(-1), scale.reshape(-1), _qmap(signed))
+            flat = quant_maps.dequantize(codes.reshape(-1), scale.reshape(-1), signed)
             out[name] = flat.view(codes.shape)
     return out
 
@@ -191,7 +195,7 @@ def quantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         codes = torch.empty(value.shape, dtype=torch.uint8)
         scale = torch.empty(value.numel() // BLOCK, dtype=torch.float32)
-        quant_maps.quantize(value.detach().reshape(-1).float(), _qmap(signed), codes.view(-1), scale)
+        quant_maps.quantize(value.detach().reshape(-1).float().contiguous(), signed, codes.view(-1), scale)
         out[name], out[name + "_scale"] = codes, scale
     return out
 

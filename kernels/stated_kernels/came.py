@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from stated_kernels.adafactor import broadcast_index, col_shape, fold_into, is_factored, row_shape
+from stated_kernels.adafactor import broadcast_index, col_shape, expand_slice, fold_into, is_factored, row_shape
 from stated_kernels.lion import closed_unit_interval
 from stated_kernels.spec import (
     Algorithm,
@@ -124,19 +124,18 @@ class CAME(Algorithm):
             g = s.grad.float()
             m = s.fields["exp_avg"]
             if is_factored(s.tensor):
-                shape = s.tensor.shape
-                at_row = broadcast_index(shape, row_shape(shape), s.start, s.length)
-                at_col = broadcast_index(shape, col_shape(shape), s.start, s.length)
+                shape, start, length = s.tensor.shape, s.start, s.length
+                rows, cols = ("_u_rows", "_u_cols") if pass_index == 0 else ("_res_rows", "_res_cols")
+                u = expand_slice(s.small[rows].unsqueeze(-1), shape, start, length)
+                u.mul_(expand_slice(s.small[cols].unsqueeze(-2), shape, start, length))
                 if pass_index == 0:
-                    u = torch.mul(s.small["_u_rows"].reshape(-1)[at_row], s.small["_u_cols"].reshape(-1)[at_col])
                     u.mul_(g).div_(s.small["_divisor"])
                     m.mul_(beta1).add_(u, alpha=1 - beta1)
                     res = (u - m) ** 2 + float(hp["eps2"])
-                    fold_into(s.small["_res_row_sum"], at_row, res)
-                    fold_into(s.small["_res_col_sum"], at_col, res)
+                    fold_into(s.small["_res_row_sum"], broadcast_index(shape, row_shape(shape), start, length), res)
+                    fold_into(s.small["_res_col_sum"], broadcast_index(shape, col_shape(shape), start, length), res)
                     continue
-                update = torch.mul(s.small["_res_rows"].reshape(-1)[at_row], s.small["_res_cols"].reshape(-1)[at_col])
-                update.mul_(m)
+                update = u.mul_(m)
             else:
                 v = s.fields["exp_avg_sq"]
                 if pass_index == 0:

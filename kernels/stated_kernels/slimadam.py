@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from stated_kernels.adafactor import broadcast_index
+from stated_kernels.adafactor import expand_slice
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -149,8 +149,7 @@ class SlimAdam(Algorithm):
                 nu.mul_(beta2).add_(g**2, alpha=1 - beta2)
                 denom = (nu / (1 - beta2**t)).sqrt() + eps
             else:
-                shape = s.tensor.shape
-                denom = s.small["_denom"].reshape(-1)[broadcast_index(shape, s.small["nu"].shape, s.start, s.length)]
+                denom = expand_slice(s.small["_denom"], s.tensor.shape, s.start, s.length)
             if decay > 0 and len(s.tensor.shape) >= 2:
                 s.param.mul_(1 - lr * decay)
             s.param.add_(-(lr * ((mu / (1 - beta1**t)) / denom)))

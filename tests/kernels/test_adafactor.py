@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import harness
-from stated_kernels.adafactor import Adafactor, broadcast_index
+from stated_kernels.adafactor import Adafactor, broadcast_index, expand_slice
 
 SHAPES = [(37,), (24, 40), (3, 8, 20), (2, 3, 4, 5), ()]
 CASES = {
@@ -109,12 +109,15 @@ def test_import_names_a_misshapen_factor():
         driver.load(0, {"step": torch.tensor(3.0), "row_var": torch.zeros(4, 1), "col_var": torch.zeros(6, 1)})
 
 
-def test_broadcast_index_matches_expand():
-    shape, small = (3, 5, 7), torch.arange(3 * 7.0).view(3, 1, 7)
-    full = small.expand(shape).reshape(-1)
-    for start, length in ((0, 105), (4, 30), (33, 1), (100, 5)):
-        assert torch.equal(small.reshape(-1)[broadcast_index(shape, small.shape, start, length)],
-                           full[start: start + length])
+def test_expand_slice_matches_expand():
+    for shape, small_shape in (((3, 5, 7), (3, 1, 7)), ((3, 5, 7), (1, 5, 1)), ((4, 6), (4, 1)), ((2, 3, 4, 5), (2, 1, 4, 1))):
+        small = torch.arange(float(torch.Size(small_shape).numel())).view(small_shape)
+        full = small.expand(shape).reshape(-1)
+        numel = full.numel()
+        for start, length in ((0, numel), (4, min(30, numel - 4)), (numel // 2 + 1, 1), (numel - 5, 5), (7, numel - 9)):
+            assert torch.equal(expand_slice(small, shape, start, length), full[start: start + length])
+            index = broadcast_index(shape, small_shape, start, length)
+            assert torch.equal(small.reshape(-1)[index], full[start: start + length])
 
 
 def test_rejects_bad_hyperparameters():
