@@ -49,28 +49,30 @@ from stated_kernels.spec import (
 )
 
 
-def expand_slice(small: torch.Tensor, shape: Sequence[int], start: int, length: int) -> torch.Tensor:
-    """`small.expand(shape).reshape(-1)[start:start + length]` (small has shape's rank, broadcastable
-    to it) without expanding the whole tensor: whole rows of the leading dim are expanded at once,
-    the partial rows at either end recursively."""
+def expand_slice(small: torch.Tensor, shape: Sequence[int], start: int, length: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """A new tensor holding `small.expand(shape).reshape(-1)[start:start + length]` (small has
+    shape's rank and broadcasts to it), without expanding the whole tensor: whole rows of the
+    leading dim are copied at once, the partial rows at either end recursively."""
+    out = torch.empty(length, dtype=small.dtype) if out is None else out
     if not shape:
-        return small.reshape(1)
+        return out.copy_(small.reshape(1))
     inner = math.prod(shape[1:])
     row, offset = divmod(start, inner)
     pick = (lambda r: small[0]) if small.shape[0] == 1 else (lambda r: small[r])
-    pieces = []
+    done = 0
     if offset:
         head = min(inner - offset, length)
-        pieces.append(expand_slice(pick(row), shape[1:], offset, head))
-        row, length = row + 1, length - head
-    if length >= inner:
-        rows = length // inner
+        expand_slice(pick(row), shape[1:], offset, head, out[:head])
+        row, done = row + 1, head
+    rows = (length - done) // inner
+    if rows:
         block = small if small.shape[0] == 1 else small[row: row + rows]
-        pieces.append(block.expand(rows, *shape[1:]).reshape(-1))
-        row, length = row + rows, length - rows * inner
-    if length:
-        pieces.append(expand_slice(pick(row), shape[1:], 0, length))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        out[done: done + rows * inner].view(rows, *shape[1:]).copy_(block.expand(rows, *shape[1:]))
+        row, done = row + rows, done + rows * inner
+    if done < length:
+        expand_slice(pick(row), shape[1:], 0, length - done, out[done:])
+    return out
 
 
 def broadcast_index(shape: Sequence[int], small_shape: Sequence[int], start: int, length: int) -> torch.Tensor:

@@ -12,9 +12,16 @@ the step count is a float32 tensor, as in torchao):
 
 Quantization (`stated_kernels.quant_maps`): blocks of 256 consecutive elements of the flattened
 tensor, one float32 absmax per block (floored at 1e-12), the bitsandbytes "dynamic" maps (signed for
-m, unsigned for v and vmax), nearest code with ties up. The CPU update runs torchao's operations in
-eager torch on each segment; segments start on block boundaries, so the numbers do not depend on
-the paging.
+m, unsigned for v and vmax), nearest code with ties up. Segments start on block boundaries, so the
+numbers do not depend on the paging.
+
+Note [compiled torchao]: torchao runs its step through torch.compile, and the CPU update here gives
+that compiled kernel's bits (codes, scales and theta), not those of torchao's code run eagerly. Two
+eager operations round differently from the compiled kernel: torch.lerp fuses its multiply-add where
+inductor decomposes it into separately rounded operations (it builds with -ffp-contract=off), and
+eager torch.sqrt may use MKL's vector sqrt, one ulp off for about a fifth of the inputs, where the
+compiled kernel takes the IEEE root. `_lerp` and `_sqrt` follow the compiled kernel; everything else
+is torchao's operations in torchao's order.
 
 State: as torchao, a tensor gets 8-bit state only if numel >= 4096 and numel % 256 == 0; otherwise
 `exp_avg`, `exp_avg_sq` are kept in the parameter's dtype (float32 for float32 parameters). 8-bit
@@ -23,7 +30,9 @@ tensors page their codes and scales, which is also their state_dict format:
     exp_avg, exp_avg_sq, max_exp_avg_sq               uint8 codes, the parameter's shape
     exp_avg_scale, exp_avg_sq_scale, max_exp_avg_sq_scale   float32 absmax, numel / 256
 
-that is 2 + 8/256 = 2.03 B/param (3.05 with amsgrad); `step` is a float32 scalar. These are torchao's
+that is 2 + 8/256 = 2.03 B/param (3.05 with amsgrad); `step` is a float32 scalar. (torchao 0.18.0's
+own amsgrad fails to compile for 8-bit state with torch 2.13 on CPU, so amsgrad here follows
+ALGORITHMS.md 3.3 step 4 untested against it.) These are torchao's
 `codes` and `scale` of its `OptimState8bit` states. `to_torchao` builds those objects (to load into
 torchao's AdamW8bit) and `dequantize_state` / `quantize_state` convert to and from the float32
 `exp_avg`, `exp_avg_sq` that torch.optim.AdamW loads. `import_state` also takes float32 moments and
@@ -32,7 +41,6 @@ quantizes them.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,11 +65,6 @@ BLOCK = quant_maps.BLOCK
 SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
 
 
-@functools.cache
-def _qmap(signed: bool) -> torch.Tensor:
-    return quant_maps.dynamic_map(signed)
-
-
 def is_quantized(numel: int) -> bool:
     """torchao's rule: small tensors, and tensors that do not split into whole blocks, stay float."""
     return numel >= MIN_8BIT_SIZE and numel % BLOCK == 0
@@ -72,9 +75,8 @@ def _moments(amsgrad: bool) -> tuple[str, ...]:
 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
-    """torch.lerp as torchao runs it, compiled by inductor: `coeff * (end - start) + base` with the
-    weight in float32 and every operation rounded on its own (inductor builds with
-    -ffp-contract=off), where eager torch.lerp fuses the multiply-add and differs in the last bit."""
+    """torch.lerp as compiled torchao computes it (Note [compiled torchao]): coeff * (end - start) +
+    base, with the weight in float32 and every operation rounded on its own."""
     coeff = torch.tensor(weight, dtype=torch.float32)
     if abs(weight) >= 0.5:
         return (end - start).mul_(coeff - 1).add_(end)
@@ -82,9 +84,8 @@ def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor
 
 
 def _sqrt(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root (x contiguous), as inductor's compiled kernel takes it.
-    Eager torch.sqrt on CPU may go through MKL's vector math, one ulp off for about a fifth of the
-    inputs; numpy's float32 sqrt is the IEEE instruction."""
+    """Correctly rounded float32 square root of a contiguous tensor (Note [compiled torchao]):
+    numpy's float32 sqrt is the IEEE instruction."""
     return torch.as_tensor(np.sqrt(x.numpy()))
 
 
@@ -209,7 +210,7 @@ def to_torchao(entry: dict[str, torch.Tensor], dtype: torch.dtype = torch.float3
     for name, signed in SIGNED.items():
         codes = entry.get(name)
         if codes is not None and codes.dtype == torch.uint8:
-            out[name] = OptimState8bit(codes.clone(), entry[name + "_scale"].clone(), _qmap(signed).clone(),
+            out[name] = OptimState8bit(codes.clone(), entry[name + "_scale"].clone(), quant_maps.dynamic_map(signed),
                                        signed, dtype=dtype)
     return out
 

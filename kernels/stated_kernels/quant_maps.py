@@ -136,10 +136,11 @@ def quantize(values: torch.Tensor, signed: bool, codes: torch.Tensor, absmax: to
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
     """float32 values q[code] * A of `codes` (uint8) with one `absmax` per BLOCK codes."""
-    values = _map(signed).index_select(0, codes.int())
+    values = qmap(signed).index_select(0, codes.int())
     return values.view(-1, BLOCK).mul_(absmax.view(-1, 1)).view(-1)
 
 
 @functools.cache
-def _map(signed: bool) -> torch.Tensor:
+def qmap(signed: bool) -> torch.Tensor:
+    """The map, built once and shared: do not modify it."""
     return dynamic_map(signed)

@@ -50,6 +50,13 @@ def interleaved(shapes: Sequence[tuple[int, ...]], block: int) -> Layout:
     return [flat[:1]] + [flat[k:k + 2] for k in range(1, len(flat), 2)]
 
 
+def fine(shapes: Sequence[tuple[int, ...]], block: int) -> Layout:
+    """Segments of 7 blocks, shorter than most rows, each its own page."""
+    size = 7 * block
+    return [[(i, start, min(size, math.prod(s) - start))] for i, s in enumerate(shapes)
+            for start in range(0, math.prod(s), size)]
+
+
 def one_page(shapes: Sequence[tuple[int, ...]]) -> Layout:
     """Every tensor whole, all in a single page."""
     return [[(i, 0, math.prod(s)) for i, s in enumerate(shapes)]]
@@ -58,7 +65,7 @@ def one_page(shapes: Sequence[tuple[int, ...]]) -> Layout:
 def layouts(shapes: Sequence[tuple[int, ...]], block: int) -> dict[str, Layout]:
     """The layouts every segmentation test runs, by name."""
     return {"whole": whole(shapes), "split": split(shapes, block), "interleaved": interleaved(shapes, block),
-            "one_page": one_page(shapes)}
+            "fine": fine(shapes, block), "one_page": one_page(shapes)}
 
 
 def _align(n: int) -> int:

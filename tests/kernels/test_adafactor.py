@@ -110,12 +110,16 @@ def test_import_names_a_misshapen_factor():
 
 
 def test_expand_slice_matches_expand():
-    for shape, small_shape in (((3, 5, 7), (3, 1, 7)), ((3, 5, 7), (1, 5, 1)), ((4, 6), (4, 1)), ((2, 3, 4, 5), (2, 1, 4, 1))):
+    cases = (((3, 5, 7), (3, 1, 7)), ((3, 5, 7), (1, 5, 1)), ((4, 6), (4, 1)), ((2, 3, 4, 5), (2, 1, 4, 1)))
+    for shape, small_shape in cases:
         small = torch.arange(float(torch.Size(small_shape).numel())).view(small_shape)
         full = small.expand(shape).reshape(-1)
         numel = full.numel()
         for start, length in ((0, numel), (4, min(30, numel - 4)), (numel // 2 + 1, 1), (numel - 5, 5), (7, numel - 9)):
-            assert torch.equal(expand_slice(small, shape, start, length), full[start: start + length])
+            piece = expand_slice(small, shape, start, length)
+            assert torch.equal(piece, full[start: start + length])
+            piece.add_(1)  # a new tensor: writing to it leaves the state alone
+            assert torch.equal(small.expand(shape).reshape(-1), full)
             index = broadcast_index(shape, small_shape, start, length)
             assert torch.equal(small.reshape(-1)[index], full[start: start + length])
 

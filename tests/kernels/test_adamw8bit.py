@@ -213,3 +213,24 @@ def test_state_bytes_per_param():
             assert per_param <= 2.04, (shape, per_param)
         else:  # float32 state as torchao keeps it for small tensors and partial blocks
             assert per_param == (8 * numel + 4) / numel
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_equal_torchaos_quantizer_at_every_boundary(signed):
+    """Note [code thresholds]: the table lookup gives torchao's code for every map value, every
+    threshold and their float32 neighbours, NaN, signed zeros, subnormals and random values."""
+    _torchao()
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+
+    q = quant_maps.dynamic_map(signed)
+    edges = torch.cat([q, quant_maps._thresholds(signed)[:-2]])
+    bits = edges.view(torch.int32)
+    neighbours = torch.cat([(bits + d).view(torch.float32) for d in range(-3, 4)])  # same sign: same order
+    gen = torch.Generator().manual_seed(5)
+    x = torch.cat([
+        neighbours, -neighbours,
+        torch.rand(200_000, generator=gen) * 2 - 1,
+        torch.randn(20_000, generator=gen) * 1e-6,
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45, 1.1e-38, float("nan"), -float("nan")]),
+    ])
+    assert torch.equal(quant_maps.codes_of(x, signed), quantize_8bit_with_qmap(x, q))
