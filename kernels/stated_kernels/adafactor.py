@@ -81,9 +81,12 @@ def broadcast_index(shape: Sequence[int], small_shape: Sequence[int], start: int
     return expand_slice(torch.arange(math.prod(small_shape)).view(small_shape), shape, start, length)
 
 
-def fold_into(acc: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
-    """acc[index[k]] += values[k] in float64, one k after another: a left fold in element order, so
-    folding a tensor's segments in order gives the same bits however it is cut."""
+def fold_into(acc: torch.Tensor, index: torch.Tensor | None, values: torch.Tensor) -> None:
+    """acc[index[k]] += values[k] in float64, one k after another (index None: all into acc[0]): a
+    left fold in element order, so folding a tensor's segments in order gives the same bits however
+    it is cut."""
+    if index is None:
+        index = torch.zeros(values.numel(), dtype=torch.long)
     acc.index_add_(0, index, values.double())
 
 
@@ -179,7 +182,7 @@ class Adafactor(Algorithm):
                 u = variance.clone()
             u = u.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
             if pass_index == 0:
-                fold_into(s.small["_sum_u2"], torch.zeros(s.length, dtype=torch.long), u.double().square())
+                fold_into(s.small["_sum_u2"], None, u.double().square())
                 continue
             if decay != 0:
                 s.param.mul_(1 - lr * decay)

@@ -142,7 +142,7 @@ class CAME(Algorithm):
                     v.mul_(beta2).add_((g**2) + float(hp["eps1"]), alpha=1.0 - beta2)
                 u = v.rsqrt().mul_(g)
                 if pass_index == 0:
-                    fold_into(s.small["_sum_u2"], torch.zeros(s.length, dtype=torch.long), u.double().square())
+                    fold_into(s.small["_sum_u2"], None, u.double().square())
                     continue
                 u.div_(s.small["_divisor"])
                 m.mul_(beta1).add_(u, alpha=1 - beta1)

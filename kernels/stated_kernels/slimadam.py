@@ -74,10 +74,14 @@ def static_rule(name: str) -> Rule:
 
 
 def parse_rule(text: str) -> Rule:
+    """`none` (or empty) or comma-separated dims, as a tensor name carries them after RULE_MARK."""
     text = text.strip()
     if text.lower() in ("", "none", "null"):
         return None
-    return tuple(int(part) for part in text.split(","))
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"compress_dims must be 'none' or comma-separated integers, got {text!r}") from None
 
 
 class SlimAdam(Algorithm):

@@ -152,3 +152,8 @@ def test_state_layout():
 def test_hyperparameters_are_required():
     assert SlimAdam().validate({"lr": 1e-3}) == "beta1 is required for slimadam"
     assert SlimAdam().validate(HP) is None
+
+
+def test_a_bad_rule_in_a_name_is_named():
+    with pytest.raises(ValueError, match="comma-separated integers, got 'x'"):
+        SlimAdam().rule(TensorInfo(0, (4, 4), torch.float32, 0, "w|compress_dims=x"))
