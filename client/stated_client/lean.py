@@ -158,9 +158,10 @@ class SlimAdam(StatedOptimizer):
 
     def _tensor_name(self, name: str) -> str:
         key = name[len("_orig_mod."):] if name.startswith("_orig_mod.") else name
-        if key not in self._rules:
-            return name
-        dims = self._rules[key]
+        if not self._rules:
+            return name  # the static rules decide, in the daemon
+        # With rules given, as in the reference, a name they do not list is not compressed.
+        dims = self._rules.get(key)
         return f"{name}|compress_dims={'none' if dims is None else ','.join(str(int(d)) for d in dims)}"
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
