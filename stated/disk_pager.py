@@ -36,7 +36,7 @@ log = logging.getLogger("stated.pager")
 
 MIN_STAGING = 2
 # How far ahead of the cursor the policy is asked which pages will fault.
-PLAN_WINDOW = 64
+PLAN_WINDOW = 16
 
 
 class DiskPager:

@@ -278,7 +278,7 @@ class Assembler:
             raise InvalidArgument(f"chunk.dtype {chunk.dtype} of tensor {tensor} field {chunk.field!r} is not known")
         buf = data.setdefault(chunk.field, bytearray())
         meta.setdefault(chunk.field, (dtype, tuple(chunk.shape)))
-        size = torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize
         if chunk.offset * size != len(buf):
             raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
                                   f"follow the previous chunk (expected {len(buf) // size})")
@@ -297,7 +297,7 @@ class Assembler:
         for name, raw in data.items():
             dtype, shape = meta[name]
             numel = math.prod(shape)
-            size = torch.empty((), dtype=dtype).element_size()
+            size = dtype.itemsize
             if len(raw) != numel * size:
                 raise InvalidArgument(f"field {name!r} of tensor {tensor} has {len(raw) // size} values but its "
                                       f"shape {list(shape)} needs {numel}")

@@ -118,7 +118,7 @@ class Session:
     def add_region(self, groups: list[Hyperparameters], infos: list[TensorInfo]) -> tuple[Region, list[Page]]:
         """Creates the arenas and pages for new tensors. `infos` carry session-wide indices and
         session-wide group numbers; `groups` are the new groups, already validated."""
-        element_size = torch.empty((), dtype=infos[0].dtype).element_size()
+        element_size = infos[0].dtype.itemsize
         offsets, arena_bytes = layout.place_tensors(infos, element_size)
         all_groups = self.groups + groups
         placed = []

@@ -130,7 +130,7 @@ class Store:
         for i in range(len(groups)):
             if i not in used:
                 raise InvalidArgument(f"groups[{i}] has no tensors: every param group needs at least one")
-        element_size = torch.empty((), dtype=infos[0].dtype).element_size()
+        element_size = infos[0].dtype.itemsize
         arena_bytes = 2 * sum(t.numel for t in infos) * element_size
         self._check_shm_room(arena_bytes)
         full = [{**session.algorithm.defaults(), **hp} for hp in groups]

@@ -53,7 +53,7 @@ class FieldSpec:
         return -(-elements // self.per)
 
     def nbytes(self, elements: int) -> int:
-        return self.count(elements) * torch.empty((), dtype=self.dtype).element_size()
+        return self.count(elements) * self.dtype.itemsize
 
 
 @dataclasses.dataclass(frozen=True)
