@@ -23,8 +23,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import torch  # noqa: E402
-
 from common import BenchDaemon, human  # noqa: E402
 from cpu_step import make_params, parse_count  # noqa: E402
 
@@ -94,11 +92,10 @@ def run_budget(n: int, fraction: float | None, page_size: str, steps: int, state
             times.append(time.perf_counter() - t0)
         after = session_stats(opt)
         moved = (after.bytes_read - before.bytes_read + after.bytes_written - before.bytes_written) / steps
-        read = (after.bytes_read - before.bytes_read) / steps
         stall = (after.stall_seconds - before.stall_seconds) / steps
         opt.close()
         del params
-        return statistics.median(times), moved, read, stall, after.pages, after.resident_capacity
+        return statistics.median(times), moved, stall, after.pages, after.resident_capacity
     finally:
         daemon.stop()
 
@@ -133,11 +130,10 @@ def main() -> int:
           f"{'disk GB/s':>9s} {'of ceiling':>10s} {'vs bound':>8s}", flush=True)
     for text in args.budgets.split(","):
         fraction = float(text)
-        seconds, moved, read, stall, pages, resident = run_budget(
+        seconds, moved, stall, pages, resident = run_budget(
             n, None if fraction >= 1 else fraction, args.page_size, args.steps, state_dir)
         if fraction >= 1:
             kernel_time = seconds
-        written = moved - read
         # The ceiling: the device's rate for reads and writes in flight together, as in a paged step.
         ceiling_time = moved / mixed_bw
         of_ceiling = ceiling_time / seconds if moved else float("nan")

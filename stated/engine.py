@@ -11,7 +11,6 @@ import dataclasses
 import time
 
 from stated.backends.base import Backend
-from stated.errors import InvalidArgument
 from stated.session import Session
 from stated_kernels.spec import Algorithm, Hyperparameters
 
@@ -33,12 +32,10 @@ class Engine:
         self.backend = backend
 
     def step(self, session: Session, groups: list[Hyperparameters], has_grad: bytes) -> StepResult:
-        """Applies one step. `groups` are validated and complete; `has_grad` has one byte per tensor."""
+        """Applies one step. The store has validated everything: `groups` are complete and `has_grad`
+        has one byte per tensor."""
         start = time.perf_counter()
         algorithm = session.algorithm
-        if len(has_grad) != len(session.tensors):
-            raise InvalidArgument(f"has_grad has {len(has_grad)} bytes but the session has "
-                                  f"{len(session.tensors)} registered tensors")
         everyone = has_grad.count(0) == 0
         active = [t for t in session.tensors if has_grad[t.info.index]]
 

@@ -17,8 +17,8 @@ import secrets
 
 import torch
 
-SHM_DIR = "/dev/shm"
-PREFIX = "stated-"
+# One definition for both sides: the client checks that a name it is sent carries this prefix.
+from stated_client.arenas import PREFIX, SHM_DIR
 
 
 def segment_name(kind: str) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import uuid
 
-import grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
