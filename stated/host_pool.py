@@ -11,9 +11,7 @@ import mmap
 
 import torch
 
-from stated.layout import align_up
-
-DIRECT_ALIGN = 4096
+from stated.disk import DIRECT_ALIGN, align_up
 
 
 class HostPool:

@@ -13,9 +13,8 @@ import dataclasses
 import logging
 
 from stated.budget import Demand, HostBudget, share_budget
-from stated.disk import StateFile
+from stated.disk import StateFile, align_up
 from stated.disk_pager import DiskPager
-from stated.layout import align_up
 from stated.metrics import Metrics
 from stated.pager import ResidentPager
 from stated.session import Session
@@ -55,7 +54,7 @@ class Paging:
         now, not in a step) and reshare the budget. Raises DiskSpaceError / StateDirError."""
         if self.budget is None:
             return
-        slot = align_up(session.page_bytes, 4096)
+        slot = align_up(session.page_bytes)  # a state file slot
         job = self.files.get(session.job)
         if job is None:
             job = JobFile(StateFile.create(self.state_dir, session.job, session.page_bytes, pages))
@@ -100,7 +99,7 @@ class Paging:
         members = self.sessions.get(job, [])
         if not members:
             return
-        slot = align_up(members[0].page_bytes, 4096)
+        slot = align_up(members[0].page_bytes)
         demands = {s.id: Demand(len(s.table) * slot, slot) for s in members}
         shares = share_budget(capacity * slot, demands)
         for s in members:
