@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefetch-depth", type=int, default=4, metavar="N",
                        help="pages read ahead of the step's cursor, and so buffers per session beyond its resident "
                             "set, when state is paged (default: 4)")
+    serve.add_argument("--gpu-cache", type=parse_size, default=0, metavar="SIZE",
+                       help="bytes of optimizer state kept resident on each GPU between steps, such as 8GiB; "
+                            "pages beyond it stream from host memory through the staging buffers every step "
+                            "(default: 0, nothing cached; only for clients with CUDA parameters)")
+    serve.add_argument("--gpu-staging", type=int, default=4, metavar="N",
+                       help="page-sized GPU staging buffers per GPU that copies in, kernels and copies out rotate "
+                            "through; the daemon's GPU memory is staging plus --gpu-cache (default: 4)")
     serve.add_argument("--workers", type=int, default=4, metavar="N",
                        help="threads that run steps; sessions beyond this many wait their turn (default: 4)")
     serve.add_argument("--exit-with-parent", action="store_true",
@@ -99,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--page-size must be at least 64KiB, got {args.page_size} bytes")
         if args.prefetch_depth < 1:
             parser.error(f"--prefetch-depth must be at least 1, got {args.prefetch_depth}")
+        if args.gpu_staging < 2:
+            parser.error(f"--gpu-staging must be at least 2 (one page copies while another computes), "
+                         f"got {args.gpu_staging}")
         if args.workers < 1:
             parser.error(f"--workers must be at least 1, got {args.workers}")
         target = resolve(args.socket)
@@ -108,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
                                   group=args.group, page_bytes=args.page_size, workers=args.workers,
                                   exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
-                                  prefetch_depth=args.prefetch_depth))
+                                  prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
+                                  gpu_staging_pages=args.gpu_staging))
     if args.command == "demo":
         from stated.demo import run_demo
 

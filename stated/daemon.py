@@ -45,6 +45,8 @@ class DaemonConfig:
     exit_with_parent: bool = False
     host_memory: int | None = None
     prefetch_depth: int = 4
+    gpu_cache_bytes: int = 0
+    gpu_staging_pages: int = 4
 
 
 def parse_hostport(text: str) -> tuple[str, int] | None:
@@ -100,12 +102,20 @@ class Daemon:
         mode = 0o660 if self.gid is not None else 0o600
         backend = CpuBackend()
         paging = Paging(self.metrics, host_memory=config.host_memory, state_dir=config.state_dir,
-                        prefetch_depth=config.prefetch_depth, pin=backend.pin_host_memory)
-        self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging)
+                        prefetch_depth=config.prefetch_depth)
+        self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
+                           cuda_backend=self._make_cuda_backend)
         self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
         self.stopping = asyncio.Event()
         self.metrics_server = None
         self.metrics_port: int | None = None
+
+    def _make_cuda_backend(self):
+        """The CUDA backend, made when the first client registers CUDA tensors (CuPy loads only then)."""
+        from stated.backends.cuda import CudaBackend
+
+        return CudaBackend(self.config.page_bytes, self.config.gpu_cache_bytes, self.config.gpu_staging_pages,
+                           self.metrics)
 
     async def run(self) -> None:
         stale = shm.sweep_stale()

@@ -41,7 +41,7 @@ PLAN_WINDOW = 16
 
 class DiskPager:
     def __init__(self, session, state_file: StateFile, first_file_page: int, capacity: int, depth: int,
-                 metrics: Metrics, pin: bool = False):
+                 metrics: Metrics):
         self.session = session
         self.file = state_file
         # File page of each session page (several sessions of one job share one file).
@@ -49,7 +49,7 @@ class DiskPager:
         self.depth = depth
         self.metrics = metrics
         self.mover = Mover(depth=depth, name=f"stated-io-{session.id[:6]}")
-        self.pool = HostPool(session.page_bytes, capacity=0, pin=pin)
+        self.pool = HostPool(session.page_bytes, capacity=0)
         self.policy = ResidencyPolicy(0)
         self.capacity = -1
         self.staging = MIN_STAGING
@@ -199,7 +199,7 @@ class DiskPager:
         """Brings a page's state into `slot`: from the state file, or zeros for a fresh page."""
         if entry.tier == Tier.NONE:
             binding = self.session.bind(entry, self.pool.buffer(slot))
-            self.session.init_page(binding)
+            self.session.init_page(binding, entry.page.index)
             entry.initialised, entry.dirty = True, True
             return
         self.file.read(self.file_pages[entry.page.index], self.pool.buffer(slot), entry.checksum)

@@ -3,6 +3,10 @@
 Every slot is its own anonymous mapping, so it is page-aligned (O_DIRECT needs 4096-byte alignment)
 and can be given back to the system when a budget shrinks. The pool only hands out and takes back
 slots; which page sits in which slot is the page table's business.
+
+When a session's pages feed a GPU, its backend becomes the pool's `pinner`: every slot is page-locked
+(cudaHostRegister) as it is created, so that copies to and from the device run asynchronously at the
+link's full speed. The pool never imports a CUDA library itself.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from stated.disk import DIRECT_ALIGN, align_up
 
 
 class HostPool:
-    def __init__(self, slot_bytes: int, capacity: int, pin: bool = False):
+    def __init__(self, slot_bytes: int, capacity: int, pinner=None):
         self.slot_bytes = align_up(max(slot_bytes, 1), DIRECT_ALIGN)
         self.capacity = capacity
-        self._pin = pin
+        # An object with pin_host(address, nbytes) and unpin_host(address), or None.
+        self.pinner = pinner
+        self._pinned: set[int] = set()
         self._buffers: dict[int, torch.Tensor] = {}
         self._maps: dict[int, mmap.mmap] = {}
         self._free: list[int] = []
@@ -42,8 +48,9 @@ class HostPool:
         self._next += 1
         mm = mmap.mmap(-1, self.slot_bytes)
         buf = torch.frombuffer(mm, dtype=torch.uint8)
-        if self._pin:
-            torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), self.slot_bytes, 0)
+        if self.pinner is not None:
+            self.pinner.pin_host(buf.data_ptr(), self.slot_bytes)
+            self._pinned.add(slot)
         self._maps[slot] = mm
         self._buffers[slot] = buf
         return slot
@@ -62,8 +69,9 @@ class HostPool:
 
     def _drop(self, slot: int) -> None:
         buf = self._buffers.pop(slot)
-        if self._pin:
-            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        if slot in self._pinned:
+            self._pinned.discard(slot)
+            self.pinner.unpin_host(buf.data_ptr())
         del buf
         mm = self._maps.pop(slot)
         try:

@@ -17,9 +17,9 @@ from stated.page_table import PageEntry, Tier
 class ResidentPager:
     """Every page of the session lives in host memory for the session's lifetime."""
 
-    def __init__(self, session, pin: bool = False):
+    def __init__(self, session):
         self.session = session
-        self.pool = HostPool(session.page_bytes, capacity=1 << 62, pin=pin)
+        self.pool = HostPool(session.page_bytes, capacity=1 << 62)
         self.faults = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -56,7 +56,7 @@ class ResidentPager:
 
     def _initialise(self, entry: PageEntry) -> None:
         binding = self.session.bind(entry, self.pool.buffer(entry.slot))
-        self.session.init_page(binding)
+        self.session.init_page(binding, entry.page.index)
         entry.initialised = True
         entry.dirty = True
 

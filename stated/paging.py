@@ -31,12 +31,11 @@ class JobFile:
 
 class Paging:
     def __init__(self, metrics: Metrics, host_memory: int | None = None, state_dir: str = "",
-                 prefetch_depth: int = 4, pin: bool = False):
+                 prefetch_depth: int = 4):
         self.metrics = metrics
         self.host_memory = host_memory
         self.state_dir = state_dir
         self.depth = prefetch_depth
-        self.pin = pin
         self.budget = HostBudget(host_memory) if host_memory is not None else None
         self.files: dict[str, JobFile] = {}
         self.sessions: dict[str, list[Session]] = {}
@@ -47,7 +46,7 @@ class Paging:
 
     def new_pager(self, session: Session):
         """The pager a session starts with (before it has pages)."""
-        return ResidentPager(session, pin=self.pin) if self.budget is None else None
+        return ResidentPager(session) if self.budget is None else None
 
     def added_pages(self, session: Session, pages: int) -> None:
         """After a Register: reserve the new pages in the job's state file (so a full disk is reported
@@ -65,7 +64,7 @@ class Paging:
         job.next_page += pages
         if session.pager is None:
             session.pager = DiskPager(session, job.file, first, capacity=0, depth=self.depth,
-                                      metrics=self.metrics, pin=self.pin)
+                                      metrics=self.metrics)
             job.sessions += 1
             self.sessions.setdefault(session.job, []).append(session)
         else:

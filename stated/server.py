@@ -157,13 +157,25 @@ class StateServicer(pb_grpc.StateServiceServicer):
                                       f"send one of float32, bfloat16, float16")
             tensors.append((tuple(t.shape), DTYPES[t.dtype], t.group, t.name))
         async with self.locks[session.id]:
-            region, infos, first_group, state_bytes = await self._run(self.store.register, session, groups, tensors)
+            region, infos, first_group, state_bytes = await self._run(self.store.register, session, groups, tensors,
+                                                                      request.device)
         self._update_gauges()
         placements = [pb.TensorPlacement(index=info.index, offset_bytes=session.tensors[info.index].offset_bytes)
                       for info in infos]
-        return pb.RegisterResponse(param_arena=region.params.name, grad_arena=region.grads.name,
-                                   arena_bytes=region.params.nbytes, placements=placements,
-                                   first_group=first_group, state_bytes=state_bytes)
+        on_device = region.params is None
+        return pb.RegisterResponse(param_arena="" if on_device else region.params.name,
+                                   grad_arena="" if on_device else region.grads.name,
+                                   arena_bytes=region.arena_bytes if on_device else region.params.nbytes,
+                                   placements=placements, first_group=first_group, state_bytes=state_bytes,
+                                   region=len(session.regions) - 1)
+
+    @rpc
+    async def ShareDeviceBuffers(self, request: pb.ShareDeviceBuffersRequest, context) -> pb.ShareDeviceBuffersResponse:
+        session = self._session(request.session)
+        buffers = [(b.handle, b.offset_bytes, b.size_bytes) for b in (request.params, request.grads)]
+        async with self.locks[session.id]:
+            await self._run(self.store.share_device_buffers, session, request.region, request.device, *buffers)
+        return pb.ShareDeviceBuffersResponse()
 
     @rpc
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
@@ -171,15 +183,18 @@ class StateServicer(pb_grpc.StateServiceServicer):
         groups = [hyperparameters(g) for g in request.groups]
         async with self.locks[session.id]:
             if session.parameters <= INLINE_STEP_PARAMETERS:
-                result = self.store.step(session, request.step, groups, request.has_grad)
+                result = self.store.step(session, request.step, groups, request.has_grad,
+                                         request.grad_scale, request.max_grad_norm)
             else:
-                result = await self._run(self.store.step, session, request.step, groups, request.has_grad)
+                result = await self._run(self.store.step, session, request.step, groups, request.has_grad,
+                                         request.grad_scale, request.max_grad_norm)
         self.metrics.step_duration.observe(result.seconds)
         self.metrics.steps.inc()
         self.metrics.stall_seconds.inc(result.stall_seconds)
         self._update_gauges()
         return pb.StepResponse(seconds=result.seconds, stall_seconds=result.stall_seconds,
-                               page_faults=result.page_faults, tensors_updated=result.tensors_updated)
+                               page_faults=result.page_faults, tensors_updated=result.tensors_updated,
+                               grad_norm=result.grad_norm, found_inf=result.found_inf)
 
     # --- state_dict ------------------------------------------------------------------------------
 
@@ -190,6 +205,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         if chunk > MAX_CHUNK_BYTES:
             raise InvalidArgument(f"chunk_bytes is {chunk}, more than the limit of {MAX_CHUNK_BYTES}")
         async with self.locks[session.id]:
+            await self._run(self.store.begin_export, session)
             for index in range(len(session.tensors)):
                 entry = await self._run(self.store.export_tensor, session, index)
                 if entry is None:

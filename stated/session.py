@@ -1,7 +1,8 @@
 """One attached trainer process (job, rank): its tensors, arenas, per-tensor state and pages.
 
 A session owns the shared-memory arenas it created for its tensors (one param and one grad arena per
-Register call, a "region"), the resident per-tensor state of the algorithm, and its page table. The
+Register call, a "region"; a region on a CUDA device has no arenas here: the client shares its device
+buffers with the session's CUDA backend), the resident per-tensor state of the algorithm, and its page table. The
 pager decides where pages live; the engine runs steps over them.
 """
 
@@ -34,10 +35,12 @@ log = logging.getLogger("stated.session")
 
 @dataclasses.dataclass
 class Region:
-    params: shm.Segment
-    grads: shm.Segment
+    params: shm.Segment | None  # None on a CUDA device
+    grads: shm.Segment | None
     tensors: range
     pages: range
+    device: str = ""  # "" for shared memory, else the CUDA device's UUID
+    arena_bytes: int = 0  # bytes of each of the region's param and grad buffers
 
 
 @dataclasses.dataclass
@@ -85,6 +88,10 @@ class Session:
         self.lock = threading.Lock()
         self.closed = False
         self.pager = None  # set by the store
+        # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.
+        self.master_pending: set[int] = set()
+        # The backend that runs this session's steps (None: the engine's own, CPU).
+        self.backend = None
 
     # --- registration -----------------------------------------------------------------------
 
@@ -115,9 +122,11 @@ class Session:
     def page_bytes_held(self) -> int:
         return self.table.state_bytes()
 
-    def add_region(self, groups: list[Hyperparameters], infos: list[TensorInfo]) -> tuple[Region, list[Page]]:
+    def add_region(self, groups: list[Hyperparameters], infos: list[TensorInfo],
+                   device: str = "") -> tuple[Region, list[Page]]:
         """Creates the arenas and pages for new tensors. `infos` carry session-wide indices and
-        session-wide group numbers; `groups` are the new groups, already validated."""
+        session-wide group numbers; `groups` are the new groups, already validated. With a CUDA
+        `device` no arenas are created: the parameters stay in the client's device buffers."""
         element_size = infos[0].dtype.itemsize
         offsets, arena_bytes = layout.place_tensors(infos, element_size)
         all_groups = self.groups + groups
@@ -129,21 +138,27 @@ class Session:
             placed.append(TensorPlace(info, len(self.regions), offset, fields))
         pages = layout.cut_pages([(p.info, p.fields) for p in placed], self.page_bytes,
                                  self.algorithm.block_elements, len(self.regions), len(self.table))
-        params = shm.Segment.create("params", arena_bytes, self.shm_mode, self.shm_gid)
-        try:
-            grads = shm.Segment.create("grads", arena_bytes, self.shm_mode, self.shm_gid)
-        except BaseException:
-            params.close()
-            raise
+        params = grads = None
+        if not device:
+            params = shm.Segment.create("params", arena_bytes, self.shm_mode, self.shm_gid)
+            try:
+                grads = shm.Segment.create("grads", arena_bytes, self.shm_mode, self.shm_gid)
+            except BaseException:
+                params.close()
+                raise
         region = Region(params, grads, range(len(self.tensors), len(self.tensors) + len(infos)),
-                        range(len(self.table), len(self.table) + len(pages)))
+                        range(len(self.table), len(self.table) + len(pages)), device, arena_bytes)
         self.groups.extend(groups)
         self.regions.append(region)
         for place, arena_info in zip(placed, infos):
             nbytes = place.info.numel * element_size
             span = slice(place.offset_bytes, place.offset_bytes + nbytes)
-            self.param_views.append(params.tensor[span].view(arena_info.dtype))
-            self.grad_views.append(grads.tensor[span].view(arena_info.dtype))
+            if device:  # shapes without memory: any use on the host fails loudly
+                self.param_views.append(torch.empty(place.info.numel, dtype=arena_info.dtype, device="meta"))
+                self.grad_views.append(torch.empty(place.info.numel, dtype=arena_info.dtype, device="meta"))
+            else:
+                self.param_views.append(params.tensor[span].view(arena_info.dtype))
+                self.grad_views.append(grads.tensor[span].view(arena_info.dtype))
             self.small.append(self.algorithm.init_small_state(place.info, all_groups[place.info.group]))
             self.tensors.append(place)
             self.group_sample.setdefault(place.info.group, place)
@@ -167,8 +182,7 @@ class Session:
         del self.param_views[region.tensors.start:], self.grad_views[region.tensors.start:]
         del self.table.entries[region.pages.start:]
         del self.groups[min(groups):]
-        region.params.close()
-        region.grads.close()
+        self._close_region(region)
 
     # --- binding pages to buffers -----------------------------------------------------------
 
@@ -195,11 +209,15 @@ class Session:
         self.bindings[entry.page.index] = binding
         return binding
 
-    def init_page(self, binding: Binding) -> None:
-        """Fresh state for a page's segments; the master copy starts as the arena's parameters."""
+    def init_page(self, binding: Binding, page: int) -> None:
+        """Fresh state for a page's segments; the master copy starts as the arena's parameters (for a
+        CUDA region the backend copies them on the device, at the page's first use)."""
+        on_device = bool(self.regions[self.table[page].page.region].device)
+        if self.master and on_device:
+            self.master_pending.add(page)
         for segment in binding.segments:
             self.algorithm.init_fields(segment)
-            if self.master:
+            if self.master and not on_device:
                 index = segment.tensor.index
                 segment.param.copy_(self.param_views[index][segment.start: segment.start + segment.length])
 
@@ -241,5 +259,10 @@ class Session:
         self.param_views.clear()
         self.grad_views.clear()
         for region in self.regions:
+            self._close_region(region)
+
+    @staticmethod
+    def _close_region(region: Region) -> None:
+        if region.params is not None:
             region.params.close()
             region.grads.close()

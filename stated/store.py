@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import secrets
 
@@ -28,20 +29,27 @@ log = logging.getLogger("stated.store")
 SUPPORTED_DTYPES = {torch.float32}
 HALF_DTYPES = {torch.bfloat16, torch.float16}  # with master weights only
 MAX_TENSORS_PER_REQUEST = 1 << 20
+# cudaIpcMemHandle_t is 64 opaque bytes.
+IPC_HANDLE_BYTES = 64
+MAX_DEVICE_NAME = 64
 MAX_JOB_NAME = 200
 
 
 class Store:
     def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 paging: Paging | None = None):
+                 paging: Paging | None = None, cuda_backend=None):
         self.backend = backend
+        # Makes the CUDA backend the first time a client registers CUDA tensors (CuPy loads only then);
+        # None in a daemon without CUDA support.
+        self._cuda_factory = cuda_backend
+        self._cuda: Backend | None = None
         self.engine = Engine(backend)
         self.page_bytes = page_bytes
         self.shm_mode = shm_mode
         self.shm_gid = shm_gid
         self.sessions: dict[str, Session] = {}
         self.by_job_rank: dict[tuple[str, int], str] = {}
-        self.paging = paging or Paging(Metrics(), pin=backend.pin_host_memory)
+        self.paging = paging or Paging(Metrics())
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -82,6 +90,8 @@ class Store:
         if self.sessions.pop(session.id, None) is None:
             return
         self.by_job_rank.pop((session.job, session.rank), None)
+        if session.backend is not None:
+            session.backend.close(session)
         if session.pager is not None:
             session.pager.close()
         self.paging.removed(session)
@@ -94,8 +104,10 @@ class Store:
     # --- registration -------------------------------------------------------------------------
 
     def register(self, session: Session, groups: list[Hyperparameters],
-                 tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]]):
-        """Adds tensors (shape, dtype, group within this request, name) and creates their arenas."""
+                 tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]], device: str = ""):
+        """Adds tensors (shape, dtype, group within this request, name) and creates their arenas, or,
+        for a CUDA `device` (its UUID), lays out the buffers the client will share."""
+        device = self._check_device(session, device)
         if not groups:
             raise InvalidArgument("groups is empty: register at least one param group")
         if not tensors:
@@ -131,16 +143,57 @@ class Store:
             if i not in used:
                 raise InvalidArgument(f"groups[{i}] has no tensors: every param group needs at least one")
         element_size = infos[0].dtype.itemsize
-        arena_bytes = 2 * sum(t.numel for t in infos) * element_size
-        self._check_shm_room(arena_bytes)
+        if not device:
+            self._check_shm_room(2 * sum(t.numel for t in infos) * element_size)
         full = [{**session.algorithm.defaults(), **hp} for hp in groups]
-        region, pages = session.add_region(full, infos)
+        region, pages = session.add_region(full, infos, device)
         try:
             self.paging.added_pages(session, len(pages))
         except BaseException:
             session.drop_last_region()
             raise
+        if device and session.backend is None:
+            session.backend = self._cuda
+            session.pager.pool.pinner = self._cuda  # host pages feed the GPU: page-lock them
         return region, infos, first_group, sum(p.nbytes for p in pages)
+
+    def _check_device(self, session: Session, device: str) -> str:
+        """"" for shared memory, else a CUDA device UUID this daemon can serve (made ready here)."""
+        device = "" if device in ("", "cpu") else device.removeprefix("GPU-")
+        if len(device) > MAX_DEVICE_NAME or any(not (c.isalnum() or c == "-") for c in device):
+            raise InvalidArgument(f"device {device[:MAX_DEVICE_NAME]!r} is not 'cpu' or a CUDA device UUID")
+        if session.regions and session.regions[0].device != device:
+            raise InvalidArgument(f"device {device or 'cpu'!r} differs from the session's "
+                                  f"{session.regions[0].device or 'cpu'!r}; one session serves one device")
+        if device and self._cuda is None:
+            if self._cuda_factory is None:
+                raise FailedPrecondition("this daemon serves CPU tensors only; start `stated serve` on a machine "
+                                         "with a GPU and `pip install 'stated[cuda]'` for CUDA parameters")
+            try:
+                self._cuda = self._cuda_factory()
+            except (ImportError, RuntimeError) as exc:
+                raise FailedPrecondition(f"the daemon cannot use CUDA: {exc}") from None
+        return device
+
+    def share_device_buffers(self, session: Session, region_index: int, device: str,
+                             params: tuple[bytes, int, int], grads: tuple[bytes, int, int]) -> None:
+        """Hands a CUDA region's buffers (IPC handle, offset, size) to the session's backend."""
+        if not 0 <= region_index < len(session.regions):
+            raise InvalidArgument(f"region is {region_index} but the session has {len(session.regions)} regions")
+        region = session.regions[region_index]
+        if not region.device:
+            raise InvalidArgument(f"region {region_index} lives in shared memory; only CUDA regions take buffers")
+        if device.removeprefix("GPU-") != region.device:
+            raise InvalidArgument(f"device {device!r} is not the device region {region_index} was registered on "
+                                  f"({region.device!r})")
+        for name, (handle, _offset, size) in (("params", params), ("grads", grads)):
+            if len(handle) != IPC_HANDLE_BYTES:
+                raise InvalidArgument(f"{name}.handle has {len(handle)} bytes; a CUDA IPC handle has "
+                                      f"{IPC_HANDLE_BYTES}")
+            if size < region.arena_bytes:
+                raise InvalidArgument(f"{name}.size_bytes is {size} but region {region_index} needs "
+                                      f"{region.arena_bytes} bytes")
+        session.backend.share(session, region_index, params, grads)
 
     @staticmethod
     def _check_shm_room(nbytes: int) -> None:
@@ -152,19 +205,32 @@ class Store:
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def step(self, session: Session, step: int, groups: list[Hyperparameters], has_grad: bytes) -> StepResult:
+    def step(self, session: Session, step: int, groups: list[Hyperparameters], has_grad: bytes,
+             grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
         if not session.tensors:
             raise FailedPrecondition(f"session {session.id} has no registered tensors; call Register first")
         if step != session.steps + 1:
             raise InvalidArgument(f"step is {step} but the session's last step was {session.steps}; "
                                   f"steps must follow one another")
+        if session.backend is not None:
+            missing = session.backend.ready(session)
+            if missing:
+                raise FailedPrecondition(missing)
         full = session.check_groups(groups)
         if len(has_grad) != len(session.tensors):
             raise InvalidArgument(f"has_grad has {len(has_grad)} bytes but the session has "
                                   f"{len(session.tensors)} registered tensors")
-        return self.engine.step(session, full, has_grad)
+        for name, value in (("grad_scale", grad_scale), ("max_grad_norm", max_grad_norm)):
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{name} is {value}; it must be a finite number >= 0 (0 turns it off)")
+        return self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
 
     # --- state_dict -----------------------------------------------------------------------------
+
+    def begin_export(self, session: Session) -> None:
+        """Before export_tensor calls: state held on a device comes back to the host tier."""
+        if session.backend is not None:
+            session.backend.flush(session)
 
     def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
         """The tensor's state_dict entry with the reference's keys, or None if it has no state."""
@@ -188,6 +254,8 @@ class Store:
 
     def reset_state(self, session: Session) -> None:
         """Back to the state before the first step: counters at zero, pages zeroed."""
+        if session.backend is not None:
+            session.backend.invalidate(session)
         for place in session.tensors:
             session.small[place.info.index] = session.algorithm.init_small_state(
                 place.info, session.groups[place.info.group])
@@ -215,6 +283,9 @@ class Store:
                 raise InvalidArgument(str(exc)) from None
             if session.master:  # a state_dict without master copies (from torch) starts them from the arena
                 master = entry.get(MASTER_KEY)
+                if master is None and session.regions[place.region].device:
+                    staged.append((index, small, flat))  # the backend copies it on the device (master_pending)
+                    continue
                 if master is None:
                     master = session.param_views[index]
                 if master.numel() != place.info.numel:
@@ -237,7 +308,11 @@ class Store:
         for page, position in session.tensor_pages.get(index, []):
             host, _ = session.pager.get(page)
             seg = session.bind(session.table[page], host).segments[position]
+            if session.master and MASTER.name not in flat:
+                session.master_pending.add(page)
             for name, view in seg.fields.items():
+                if name not in flat:
+                    continue
                 begin = seg.start // per[name]
                 view.copy_(flat[name][begin: begin + view.numel()])
             session.pager.done(page)

@@ -38,7 +38,7 @@ class AdamW8bit(StatedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int = 256, bf16_stochastic_round: bool = False,
                  address: str | None = None, job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         if block_size != 256:
             raise InvalidArgumentError(f"block_size must be 256 (the bitsandbytes block), got {block_size}")
         if bf16_stochastic_round:
@@ -46,7 +46,7 @@ class AdamW8bit(StatedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         block_size=block_size, bf16_stochastic_round=bf16_stochastic_round)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         beta1, beta2 = _pair(group["betas"], "betas")
@@ -65,11 +65,11 @@ class Adafactor(StatedOptimizer):
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0, *,
                  foreach: bool | None = None, maximize: bool = False, address: str | None = None,
                  job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
                         maximize=maximize)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         eps1, eps2 = _pair(group["eps"], "eps")
@@ -89,12 +89,12 @@ class CAME(StatedOptimizer):
     def __init__(self, params, lr: float | None = None, eps=(1e-30, 1e-16), clip_threshold: float = 1.0,
                  betas=(0.9, 0.999, 0.9999), weight_decay: float = 0.0, *, address: str | None = None,
                  job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         if lr is None:
             raise InvalidArgumentError("lr is required for CAME (came-pytorch has no default learning rate)")
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, betas=betas, weight_decay=weight_decay)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         eps1, eps2 = _pair(group["eps"], "eps")
@@ -113,13 +113,13 @@ class Lion(StatedOptimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  use_triton: bool = False, decoupled_weight_decay: bool = False, *, address: str | None = None,
                  job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         # lion-pytorch divides decoupled decay by the lr the optimizer was built with.
         self._init_lr = _float(lr)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         self._decoupled = bool(decoupled_weight_decay)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         beta1, beta2 = _pair(group["betas"], "betas")
@@ -147,14 +147,14 @@ class SlimAdam(StatedOptimizer):
     def __init__(self, named_parameters, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float,
                  rules: Mapping[str, Sequence[int] | None] | None = None, rules_json_path: str | None = None,
                  address: str | None = None, job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         self._rules = dict(rules or {})
         if rules_json_path:
             with open(rules_json_path) as f:
                 self._rules.update(json.load(f))
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(named_parameters, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _tensor_name(self, name: str) -> str:
         key = name[len("_orig_mod."):] if name.startswith("_orig_mod.") else name

@@ -5,6 +5,15 @@ a grad arena for the group, and every parameter becomes a view of the param aren
 gradient is copied into the grad arena unless it is already a view of it, and is left as a view, so that
 with `zero_grad(set_to_none=False)` no copy happens in steady state. The step itself is one gRPC call.
 
+CUDA parameters work the same way with device memory: the client allocates one flat parameter and one
+flat gradient buffer per group on the parameters' device and shares them with the daemon over CUDA IPC
+(stated_client.device_buffers); before each Step it waits for the device's current stream, so that the
+daemon reads finished gradients.
+
+Clipping (`max_grad_norm=`) and mixed precision (`scaler.step(opt)` with torch's GradScaler) happen in
+the daemon's pre-pass (Note [gradient checks] in stated.backends.base): the trainer makes no pass over
+its gradients, and a step with inf or nan gradients is skipped, as GradScaler skips it.
+
 state_dict() and load_state_dict() speak torch's own format: the state is fetched from (or sent to)
 the daemon and packed by torch.optim.Optimizer itself, so checkpoints move between stated and torch.
 """
@@ -15,6 +24,7 @@ import itertools
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections import defaultdict
 from typing import Any
@@ -22,12 +32,16 @@ from typing import Any
 import torch
 
 from stated.v1 import state_service_pb2 as pb
-from stated_client import arenas
+from stated_client import arenas, device_buffers
 from stated_client.connection import Connection, connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
 
 _instances = itertools.count(1)
+
+# GradScaler hands itself to optimizers whose step() takes `grad_scaler` (so that it makes no inf-check
+# pass over the gradients itself) and warns that this contract will change; the daemon relies on it.
+warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
 def default_job() -> str:
@@ -56,12 +70,21 @@ class StatedOptimizer(torch.optim.Optimizer):
     """Base of the client optimizers. Subclasses set `algorithm` and `_hyperparameters(group)`."""
 
     algorithm = ""
+    # GradScaler: step() takes the scale and reports found-inf itself (see step()).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict[str, Any], *, address: str | None = None, job: str | None = None,
-                 rank: int | None = None, master_weights: bool = False):
+                 rank: int | None = None, master_weights: bool = False, max_grad_norm: float | None = None):
         for flag in ("capturable", "differentiable"):
             if defaults.get(flag):
                 raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
+            raise InvalidArgumentError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
+        # Global L2 norm of the unscaled gradients at the last step (None unless clipping or a
+        # GradScaler asked the daemon to compute it), and whether that step was skipped for inf/nan.
+        self.last_grad_norm: float | None = None
+        self.last_step_skipped = False
         self._connection = connect(address)
         instance = next(_instances)
         self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
@@ -78,6 +101,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = []
         self._grad_views: list[torch.Tensor] = []
         self._arenas: list[torch.Tensor] = []
+        self._device: torch.device | None = None
         self._step_number = 0
         self._lock = threading.Lock()
         try:
@@ -134,22 +158,22 @@ class StatedOptimizer(torch.optim.Optimizer):
     def _register(self, group: dict[str, Any]) -> None:
         params = group["params"]
         names = group.get("param_names") or [""] * len(params)
-        for p in params:
-            if p.device.type != "cpu":
-                raise InvalidArgumentError(f"a parameter is on {p.device}; this version of stated serves CPU "
-                                           f"parameters only")
-            if p.dtype not in WIRE_DTYPES or p.dtype == torch.uint8:
-                raise InvalidArgumentError(f"a parameter has dtype {p.dtype}, which stated cannot optimize")
+        device = self._check_device(params)
         specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=self._tensor_name(name))
                  for p, name in zip(params, names)]
         try:
             reply = self._connection.call("Register", pb.RegisterRequest(
-                session=self._session, groups=[self._hyperparameters(group)], tensors=specs))
+                session=self._session, groups=[self._hyperparameters(group)], tensors=specs,
+                device=device_buffers.device_uuid(device) if device.type == "cuda" else ""))
+            if device.type == "cuda":
+                param_arena = device_buffers.allocate(reply.arena_bytes, device)
+                grad_arena = device_buffers.allocate(reply.arena_bytes, device)
+            else:
+                param_arena = arenas.map_segment(reply.param_arena, reply.arena_bytes)
+                grad_arena = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
         except StatedError:
             self.param_groups.pop()  # the group was never registered: leave the optimizer as it was
             raise
-        param_arena = arenas.map_segment(reply.param_arena, reply.arena_bytes)
-        grad_arena = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
         self._arenas += [param_arena, grad_arena]
         for p, placement in zip(params, reply.placements):
             if placement.index != len(self._params):
@@ -163,15 +187,50 @@ class StatedOptimizer(torch.optim.Optimizer):
                 p.grad = grad_view
             self._params.append(p)
             self._grad_views.append(grad_view)
+        if device.type == "cuda":
+            # The daemon reads the buffers from its own streams: the copies above must be finished.
+            torch.cuda.current_stream(device).synchronize()
+            self._connection.call("ShareDeviceBuffers", pb.ShareDeviceBuffersRequest(
+                session=self._session, region=reply.region, device=device_buffers.device_uuid(device),
+                params=device_buffers.ipc_buffer(param_arena), grads=device_buffers.ipc_buffer(grad_arena)))
+
+    def _check_device(self, params: list[torch.Tensor]) -> torch.device:
+        """The one device of this optimizer's parameters (CPU, or one CUDA device)."""
+        for p in params:
+            if p.dtype not in WIRE_DTYPES or p.dtype == torch.uint8:
+                raise InvalidArgumentError(f"a parameter has dtype {p.dtype}, which stated cannot optimize")
+            if p.device.type not in ("cpu", "cuda"):
+                raise InvalidArgumentError(f"a parameter is on {p.device}; stated serves CPU and CUDA parameters")
+            if self._device is None:
+                self._device = p.device
+            if p.device != self._device:
+                raise InvalidArgumentError(f"parameters are on {self._device} and {p.device}; one stated optimizer "
+                                           f"serves one device (create one per device)")
+        return self._device or torch.device("cpu")
 
     # --- the step --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_scaler=None):
+        """One step in the daemon. With a GradScaler (`scaler.step(opt)` passes itself as
+        `grad_scaler`), the daemon unscales the gradients, checks them for inf/nan and skips the step if
+        it finds any; the result goes back to the scaler for its `update()`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = 0.0
+        scaler_state = None
+        if grad_scaler is not None:
+            scaler_state = grad_scaler._per_optimizer_states[id(self)]
+            if scaler_state["stage"].name == "UNSCALED":
+                # The trainer called scaler.unscale_(opt) itself (to clip, say): torch skips the step
+                # when that found inf or nan, and so do we.
+                if any(float(v.sum()) for v in scaler_state["found_inf_per_device"].values()):
+                    self.last_step_skipped = True
+                    return loss
+            else:
+                grad_scale = float(grad_scaler.get_scale())
         has_grad = bytearray(len(self._params))
         for i, (p, grad_view) in enumerate(zip(self._params, self._grad_views)):
             g = p.grad
@@ -183,15 +242,24 @@ class StatedOptimizer(torch.optim.Optimizer):
                 grad_view.copy_(g)
                 p.grad = grad_view
             has_grad[i] = 1
+        if self._device is not None and self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
         with self._lock:
             self._step_number += 1
             try:
-                self._connection.call("Step", pb.StepRequest(
+                reply = self._connection.call("Step", pb.StepRequest(
                     session=self._session, step=self._step_number,
-                    groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad)))
+                    groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad),
+                    grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0))
             except StatedError:
                 self._step_number -= 1
                 raise
+        self.last_step_skipped = reply.found_inf
+        self.last_grad_norm = reply.grad_norm if (grad_scale or self.max_grad_norm) else None
+        if scaler_state is not None and grad_scale:
+            scale = grad_scaler._scale
+            scaler_state["found_inf_per_device"][scale.device] = torch.full(
+                (1,), float(reply.found_inf), dtype=torch.float32, device=scale.device)
         return loss
 
     # --- state_dict ------------------------------------------------------------------------------

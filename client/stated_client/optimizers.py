@@ -29,12 +29,12 @@ class AdamW(StatedOptimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, address: str | None = None, job: str | None = None,
                  rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
         self._extra_defaults(defaults)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _extra_defaults(self, defaults: dict[str, Any]) -> None:
         # torch.optim.AdamW is Adam with decoupled decay; its state_dict records that.
@@ -60,11 +60,11 @@ class Adam(AdamW):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, address: str | None = None,
                  job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         self._decoupled = bool(decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused, address=address,
-                         job=job, rank=rank, master_weights=master_weights)
+                         job=job, rank=rank, master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     @property
     def algorithm(self) -> str:  # Adam(decoupled_weight_decay=True) is AdamW, as in torch
@@ -83,11 +83,11 @@ class SGD(StatedOptimizer):
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  address: str | None = None, job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False):
+                 master_weights: bool = False, max_grad_norm: float | None = None):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm)
 
     def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
         return pb.GroupHyperparameters(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstated/v1/state_service.proto\x12\tstated.v1\"\'\n\nSessionRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"b\n\rAttachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x16\n\x0emaster_weights\x18\x05 \x01(\x08\"P\n\x0e\x41ttachResponse\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x02 \x01(\t\"\xee\x01\n\x14GroupHyperparameters\x12=\n\x07scalars\x18\x01 \x03(\x0b\x32,.stated.v1.GroupHyperparameters.ScalarsEntry\x12\x39\n\x05\x66lags\x18\x02 \x03(\x0b\x32*.stated.v1.GroupHyperparameters.FlagsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nFlagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"Y\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.stated.v1.DType\x12\r\n\x05group\x18\x03 \x01(\r\x12\x0c\n\x04name\x18\x04 \x01(\t\"\x92\x01\n\x0fRegisterRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12/\n\x06groups\x18\x02 \x03(\x0b\x32\x1f.stated.v1.GroupHyperparameters\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.stated.v1.TensorSpec\"6\n\x0fTensorPlacement\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x04\"\xaa\x01\n\x10RegisterResponse\x12\x13\n\x0bparam_arena\x18\x01 \x01(\t\x12\x12\n\ngrad_arena\x18\x02 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x03 \x01(\x04\x12.\n\nplacements\x18\x04 \x03(\x0b\x32\x1a.stated.v1.TensorPlacement\x12\x13\n\x0b\x66irst_group\x18\x05 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\"\x86\x01\n\x0bStepRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12/\n\x06groups\x18\x03 \x03(\x0b\x32\x1f.stated.v1.GroupHyperparameters\x12\x10\n\x08has_grad\x18\x04 \x01(\x0c\"d\n\x0cStepResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\x15\n\rstall_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bpage_faults\x18\x03 \x01(\x04\x12\x17\n\x0ftensors_updated\x18\x04 \x01(\x04\"Q\n\x12\x45xportStateRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"y\n\nStateChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.stated.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"A\n\x11TensorStateHeader\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x01\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\"u\n\x13\x45xportStateResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.stated.v1.TensorStateHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.stated.v1.StateChunkH\x00\x42\x06\n\x04item\"\x9c\x01\n\x12ImportStateRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12.\n\x06header\x18\x02 \x01(\x0b\x32\x1c.stated.v1.TensorStateHeaderH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.stated.v1.StateChunkH\x00\x42\x06\n\x04item\"5\n\x13ImportStateResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"6\n\x0cWatchRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\"!\n\rWatchResponse\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\"7\n\rDetachRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\"\x10\n\x0e\x44\x65tachResponse\"\x11\n\x0fGetStatsRequest\"\xd8\x02\n\x0cSessionStats\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0f\n\x07tensors\x18\x06 \x01(\x04\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12!\n\x19state_bytes_per_parameter\x18\n \x01(\x01\x12\r\n\x05pages\x18\x0b \x01(\x04\x12\x19\n\x11resident_capacity\x18\x0c \x01(\x04\x12\x13\n\x0bpage_faults\x18\r \x01(\x04\x12\x12\n\nbytes_read\x18\x0e \x01(\x04\x12\x15\n\rbytes_written\x18\x0f \x01(\x04\x12\x15\n\rstall_seconds\x18\x10 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x11 \x01(\x01\"\x96\x01\n\x10GetStatsResponse\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x01 \x01(\t\x12)\n\x08sessions\x18\x02 \x03(\x0b\x32\x17.stated.v1.SessionStats\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x04\x12\x12\n\npage_bytes\x18\x05 \x01(\x04*\x82\x01\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44_TYPE_FLOAT64\x10\x04\x12\x10\n\x0c\x44_TYPE_UINT8\x10\x05\x32\xad\x04\n\x0cStateService\x12=\n\x06\x41ttach\x12\x18.stated.v1.AttachRequest\x1a\x19.stated.v1.AttachResponse\x12\x43\n\x08Register\x12\x1a.stated.v1.RegisterRequest\x1a\x1b.stated.v1.RegisterResponse\x12\x37\n\x04Step\x12\x16.stated.v1.StepRequest\x1a\x17.stated.v1.StepResponse\x12N\n\x0b\x45xportState\x12\x1d.stated.v1.ExportStateRequest\x1a\x1e.stated.v1.ExportStateResponse0\x01\x12N\n\x0bImportState\x12\x1d.stated.v1.ImportStateRequest\x1a\x1e.stated.v1.ImportStateResponse(\x01\x12<\n\x05Watch\x12\x17.stated.v1.WatchRequest\x1a\x18.stated.v1.WatchResponse0\x01\x12=\n\x06\x44\x65tach\x12\x18.stated.v1.DetachRequest\x1a\x19.stated.v1.DetachResponse\x12\x43\n\x08GetStats\x12\x1a.stated.v1.GetStatsRequest\x1a\x1b.stated.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dstated/v1/state_service.proto\x12\tstated.v1\"\'\n\nSessionRef\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\"b\n\rAttachRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x11\n\talgorithm\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12\x16\n\x0emaster_weights\x18\x05 \x01(\x08\"P\n\x0e\x41ttachResponse\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x02 \x01(\t\"\xee\x01\n\x14GroupHyperparameters\x12=\n\x07scalars\x18\x01 \x03(\x0b\x32,.stated.v1.GroupHyperparameters.ScalarsEntry\x12\x39\n\x05\x66lags\x18\x02 \x03(\x0b\x32*.stated.v1.GroupHyperparameters.FlagsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nFlagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x08:\x02\x38\x01\"Y\n\nTensorSpec\x12\r\n\x05shape\x18\x01 \x03(\x04\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.stated.v1.DType\x12\r\n\x05group\x18\x03 \x01(\r\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xa2\x01\n\x0fRegisterRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12/\n\x06groups\x18\x02 \x03(\x0b\x32\x1f.stated.v1.GroupHyperparameters\x12&\n\x07tensors\x18\x03 \x03(\x0b\x32\x15.stated.v1.TensorSpec\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\"6\n\x0fTensorPlacement\x12\r\n\x05index\x18\x01 \x01(\r\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x04\"\xba\x01\n\x10RegisterResponse\x12\x13\n\x0bparam_arena\x18\x01 \x01(\t\x12\x12\n\ngrad_arena\x18\x02 \x01(\t\x12\x13\n\x0b\x61rena_bytes\x18\x03 \x01(\x04\x12.\n\nplacements\x18\x04 \x03(\x0b\x32\x1a.stated.v1.TensorPlacement\x12\x13\n\x0b\x66irst_group\x18\x05 \x01(\r\x12\x13\n\x0bstate_bytes\x18\x06 \x01(\x04\x12\x0e\n\x06region\x18\x07 \x01(\r\"I\n\rCudaIpcBuffer\x12\x0e\n\x06handle\x18\x01 \x01(\x0c\x12\x14\n\x0coffset_bytes\x18\x02 \x01(\x04\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xb6\x01\n\x19ShareDeviceBuffersRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x0e\n\x06region\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12(\n\x06params\x18\x04 \x01(\x0b\x32\x18.stated.v1.CudaIpcBuffer\x12\'\n\x05grads\x18\x05 \x01(\x0b\x32\x18.stated.v1.CudaIpcBuffer\"\x1c\n\x1aShareDeviceBuffersResponse\"\xb1\x01\n\x0bStepRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12/\n\x06groups\x18\x03 \x03(\x0b\x32\x1f.stated.v1.GroupHyperparameters\x12\x10\n\x08has_grad\x18\x04 \x01(\x0c\x12\x12\n\ngrad_scale\x18\x05 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x06 \x01(\x01\"\x8a\x01\n\x0cStepResponse\x12\x0f\n\x07seconds\x18\x01 \x01(\x01\x12\x15\n\rstall_seconds\x18\x02 \x01(\x01\x12\x13\n\x0bpage_faults\x18\x03 \x01(\x04\x12\x17\n\x0ftensors_updated\x18\x04 \x01(\x04\x12\x11\n\tgrad_norm\x18\x05 \x01(\x01\x12\x11\n\tfound_inf\x18\x06 \x01(\x08\"Q\n\x12\x45xportStateRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x04\"y\n\nStateChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.stated.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x04\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"A\n\x11TensorStateHeader\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0c\n\x04step\x18\x02 \x01(\x01\x12\x0e\n\x06\x66ields\x18\x03 \x03(\t\"u\n\x13\x45xportStateResponse\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.stated.v1.TensorStateHeaderH\x00\x12&\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x15.stated.v1.StateChunkH\x00\x42\x06\n\x04item\"\x9c\x01\n\x12ImportStateRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\x12.\n\x06header\x18\x02 \x01(\x0b\x32\x1c.stated.v1.TensorStateHeaderH\x00\x12&\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x15.stated.v1.StateChunkH\x00\x42\x06\n\x04item\"5\n\x13ImportStateResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r\x12\r\n\x05\x62ytes\x18\x02 \x01(\x04\"6\n\x0cWatchRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\"!\n\rWatchResponse\x12\x10\n\x08\x61ttached\x18\x01 \x01(\x08\"7\n\rDetachRequest\x12&\n\x07session\x18\x01 \x01(\x0b\x32\x15.stated.v1.SessionRef\"\x10\n\x0e\x44\x65tachResponse\"\x11\n\x0fGetStatsRequest\"\xd8\x02\n\x0cSessionStats\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03job\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x11\n\talgorithm\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x0f\n\x07tensors\x18\x06 \x01(\x04\x12\x12\n\nparameters\x18\x07 \x01(\x04\x12\x13\n\x0bstate_bytes\x18\x08 \x01(\x04\x12\r\n\x05steps\x18\t \x01(\x04\x12!\n\x19state_bytes_per_parameter\x18\n \x01(\x01\x12\r\n\x05pages\x18\x0b \x01(\x04\x12\x19\n\x11resident_capacity\x18\x0c \x01(\x04\x12\x13\n\x0bpage_faults\x18\r \x01(\x04\x12\x12\n\nbytes_read\x18\x0e \x01(\x04\x12\x15\n\rbytes_written\x18\x0f \x01(\x04\x12\x15\n\rstall_seconds\x18\x10 \x01(\x01\x12\x14\n\x0cstep_seconds\x18\x11 \x01(\x01\"\x96\x01\n\x10GetStatsResponse\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x01 \x01(\t\x12)\n\x08sessions\x18\x02 \x03(\x0b\x32\x17.stated.v1.SessionStats\x12\x13\n\x0bstate_bytes\x18\x03 \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x04\x12\x12\n\npage_bytes\x18\x05 \x01(\x04*\x82\x01\n\x05\x44Type\x12\x16\n\x12\x44_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44_TYPE_BFLOAT16\x10\x02\x12\x12\n\x0e\x44_TYPE_FLOAT16\x10\x03\x12\x12\n\x0e\x44_TYPE_FLOAT64\x10\x04\x12\x10\n\x0c\x44_TYPE_UINT8\x10\x05\x32\x90\x05\n\x0cStateService\x12=\n\x06\x41ttach\x12\x18.stated.v1.AttachRequest\x1a\x19.stated.v1.AttachResponse\x12\x43\n\x08Register\x12\x1a.stated.v1.RegisterRequest\x1a\x1b.stated.v1.RegisterResponse\x12\x61\n\x12ShareDeviceBuffers\x12$.stated.v1.ShareDeviceBuffersRequest\x1a%.stated.v1.ShareDeviceBuffersResponse\x12\x37\n\x04Step\x12\x16.stated.v1.StepRequest\x1a\x17.stated.v1.StepResponse\x12N\n\x0b\x45xportState\x12\x1d.stated.v1.ExportStateRequest\x1a\x1e.stated.v1.ExportStateResponse0\x01\x12N\n\x0bImportState\x12\x1d.stated.v1.ImportStateRequest\x1a\x1e.stated.v1.ImportStateResponse(\x01\x12<\n\x05Watch\x12\x17.stated.v1.WatchRequest\x1a\x18.stated.v1.WatchResponse0\x01\x12=\n\x06\x44\x65tach\x12\x18.stated.v1.DetachRequest\x1a\x19.stated.v1.DetachResponse\x12\x43\n\x08GetStats\x12\x1a.stated.v1.GetStatsRequest\x1a\x1b.stated.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GROUPHYPERPARAMETERS_SCALARSENTRY']._serialized_options = b'8\001'
   _globals['_GROUPHYPERPARAMETERS_FLAGSENTRY']._loaded_options = None
   _globals['_GROUPHYPERPARAMETERS_FLAGSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2508
-  _globals['_DTYPE']._serialized_end=2638
+  _globals['_DTYPE']._serialized_start=2912
+  _globals['_DTYPE']._serialized_end=3042
   _globals['_SESSIONREF']._serialized_start=44
   _globals['_SESSIONREF']._serialized_end=83
   _globals['_ATTACHREQUEST']._serialized_start=85
@@ -52,41 +52,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=508
   _globals['_TENSORSPEC']._serialized_end=597
   _globals['_REGISTERREQUEST']._serialized_start=600
-  _globals['_REGISTERREQUEST']._serialized_end=746
-  _globals['_TENSORPLACEMENT']._serialized_start=748
-  _globals['_TENSORPLACEMENT']._serialized_end=802
-  _globals['_REGISTERRESPONSE']._serialized_start=805
-  _globals['_REGISTERRESPONSE']._serialized_end=975
-  _globals['_STEPREQUEST']._serialized_start=978
-  _globals['_STEPREQUEST']._serialized_end=1112
-  _globals['_STEPRESPONSE']._serialized_start=1114
-  _globals['_STEPRESPONSE']._serialized_end=1214
-  _globals['_EXPORTSTATEREQUEST']._serialized_start=1216
-  _globals['_EXPORTSTATEREQUEST']._serialized_end=1297
-  _globals['_STATECHUNK']._serialized_start=1299
-  _globals['_STATECHUNK']._serialized_end=1420
-  _globals['_TENSORSTATEHEADER']._serialized_start=1422
-  _globals['_TENSORSTATEHEADER']._serialized_end=1487
-  _globals['_EXPORTSTATERESPONSE']._serialized_start=1489
-  _globals['_EXPORTSTATERESPONSE']._serialized_end=1606
-  _globals['_IMPORTSTATEREQUEST']._serialized_start=1609
-  _globals['_IMPORTSTATEREQUEST']._serialized_end=1765
-  _globals['_IMPORTSTATERESPONSE']._serialized_start=1767
-  _globals['_IMPORTSTATERESPONSE']._serialized_end=1820
-  _globals['_WATCHREQUEST']._serialized_start=1822
-  _globals['_WATCHREQUEST']._serialized_end=1876
-  _globals['_WATCHRESPONSE']._serialized_start=1878
-  _globals['_WATCHRESPONSE']._serialized_end=1911
-  _globals['_DETACHREQUEST']._serialized_start=1913
-  _globals['_DETACHREQUEST']._serialized_end=1968
-  _globals['_DETACHRESPONSE']._serialized_start=1970
-  _globals['_DETACHRESPONSE']._serialized_end=1986
-  _globals['_GETSTATSREQUEST']._serialized_start=1988
-  _globals['_GETSTATSREQUEST']._serialized_end=2005
-  _globals['_SESSIONSTATS']._serialized_start=2008
-  _globals['_SESSIONSTATS']._serialized_end=2352
-  _globals['_GETSTATSRESPONSE']._serialized_start=2355
-  _globals['_GETSTATSRESPONSE']._serialized_end=2505
-  _globals['_STATESERVICE']._serialized_start=2641
-  _globals['_STATESERVICE']._serialized_end=3198
+  _globals['_REGISTERREQUEST']._serialized_end=762
+  _globals['_TENSORPLACEMENT']._serialized_start=764
+  _globals['_TENSORPLACEMENT']._serialized_end=818
+  _globals['_REGISTERRESPONSE']._serialized_start=821
+  _globals['_REGISTERRESPONSE']._serialized_end=1007
+  _globals['_CUDAIPCBUFFER']._serialized_start=1009
+  _globals['_CUDAIPCBUFFER']._serialized_end=1082
+  _globals['_SHAREDEVICEBUFFERSREQUEST']._serialized_start=1085
+  _globals['_SHAREDEVICEBUFFERSREQUEST']._serialized_end=1267
+  _globals['_SHAREDEVICEBUFFERSRESPONSE']._serialized_start=1269
+  _globals['_SHAREDEVICEBUFFERSRESPONSE']._serialized_end=1297
+  _globals['_STEPREQUEST']._serialized_start=1300
+  _globals['_STEPREQUEST']._serialized_end=1477
+  _globals['_STEPRESPONSE']._serialized_start=1480
+  _globals['_STEPRESPONSE']._serialized_end=1618
+  _globals['_EXPORTSTATEREQUEST']._serialized_start=1620
+  _globals['_EXPORTSTATEREQUEST']._serialized_end=1701
+  _globals['_STATECHUNK']._serialized_start=1703
+  _globals['_STATECHUNK']._serialized_end=1824
+  _globals['_TENSORSTATEHEADER']._serialized_start=1826
+  _globals['_TENSORSTATEHEADER']._serialized_end=1891
+  _globals['_EXPORTSTATERESPONSE']._serialized_start=1893
+  _globals['_EXPORTSTATERESPONSE']._serialized_end=2010
+  _globals['_IMPORTSTATEREQUEST']._serialized_start=2013
+  _globals['_IMPORTSTATEREQUEST']._serialized_end=2169
+  _globals['_IMPORTSTATERESPONSE']._serialized_start=2171
+  _globals['_IMPORTSTATERESPONSE']._serialized_end=2224
+  _globals['_WATCHREQUEST']._serialized_start=2226
+  _globals['_WATCHREQUEST']._serialized_end=2280
+  _globals['_WATCHRESPONSE']._serialized_start=2282
+  _globals['_WATCHRESPONSE']._serialized_end=2315
+  _globals['_DETACHREQUEST']._serialized_start=2317
+  _globals['_DETACHREQUEST']._serialized_end=2372
+  _globals['_DETACHRESPONSE']._serialized_start=2374
+  _globals['_DETACHRESPONSE']._serialized_end=2390
+  _globals['_GETSTATSREQUEST']._serialized_start=2392
+  _globals['_GETSTATSREQUEST']._serialized_end=2409
+  _globals['_SESSIONSTATS']._serialized_start=2412
+  _globals['_SESSIONSTATS']._serialized_end=2756
+  _globals['_GETSTATSRESPONSE']._serialized_start=2759
+  _globals['_GETSTATSRESPONSE']._serialized_end=2909
+  _globals['_STATESERVICE']._serialized_start=3045
+  _globals['_STATESERVICE']._serialized_end=3701
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class StateServiceStub(object):
                 request_serializer=stated_dot_v1_dot_state__service__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=stated_dot_v1_dot_state__service__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.ShareDeviceBuffers = channel.unary_unary(
+                '/stated.v1.StateService/ShareDeviceBuffers',
+                request_serializer=stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersRequest.SerializeToString,
+                response_deserializer=stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersResponse.FromString,
+                _registered_method=True)
         self.Step = channel.unary_unary(
                 '/stated.v1.StateService/Step',
                 request_serializer=stated_dot_v1_dot_state__service__pb2.StepRequest.SerializeToString,
@@ -88,6 +93,15 @@ class StateServiceServicer(object):
 
     def Register(self, request, context):
         """Adds tensors (one param group or several) to the session and creates their arenas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareDeviceBuffers(self, request, context):
+        """For a region registered with a CUDA device: hands the daemon the CUDA IPC handles of the client's
+        flat parameter and gradient buffers, laid out as RegisterResponse placed them. Steps are refused
+        until every region of the session has its buffers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +162,11 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=stated_dot_v1_dot_state__service__pb2.RegisterRequest.FromString,
                     response_serializer=stated_dot_v1_dot_state__service__pb2.RegisterResponse.SerializeToString,
+            ),
+            'ShareDeviceBuffers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareDeviceBuffers,
+                    request_deserializer=stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersRequest.FromString,
+                    response_serializer=stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
@@ -234,6 +253,33 @@ class StateService(object):
             '/stated.v1.StateService/Register',
             stated_dot_v1_dot_state__service__pb2.RegisterRequest.SerializeToString,
             stated_dot_v1_dot_state__service__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareDeviceBuffers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stated.v1.StateService/ShareDeviceBuffers',
+            stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersRequest.SerializeToString,
+            stated_dot_v1_dot_state__service__pb2.ShareDeviceBuffersResponse.FromString,
             options,
             channel_credentials,
             insecure,
