@@ -172,7 +172,8 @@ class Store:
             try:
                 self._cuda = self._cuda_factory()
             except (ImportError, RuntimeError) as exc:
-                raise FailedPrecondition(f"the daemon cannot use CUDA: {exc}") from None
+                raise FailedPrecondition(f"the daemon cannot use CUDA ({exc}); it needs a GPU and CuPy: "
+                                         f"pip install 'stated[cuda]' where `stated serve` runs") from None
         return device
 
     def share_device_buffers(self, session: Session, region_index: int, device: str,
