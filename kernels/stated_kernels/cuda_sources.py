@@ -1,18 +1,17 @@
 """The CUDA sources of the stated kernels, the kernel names to instantiate, and an NVRTC build check.
 
-The sources live in `stated_kernels/cuda/` (one `.cu` per algorithm plus `stated_common.cuh`); their
-launch ABI is described in `cuda/README.md`. The CUDA backend compiles them with CuPy:
+The sources live in `stated_kernels/cuda/` (one `.cu` per algorithm, `gradstats.cu`, and
+`stated_common.cuh`); their launch ABI is described in `cuda/README.md`. What this module states
+about them (pure data, no CUDA needed):
 
-    code = cuda_sources.source("adamw")                    # header inlined
-    names = cuda_sources.name_expressions("adamw")
-    module = cupy.RawModule(code=code, options=cuda_sources.nvrtc_options(), name_expressions=names)
-    kernel = module.get_function(cuda_sources.kernel_name("stated_adamw", torch.bfloat16, torch.float32))
+- `KERNELS`: each source and its kernels; `SCHEDULES`: which of them run in the pre-pass, in each
+  page pass and between passes (Note [step order] in stated_kernels.spec);
+- `FIELD_SLOTS`: the kernel slot of every page field, by the CPU module's `FieldSpec` name;
+- `SEGMENT_DTYPE`, `TENSOR_DTYPE`: the two tables; `host_scalars`: the per-step `hp` row.
 
-and fills the two tables with the numpy dtypes `SEGMENT_DTYPE` and `TENSOR_DTYPE` below.
-
+`stated_kernels.cuda_runner` compiles and launches them with CuPy; this module never imports it.
 `compile_all(arch)` compiles every source with NVRTC through cuda-python, which needs no GPU: it is
-how the tests check that the sources build for sm_80 and sm_90 on a machine without one. CuPy is
-never imported here.
+how the tests check that the sources build for sm_80 and sm_90 on a machine without one.
 """
 
 from __future__ import annotations
@@ -39,9 +38,9 @@ QBLOCK = 256
 # C++ spelling of each parameter / state dtype, keyed by torch dtype name.
 CXX_TYPES = {"float32": "float", "bfloat16": "__nv_bfloat16", "float16": "__half"}
 
-# Every kernel is a template <P, S>: P the parameter and gradient type, S the floating state type
-# (the state of the CPU module, which is the parameter's dtype, or float32 when a backend keeps
-# state in float32 for 16-bit parameters).
+# Every kernel is a template <P, S>: P the parameter and gradient type, S the floating state type:
+# the CPU module's field dtype, which is the tensor's dtype as the algorithm sees it (the
+# parameter's, or float32 with master weights). CAME keeps float32 state whatever the parameter.
 DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
     ("float32", "float32"),
     ("bfloat16", "bfloat16"),
@@ -50,12 +49,13 @@ DTYPE_PAIRS: tuple[tuple[str, str], ...] = (
     ("float16", "float32"),
 )
 
-# CAME's reference keeps every state in float32 (it upcasts 16-bit gradients first).
 FLOAT_STATE_PAIRS = tuple(pair for pair in DTYPE_PAIRS if pair[1] == "float32")
-PAIRS = {"came": FLOAT_STATE_PAIRS}
+# gradstats reads gradients only: its kernels are templates on P alone (state None).
+PARAM_ONLY_PAIRS: tuple[tuple[str, None], ...] = tuple((p, None) for p in CXX_TYPES)
+PAIRS = {"came": FLOAT_STATE_PAIRS, "gradstats": PARAM_ONLY_PAIRS}
 
-# For each algorithm: its source file and its kernels (each a template <P, S>) in launch order.
-# Names ending in _page run over pages; the others run over a list of whole tensors.
+# For each source: its file and its kernels. Names ending in _page / _page<k> (and the one-kernel
+# algorithms) run over pages; the others over a list of whole tensors.
 KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "adamw": ("adamw.cu", ("stated_adamw",)),
     "sgd": ("sgd.cu", ("stated_sgd",)),
@@ -67,7 +67,9 @@ KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
         "stated_adafactor_row_mean",
         "stated_adafactor_norms",
         "stated_adafactor_finish",
-        "stated_adafactor_page",
+        "stated_adafactor_page0",
+        "stated_adafactor_between",
+        "stated_adafactor_page1",
     )),
     "came": ("came.cu", (
         "stated_came_rows",
@@ -81,9 +83,60 @@ KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {
         "stated_came_page1",
     )),
     "slimadam": ("slimadam.cu", ("stated_slimadam_reduce", "stated_slimadam_page")),
+    "gradstats": ("gradstats.cu", ("stated_gradstats_partial", "stated_gradstats_finish")),
 }
 # Adam shares AdamW's kernel (ST_DECOUPLED off).
 ALIASES = {"adam": "adamw"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The launches of one step, in the CPU module's split of the work: tensor-list kernels before
+    page pass 0, one page kernel per pass, tensor-list kernels after each pass but the last."""
+
+    pages: tuple[str, ...]
+    prepass: tuple[str, ...] = ()
+    between: tuple[tuple[str, ...], ...] = ()
+
+    @property
+    def passes(self) -> int:
+        return len(self.pages)
+
+
+SCHEDULES: dict[str, Schedule] = {
+    "adamw": Schedule(("stated_adamw",)),
+    "sgd": Schedule(("stated_sgd",)),
+    "lion": Schedule(("stated_lion",)),
+    "adamw8bit": Schedule(("stated_adamw8bit",)),
+    "adafactor": Schedule(
+        ("stated_adafactor_page0", "stated_adafactor_page1"),
+        prepass=("stated_adafactor_rows", "stated_adafactor_cols", "stated_adafactor_row_mean",
+                 "stated_adafactor_norms", "stated_adafactor_finish"),
+        between=(("stated_adafactor_between",),)),
+    "came": Schedule(
+        ("stated_came_page0", "stated_came_page1"),
+        prepass=("stated_came_rows", "stated_came_cols", "stated_came_row_mean", "stated_came_norms",
+                 "stated_came_finish"),
+        between=(("stated_came_between", "stated_came_between_mean"),)),
+    "slimadam": Schedule(("stated_slimadam_page",), prepass=("stated_slimadam_reduce",)),
+}
+# Tensor-list kernels that do one thread's work per tensor: launched with grid (1, nids).
+SINGLE_BLOCK = frozenset({"stated_adafactor_finish", "stated_adafactor_between", "stated_came_finish"})
+
+# Page field slots of each algorithm's page kernels, by the CPU module's FieldSpec name, with the
+# dtypes a slot may hold: "S" is the state type, else a torch dtype name. "master" is the daemon's
+# float32 master copy (Note [master weights] in stated/session.py).
+FIELD_SLOTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "adamw": (("exp_avg", ("S",)), ("exp_avg_sq", ("S",)), ("max_exp_avg_sq", ("S",)), ("master", ("float32",))),
+    "sgd": (("momentum_buffer", ("S",)), ("master", ("float32",))),
+    "lion": (("exp_avg", ("S",)), ("master", ("float32",))),
+    "adamw8bit": (("exp_avg", ("uint8", "S")), ("exp_avg_sq", ("uint8", "S")), ("max_exp_avg_sq", ("uint8", "S")),
+                  ("exp_avg_scale", ("float32",)), ("exp_avg_sq_scale", ("float32",)),
+                  ("max_exp_avg_sq_scale", ("float32",)), ("master", ("float32",))),
+    "adafactor": (("variance", ("S",)), ("master", ("float32",))),
+    "came": (("exp_avg", ("S",)), ("exp_avg_sq", ("S",)), ("master", ("float32",))),
+    "slimadam": (("mu", ("S",)), ("nu", ("S",)), ("master", ("float32",))),
+}
 
 # Flags (the `flags` argument of page kernels).
 MAXIMIZE = 1 << 0
@@ -94,6 +147,12 @@ NESTEROV = 1 << 3
 MAX_FIELDS = 10
 N_SMALL = 8
 N_HP = 32
+# hp[GRAD_SCALE] of a tensor row multiplies every gradient value the kernels read.
+GRAD_SCALE = N_HP - 1
+# Blocks along x of a tensor-list launch: one per tile of the largest tensor, at most this many.
+MAX_LIST_BLOCKS = 1024
+# Most tensors in one tensor-list launch (grid y).
+MAX_LIST_TENSORS = 65535
 
 # One row of the segment table (StSegment in the header): 128 bytes.
 SEGMENT_DTYPE = np.dtype([
@@ -152,20 +211,29 @@ def _dtype_name(dtype: object) -> str:
     return name
 
 
-def kernel_name(kernel: str, param_dtype: object, state_dtype: object) -> str:
-    """The name expression of one instantiation, e.g. `stated_adamw<__nv_bfloat16, float>`."""
+def kernel_name(kernel: str, param_dtype: object, state_dtype: object | None = None) -> str:
+    """The name expression of one instantiation, e.g. `stated_adamw<__nv_bfloat16, float>`; with no
+    state dtype (gradstats), `stated_gradstats_partial<float>`."""
+    if state_dtype is None:
+        return f"{kernel}<{CXX_TYPES[_dtype_name(param_dtype)]}>"
     return f"{kernel}<{CXX_TYPES[_dtype_name(param_dtype)]}, {CXX_TYPES[_dtype_name(state_dtype)]}>"
 
 
-def dtype_pairs(algorithm: str) -> tuple[tuple[str, str], ...]:
+def dtype_pairs(algorithm: str) -> tuple[tuple[str, str | None], ...]:
     """The (param dtype, state dtype) pairs an algorithm's kernels are instantiated for."""
     return PAIRS.get(resolve(algorithm), DTYPE_PAIRS)
 
 
-def name_expressions(algorithm: str, pairs: Iterable[tuple[str, str]] | None = None) -> list[str]:
+def name_expressions(algorithm: str, pairs: Iterable[tuple[str, str | None]] | None = None) -> list[str]:
     """Every instantiation of every kernel of an algorithm (what CuPy's name_expressions takes)."""
     pairs = dtype_pairs(algorithm) if pairs is None else tuple(pairs)
     return [kernel_name(k, p, s) for k in KERNELS[resolve(algorithm)][1] for p, s in pairs]
+
+
+def kernel_state_dtype(algorithm: str, state_dtype: object) -> str:
+    """S of an algorithm's kernels for tensors the CPU module sees with dtype `state_dtype` (the
+    parameter's, or float32 with master weights): CAME keeps float32 state whatever it is."""
+    return "float32" if resolve(algorithm) == "came" else _dtype_name(state_dtype)
 
 
 def include_dirs() -> list[str]:
@@ -235,6 +303,11 @@ def total_tiles(table: np.ndarray) -> int:
     return int(table["tile0"][-1]) + tiles(int(table["length"][-1]))
 
 
+def list_blocks(max_numel: int) -> int:
+    """Grid x of a tensor-list launch whose largest tensor has `max_numel` elements."""
+    return max(1, min(MAX_LIST_BLOCKS, tiles(max_numel)))
+
+
 def tensor_table(count: int) -> np.ndarray:
     """A zeroed tensor table of `count` rows (small addresses 0, hp 0)."""
     return np.zeros(count, dtype=TENSOR_DTYPE)
@@ -243,55 +316,98 @@ def tensor_table(count: int) -> np.ndarray:
 # --- per-step scalars -----------------------------------------------------------------------------
 
 
+def _hi_lo(value: float) -> tuple[float, float]:
+    """A float64 as two float32 whose sum (in float64) is `value` to about 48 bits."""
+    hi = float(np.float32(value))
+    return hi, float(np.float32(value - hi))
+
+
+def _eps1(hp: dict, dtype: str) -> float:
+    """Adafactor's eps1: torch's None (negative on the wire) is finfo(dtype).eps."""
+    eps1 = hp.get("eps1")
+    if eps1 is None or eps1 < 0:
+        return {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
+    return float(eps1)
+
+
+def _adamw8bit_corrections(b1: float, b2: float, step: float) -> tuple[float, float]:
+    """bc1 and sqrt(bc2) exactly as the CPU module computes them: `1 - beta ** step` with step a
+    float32 tensor, and the IEEE float32 square root."""
+    import torch
+
+    t = torch.tensor(float(step), dtype=torch.float32)
+    bc1 = (1 - b1**t).item()
+    bc2 = np.float32((1 - b2**t).item())
+    return bc1, float(np.sqrt(bc2))
+
+
+def launch_flags(algorithm: str, hp: dict) -> int:
+    """The `flags` of a group's page launches (cuda/README.md lists what each kernel reads)."""
+    name, algorithm = algorithm, resolve(algorithm)
+    if algorithm == "adamw":
+        return ((MAXIMIZE if hp.get("maximize") else 0) | (AMSGRAD if hp.get("amsgrad") else 0)
+                | (DECOUPLED if name != "adam" else 0))
+    if algorithm == "sgd":
+        return (MAXIMIZE if hp.get("maximize") else 0) | (NESTEROV if hp.get("nesterov") else 0)
+    if algorithm == "adamw8bit":
+        return AMSGRAD if hp.get("amsgrad") else 0
+    if algorithm == "adafactor":
+        return MAXIMIZE if hp.get("maximize") else 0
+    return 0  # Lion, CAME and SlimAdam have no maximize (nor do their references)
+
+
 def host_scalars(algorithm: str, hp: dict, step: float, *, numel: int = 1, ndim: int = 1,
-                 param_dtype: str = "float32", initial_lr: float | None = None) -> tuple[np.ndarray, int]:
+                 dtype: object = "float32", grad_multiplier: float = 1.0) -> tuple[np.ndarray, int]:
     """The `hp` row (32 float32) and the `flags` of one tensor for one step, computed in float64 and
-    rounded once, as cuda/README.md lists them. `hp` holds the group's hyperparameters (the CPU
-    module's names, defaults filled in); `step` is the tensor's step after this step's increment.
+    rounded once, as cuda/README.md lists them.
+
+    `hp` holds the group's hyperparameters (the CPU module's names, defaults filled in); `step` is
+    the tensor's step after this step's increment (the CPU module's small "step"); `dtype` is the
+    tensor's dtype as the CPU module sees it (TensorInfo.dtype: float32 with master weights);
+    `grad_multiplier` goes to hp[31] (Note [gradient multiplier] in the header).
     """
     name = algorithm
     algorithm = resolve(algorithm)
     row = np.zeros(N_HP, dtype=np.float32)
-    flags = MAXIMIZE if hp.get("maximize") else 0
     lr = float(hp.get("lr", 0.0))
     wd = float(hp.get("weight_decay", 0.0))
     t = float(step)
     if algorithm == "adamw":
         b1, b2 = float(hp["beta1"]), float(hp["beta2"])
-        flags |= (AMSGRAD if hp.get("amsgrad") else 0) | (DECOUPLED if name != "adam" else 0)
         row[:8] = [1 - b1, b2, 1 - b2, hp["eps"], wd, 1 - lr * wd, -(lr / (1 - b1 ** t)), (1 - b2 ** t) ** 0.5]
     elif algorithm == "sgd":
-        flags |= NESTEROV if hp.get("nesterov") else 0
-        row[:5] = [-lr, hp.get("momentum", 0.0), 1 - float(hp.get("dampening", 0.0)), wd, 1.0 if t <= 1 else 0.0]
+        row[:5] = [-lr, hp.get("momentum", 0.0), 1 - float(hp.get("dampening", 0.0)), wd, 1.0 if t == 1 else 0.0]
     elif algorithm == "lion":
-        decayed = wd / (initial_lr or lr) if hp.get("decoupled_weight_decay") else wd
+        decay = wd / float(hp["init_lr"]) if hp.get("decoupled_weight_decay") else wd
         b1, b2 = float(hp["beta1"]), float(hp["beta2"])
-        row[:6] = [1 - lr * decayed, b1, 1 - b1, b2, 1 - b2, -lr]
+        row[:6] = [1.0 - lr * decay, b1, 1 - b1, b2, 1 - b2, -lr]
     elif algorithm == "adamw8bit":
         b1, b2 = float(hp["beta1"]), float(hp["beta2"])
-        flags |= (AMSGRAD if hp.get("amsgrad") else 0) | (DECOUPLED if hp.get("decoupled", True) else 0)
         f32 = np.float32
-        # torchao: lr is a float32 tensor and step a float32 tensor, so these are float32 operations.
-        bc1 = f32(1) - np.power(f32(b1), f32(t))
-        bc2 = f32(1) - np.power(f32(b2), f32(t))
-        row[:8] = [lr, f32(lr) * f32(wd), 1 - b1, 1 - b2, hp["eps"], bc1, np.sqrt(bc2), wd]
+        # torchao: lr is a float32 tensor, so lr * weight_decay is one float32 multiply.
+        bc1, bc2_sqrt = _adamw8bit_corrections(b1, b2, t)
+        row[:9] = [lr, f32(lr) * f32(wd), 1 - b1, 1 - b2, hp["eps"], bc1, bc2_sqrt,
+                   1.0 if abs(1 - b1) >= 0.5 else 0.0, 1.0 if abs(1 - b2) >= 0.5 else 0.0]
     elif algorithm == "adafactor":
-        eps1 = hp.get("eps1")
-        if eps1 is None:
-            eps1 = float(np.finfo(np.float32).eps) if param_dtype == "float32" else \
-                {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[param_dtype]
-        row[:8] = [t ** float(hp.get("beta2_decay", -0.8)), eps1, eps1 * eps1, 1 - lr * wd, wd,
-                   min(lr, 1 / t ** 0.5), hp.get("eps2", 1e-3), hp.get("d", 1.0)]
+        eps1 = _eps1(hp, _dtype_name(dtype))
+        row[:5] = [t ** float(hp.get("beta2_decay", -0.8)), eps1, eps1 * eps1, 1 - lr * wd, wd]
+        row[5:7] = _hi_lo(min(lr, 1 / t ** 0.5))
+        row[7:9] = _hi_lo(float(hp.get("eps2", 1e-3)))
+        row[9:11] = _hi_lo(float(hp.get("d", 1.0)))
     elif algorithm == "came":
         b1, b2, b3 = float(hp["beta1"]), float(hp["beta2"]), float(hp["beta3"])
-        row[:12] = [b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, hp.get("eps1", 1e-30), hp.get("eps2", 1e-16),
-                    hp.get("clip_threshold", 1.0), lr, -wd * lr, wd]
+        row[:13] = [b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, hp.get("eps1", 1e-30), hp.get("eps2", 1e-16),
+                    hp.get("clip_threshold", 1.0), lr, -wd * lr, wd, numel ** 0.5]
     elif algorithm == "slimadam":
         b1, b2 = float(hp["beta1"]), float(hp["beta2"])
         if ndim < 2:
             wd = 0.0
+        t = int(step)
         row[:10] = [b1, 1 - b1, b2, 1 - b2, hp["eps"], lr, 1 - lr * wd, wd, 1 - b1 ** t, 1 - b2 ** t]
-    return row, flags
+    else:
+        raise KeyError(f"{algorithm!r} has no per-step scalars")
+    row[GRAD_SCALE] = grad_multiplier
+    return row, launch_flags(name, hp)
 
 
 # --- build check ----------------------------------------------------------------------------------

@@ -106,3 +106,27 @@ def test_header_builds_as_cplusplus11(reports):
     report = cuda_sources.compile_source("lion", "compute_80", ["-std=c++11"])
     assert report.ok, report.log
     assert not report.missing
+
+
+def test_schedules_follow_the_cpu_modules():
+    """Every algorithm's launches: as many page kernels as the CPU module has passes, a between list
+    after every pass but the last, and only kernels that its source defines."""
+    import stated_kernels
+
+    for name, algorithm in stated_kernels.ALGORITHMS.items():
+        source = cuda_sources.resolve(name)
+        schedule = cuda_sources.SCHEDULES[source]
+        kernels = set(cuda_sources.KERNELS[source][1])
+        assert schedule.passes == algorithm.passes, name
+        assert len(schedule.between) <= algorithm.passes - 1, name
+        named = set(schedule.pages) | set(schedule.prepass) | {k for ks in schedule.between for k in ks}
+        assert named == kernels, f"{name}: scheduled {sorted(named)}, defined {sorted(kernels)}"
+    every = {k for _, ks in cuda_sources.KERNELS.values() for k in ks}
+    assert cuda_sources.SINGLE_BLOCK <= every
+
+
+def test_gradstats_is_templated_on_the_gradient_type_alone():
+    names = cuda_sources.name_expressions("gradstats")
+    assert "stated_gradstats_partial<__nv_bfloat16>" in names
+    assert len(names) == 2 * len(cuda_sources.CXX_TYPES)
+    assert cuda_sources.kernel_name("stated_gradstats_finish", "float16") == "stated_gradstats_finish<__half>"

@@ -5,6 +5,7 @@
 // rounded once. With DECOUPLED set (AdamW) the weight decay multiplies theta; without it (Adam)
 // it is added to the gradient (L2).
 //
+//   g     <- g * hp[31]                the gradient multiplier (Note [gradient multiplier])
 //   g     <- -g                        if MAXIMIZE
 //   theta <- theta * decay             if weight_decay != 0 and DECOUPLED
 //   g     <- g + theta * weight_decay  if weight_decay != 0 and not DECOUPLED
@@ -16,12 +17,15 @@
 // Kernel: stated_adamw<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
 //   P: parameter and gradient type (float, __nv_bfloat16, __half); S: state type (float or P).
 //   flags: ST_MAXIMIZE | ST_AMSGRAD | ST_DECOUPLED.
-//   fields: 0 exp_avg (S), 1 exp_avg_sq (S), 2 max_exp_avg_sq (S, with AMSGRAD), 3 master weights
-//           (float, optional: when present theta is read from and written to it, and the parameter
-//           receives the rounded value).
+//   fields: 0 exp_avg (S), 1 exp_avg_sq (S), 2 max_exp_avg_sq (S, with AMSGRAD), 3 master (float,
+//           optional: when present theta is read from and written to it, and the parameter
+//           receives the rounded value). S is the CPU module's field dtype: the parameter's, or
+//           float with master weights.
+//   small: none (the step count stays on the host; it reaches the kernel through hp 6 and 7).
 //   hp: 0 lerp weight fl32(1 - beta1)      1 fl32(beta2)          2 fl32(1 - beta2)
 //       3 fl32(eps)                         4 fl32(weight_decay)   5 decay fl32(1 - lr * weight_decay)
 //       6 fl32(-lr / (1 - beta1^t))         7 fl32(sqrt(1 - beta2^t))      (all from float64, per tensor)
+//       31 gradient multiplier
 
 #include "stated_common.cuh"
 
@@ -60,7 +64,7 @@ stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __res
 
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
-            float gk = maximize ? -g[k] : g[k];
+            float gk = grad_value(g[k], t, maximize);
             if (wd != 0.0f) {
                 if (decoupled) th[k] = th[k] * decay;
                 else gk = gk + th[k] * wd;

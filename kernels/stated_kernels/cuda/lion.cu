@@ -1,5 +1,6 @@
 // Lion (stated_kernels/lion.py; ALGORITHMS.md section 6), following lion-pytorch.
 //
+//   g     <- g * hp[31]                          the gradient multiplier (Note [gradient multiplier])
 //   theta <- theta * decay                       decay = 1 - lr * lambda' (lambda' = lambda / lr_initial
 //                                                when the decay is decoupled; the host folds that in)
 //   c     <- beta1 * m + (1 - beta1) * g
@@ -10,9 +11,11 @@
 //
 // Kernel: stated_lion<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
 //   flags: ST_MAXIMIZE (negates g; off for the reference, which has no maximize).
-//   fields: 0 exp_avg (S), 1 master weights (float, optional).
+//   fields: 0 exp_avg (S), 1 master (float, optional).
+//   small: none.
 //   hp: 0 decay fl32(1 - lr * lambda')   1 fl32(beta1)   2 fl32(1 - beta1)   3 fl32(beta2)
-//       4 fl32(1 - beta2)                5 fl32(-lr)
+//       4 fl32(1 - beta2)                5 fl32(-lr)     31 gradient multiplier
+//   (a decay of exactly 1.0, no weight decay, changes no bits, as the CPU module's skipped multiply)
 
 #include "stated_common.cuh"
 
@@ -47,11 +50,13 @@ stated_lion(const StSegment* __restrict__ segs, int nseg, const StTensor* __rest
 
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
-            const float gk = maximize ? -g[k] : g[k];
-            th[k] = th[k] * decay;
-            const float c = fmaf(gk, c1, m[k] * beta1);
+            // Everything has type S on the CPU (P, or float with master weights), and its foreach
+            // operations round each result to it.
+            const float gk = round_to<S>(grad_value(g[k], t, maximize));
+            th[k] = round_to<S>(rn_mul(th[k], decay));
+            const float c = round_to<S>(fmaf(gk, c1, round_to<S>(rn_mul(m[k], beta1))));
             th[k] = fmaf(lion_sign(c), neg_lr, th[k]);
-            m[k] = fmaf(gk, c2, m[k] * beta2);
+            m[k] = fmaf(gk, c2, round_to<S>(rn_mul(m[k], beta2)));
         }
 
         store_items(exp_avg + e0, n, vec, m);

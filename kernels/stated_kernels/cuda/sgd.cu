@@ -5,6 +5,7 @@
 // rounds after every op while this kernel rounds once on store, so they agree to a few ulps of the
 // parameter type, not bit for bit.
 //
+//   g <- g * hp[31]                     the gradient multiplier (Note [gradient multiplier])
 //   g <- -g                             if MAXIMIZE
 //   g <- g + weight_decay * theta       if weight_decay != 0 (L2)
 //   if momentum != 0 and the buffer exists:
@@ -16,9 +17,11 @@
 //
 // Kernel: stated_sgd<P, S>(segs, nseg, tensors, param_arena, grad_arena, page, flags)
 //   flags: ST_MAXIMIZE | ST_NESTEROV.
-//   fields: 0 momentum_buffer (S, absent without momentum), 1 master weights (float, optional).
+//   fields: 0 momentum_buffer (S, absent without momentum), 1 master (float, optional).
+//   small: none.
 //   hp: 0 fl32(-lr)   1 fl32(momentum)   2 fl32(1 - dampening)   3 fl32(weight_decay)
-//       4 first step of this tensor's buffer: 1.0 or 0.0
+//       4 first step of this tensor's buffer (the CPU module's step == 1): 1.0 or 0.0
+//       31 gradient multiplier
 
 #include "stated_common.cuh"
 
@@ -48,14 +51,16 @@ stated_sgd(const StSegment* __restrict__ segs, int nseg, const StTensor* __restr
         if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
         if (buf && !fresh) load_items(buf + e0, n, vec, b);
 
+        // Gradients, buffers and theta all have type S on the CPU (P, or float with master weights),
+        // and its foreach operations round each result to it.
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
-            float gk = maximize ? -g[k] : g[k];
-            if (wd != 0.0f) gk = fmaf(th[k], wd, gk);
+            float gk = round_to<S>(grad_value(g[k], t, maximize));
+            if (wd != 0.0f) gk = round_to<S>(fmaf(th[k], wd, gk));
             float d = gk;
             if (buf) {
-                b[k] = fresh ? gk : fmaf(gk, damp, b[k] * mu);
-                d = nesterov ? fmaf(b[k], mu, gk) : b[k];
+                b[k] = fresh ? gk : round_to<S>(fmaf(gk, damp, round_to<S>(rn_mul(b[k], mu))));
+                d = nesterov ? round_to<S>(fmaf(b[k], mu, gk)) : b[k];
             }
             th[k] = fmaf(d, neg_lr, th[k]);
         }

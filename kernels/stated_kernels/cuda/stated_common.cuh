@@ -17,8 +17,9 @@
 // - `tensors` (device memory, 256 bytes a row) is the session's tensor table: where each whole
 //   tensor lies in the arenas, its shape class, the device addresses of its resident per-tensor
 //   buffers (small state and scratch), and 32 float scalars that the host recomputes every step
-//   (hyperparameters and bias corrections, computed in float64 and rounded once). One upload per
-//   step, shared by every launch of that step.
+//   (hyperparameters and bias corrections, computed in float64 and rounded once; hp[31] is the
+//   gradient multiplier, Note [gradient multiplier]). One upload per step, shared by every launch
+//   of that step.
 // - `page` is the base of the page's state buffer on the device (the staging slot it sits in).
 // - Work is cut into tiles of ST_TILE consecutive elements of one segment; segment k covers tiles
 //   [tile0_k, tile0_k + ceil(length_k / ST_TILE)). Blocks are ST_THREADS threads; each block walks
@@ -28,9 +29,18 @@
 //
 // Tensor-list kernels (the reductions before a page pass, and between passes) take
 //
-//     const int* ids, int nids, const StTensor* tensors, const P* param_arena, const P* grad_arena
+//     const int* ids, int nids, const StTensor* tensors, const P* param_arena, const P* grad_arena,
+//     unsigned flags
 //
 // with blockIdx.y selecting tensor ids[blockIdx.y] and blockIdx.x striding over that tensor's work.
+// No tensor-list kernel reads `flags` (what they compute does not depend on the sign of g), so one
+// launch may cover the tensors of several groups.
+//
+// Note [gradient multiplier]: every kernel that reads a gradient multiplies each value by the
+// float32 hp[ST_GRAD_SCALE] (= hp[31]) of its tensor row before anything else, maximize included.
+// The daemon puts 1 / loss scale times the clipping coefficient there (1.0: unchanged). The product
+// is taken in float32 and not rounded to P: for float32 gradients, and for any power-of-two
+// multiplier, it equals multiplying the gradient arena in place first.
 
 #pragma once
 
@@ -46,6 +56,7 @@ constexpr int ST_MAX_FIELDS = 10;
 constexpr int ST_HP = 32;
 constexpr int ST_SMALL = 8;
 constexpr int ST_WARPS = ST_THREADS / 32;
+constexpr int ST_GRAD_SCALE = ST_HP - 1;  // hp index of the gradient multiplier
 
 struct StSegment {                  // 128 bytes, little-endian, all int64
     long long param;                // element offset of the segment's first element in the param arena
@@ -272,20 +283,49 @@ __device__ __forceinline__ int thread_items(const StSegment& seg, long long firs
 }
 
 // ---- float helpers -----------------------------------------------------------------------------
+//
+// Note [rounding like the CPU]: NVRTC contracts `a * b + c` into one fused multiply-add unless told
+// otherwise, where a CPU module may round the product first. Where a CPU module's order of
+// roundings is known, the kernels spell it out: fmaf where the CPU fuses (ATen's `add(a, b, alpha)`
+// and lerp are fused multiply-adds), and the rn_* operations, which are never contracted, where it
+// rounds each operation. round_to<S> rounds an intermediate to the state type where the CPU module
+// computes in that type (16-bit state without master weights); for float it changes nothing.
+
+__device__ __forceinline__ float rn_mul(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float rn_add(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rn_sub(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ float rn_div(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ float rn_sqrt(float a) { return __fsqrt_rn(a); }
+
+template <typename S> __device__ __forceinline__ float round_to(float x) { return to_float(from_float<S>(x)); }
+
+// A gradient value as every kernel sees it (Note [gradient multiplier]).
+__device__ __forceinline__ float grad_value(float raw, const StTensor& t, bool maximize) {
+    const float g = rn_mul(raw, t.hp[ST_GRAD_SCALE]);
+    return maximize ? -g : g;
+}
+
+template <typename P>
+__device__ __forceinline__ float grad_at(const P* g, long long i, const StTensor& t, bool maximize) {
+    return grad_value(to_float(g[i]), t, maximize);
+}
 
 // torch.maximum: NaN if either input is NaN.
 __device__ __forceinline__ float nan_max(float a, float b) {
     return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
 }
 
+// torch.clamp(x, min=lo): keeps NaN.
+__device__ __forceinline__ float clamp_min(float x, float lo) { return x < lo ? lo : x; }
+
 // ATen's lerp(a, b, w): a + w (b - a) when |w| < 0.5, else b - (b - a)(1 - w), written with one
 // fused multiply-add each as the vectorized CPU kernel does.
 __device__ __forceinline__ float lerp_aten(float a, float b, float w) {
-    return fabsf(w) < 0.5f ? fmaf(w, b - a, a) : fmaf(w - 1.0f, b - a, b);
+    return fabsf(w) < 0.5f ? fmaf(w, rn_sub(b, a), a) : fmaf(w - 1.0f, rn_sub(b, a), b);
 }
 
 // torch.rsqrt on CPU is 1/sqrt (both correctly rounded); rsqrtf would differ by up to 2 ulp.
-__device__ __forceinline__ float rsqrt_exact(float x) { return 1.0f / sqrtf(x); }
+__device__ __forceinline__ float rsqrt_exact(float x) { return rn_div(1.0f, rn_sqrt(x)); }
 
 // ---- reductions --------------------------------------------------------------------------------
 
@@ -365,10 +405,30 @@ __device__ __forceinline__ void reduce_mid(long long outer, long long mid, long 
     }
 }
 
-// Adds a block's partial sum into a per-tensor float64 accumulator (one atomic per block).
-__device__ __forceinline__ void block_accumulate(float partial, double* target, float* scratch) {
-    const float total = block_sum(partial, scratch);
-    if (threadIdx.x == 0) atomicAdd(target, (double)total);
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Sum over the block in float64, valid in every thread; `scratch` holds ST_WARPS doubles.
+__device__ __forceinline__ double block_sum(double x, double* scratch) {
+    x = warp_sum(x);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    double total = lane < ST_WARPS ? scratch[lane] : 0.0;
+    total = warp_sum(total);
+    __syncthreads();
+    return total;
+}
+
+// Adds a block's float64 partial sum into a per-tensor float64 accumulator (one atomic per block).
+// The order of the atomics varies from run to run; the sums are rounded to float32 before use, so
+// that shows only where a sum lies within 1e-16 (relative) of a float32 rounding boundary.
+__device__ __forceinline__ void block_accumulate(double partial, double* target, double* scratch) {
+    const double total = block_sum(partial, scratch);
+    if (threadIdx.x == 0) atomicAdd(target, total);
 }
 
 }  // namespace stated
