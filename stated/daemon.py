@@ -24,6 +24,7 @@ from stated.backends.cpu import CpuBackend
 from stated.metrics import Metrics
 from stated.paging import Paging
 from stated.server import StateServicer
+from stated.step_channel import StepChannel, channel_path
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import socket_path
@@ -106,6 +107,7 @@ class Daemon:
         self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
                            cuda_backend=self._make_cuda_backend)
         self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
+        self.step_channel = StepChannel(self.servicer)
         self.stopping = asyncio.Event()
         self.metrics_server = None
         self.metrics_port: int | None = None
@@ -138,6 +140,8 @@ class Daemon:
         if self.gid is not None:
             os.chown(self.path, -1, self.gid)
             os.chmod(self.path, 0o660)
+        await self.step_channel.start(channel_path(self.path), self.gid)
+        self.servicer.step_socket = self.step_channel.path
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         hostport = parse_hostport(self.config.metrics_addr)
@@ -161,6 +165,7 @@ class Daemon:
             await health_servicer.enter_graceful_shutdown()
             for session in list(self.store.sessions.values()):
                 await self.servicer.detach(session, "daemon shutdown")
+            await self.step_channel.stop()
             await server.stop(grace=1.0)
             self.servicer.close()
             self.store.paging.close()

@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from stated import __version__
-from stated.errors import InvalidArgument, ServiceError
+from stated.errors import InvalidArgument, NotFound, ServiceError
 from stated.metrics import Metrics
 from stated.session import Session
 from stated.store import Store
@@ -73,6 +73,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
         self.locks: dict[str, asyncio.Lock] = {}
         self.closed: dict[str, asyncio.Event] = {}
+        # The step channel's socket (stated.step_channel), told to clients at Attach; "" when none.
+        self.step_socket = ""
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -109,7 +111,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                  session.pid, session.algorithm.name, " master_weights" if session.master else "")
         self._update_gauges()
         return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),
-                                 daemon_version=__version__)
+                                 daemon_version=__version__, step_socket=self.step_socket)
 
     async def detach(self, session: Session, reason: str) -> None:
         lock = self.locks.get(session.id)
@@ -179,9 +181,18 @@ class StateServicer(pb_grpc.StateServiceServicer):
 
     @rpc
     async def Step(self, request: pb.StepRequest, context) -> pb.StepResponse:
-        session = self._session(request.session)
+        return await self.apply_step(request.session.id, request.session.token, request)
+
+    async def apply_step(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
+        """Step, from gRPC or the step channel (stated.step_channel); raises ServiceError."""
+        session = self.store.get(session_id, token)
+        lock = self.locks.get(session.id)
+        if lock is None:
+            raise NotFound(f"session {session.id} is detaching")
         groups = [hyperparameters(g) for g in request.groups]
-        async with self.locks[session.id]:
+        async with lock:
+            if session.id not in self.store.sessions:
+                raise NotFound(f"session {session.id} was detached while its step waited")
             if session.parameters <= INLINE_STEP_PARAMETERS:
                 result = self.store.step(session, request.step, groups, request.has_grad,
                                          request.grad_scale, request.max_grad_norm)

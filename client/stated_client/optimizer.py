@@ -35,6 +35,7 @@ from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas, device_buffers
 from stated_client.connection import Connection, connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
+from stated_client.step_line import StepLine
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
 
 _instances = itertools.count(1)
@@ -53,8 +54,10 @@ def default_job() -> str:
     return f"{script or 'python'}-{os.getpid()}"
 
 
-def _close_session(connection: Connection, session: pb.SessionRef, watch) -> None:
+def _close_session(connection: Connection, session: pb.SessionRef, watch, line: StepLine | None) -> None:
     """Detaches (finalizer: runs at garbage collection or exit, never raises)."""
+    if line is not None:
+        line.close()
     try:
         connection.stub.Detach(pb.DetachRequest(session=session), timeout=10)
     except Exception:
@@ -97,7 +100,9 @@ class StatedOptimizer(torch.optim.Optimizer):
         # Held open for the session's life: if this process dies the daemon sees the stream break.
         self._watch = self._connection.stub.Watch(pb.WatchRequest(session=self._session))
         next(self._watch)
-        self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch)
+        self._step_line = StepLine.open(reply.step_socket, self._session)
+        self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch,
+                                           self._step_line)
         self._params: list[torch.Tensor] = []
         self._grad_views: list[torch.Tensor] = []
         self._arenas: list[torch.Tensor] = []
@@ -246,11 +251,16 @@ class StatedOptimizer(torch.optim.Optimizer):
             torch.cuda.current_stream(self._device).synchronize()
         with self._lock:
             self._step_number += 1
+            request = pb.StepRequest(
+                session=self._session, step=self._step_number,
+                groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad),
+                grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0)
             try:
-                reply = self._connection.call("Step", pb.StepRequest(
-                    session=self._session, step=self._step_number,
-                    groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad),
-                    grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0))
+                self._connection._check_open()
+                if self._step_line is not None:
+                    reply = self._step_line.step(request)
+                else:
+                    reply = self._connection.call("Step", request)
             except StatedError:
                 self._step_number -= 1
                 raise

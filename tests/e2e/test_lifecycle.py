@@ -130,6 +130,7 @@ def mode(path: str) -> int:
 def test_socket_is_0600_in_a_0700_directory(daemon):
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
     assert mode(daemon.socket) == 0o600
+    assert mode(daemon.socket + ".step") == 0o600  # the step channel (stated.step_channel)
     assert mode(os.path.dirname(daemon.socket)) == 0o700
     session = attach_and_register(daemon)
     try:
@@ -146,6 +147,7 @@ def test_group_gives_0660_socket_and_0750_directory(spawn):
     proc = spawn("grouped", "--group", group.gr_name)
     directory = os.path.dirname(proc.socket)
     assert (mode(proc.socket), os.stat(proc.socket).st_gid) == (0o660, group.gr_gid)
+    assert (mode(proc.socket + ".step"), os.stat(proc.socket + ".step").st_gid) == (0o660, group.gr_gid)
     assert (mode(directory), os.stat(directory).st_gid) == (0o750, group.gr_gid)
     attach_and_register(proc)
     assert len(proc.segments()) == 2
@@ -153,6 +155,7 @@ def test_group_gives_0660_socket_and_0750_directory(spawn):
         assert (mode(f"/dev/shm/{name}"), os.stat(f"/dev/shm/{name}").st_gid) == (0o660, group.gr_gid)
     assert proc.stop() == 0
     assert proc.segments() == [] and not os.path.exists(proc.socket)
+    assert not os.path.exists(proc.socket + ".step")
 
 
 # --- one daemon per socket, and recovery from a killed one ---------------------------------------------

@@ -1,0 +1,75 @@
+"""The client's end of the step channel (protocol in stated.step_channel): a blocking unix socket
+bound to one session, over which step() sends its StepRequest. About 0.1 ms per round trip where gRPC
+takes about 1 ms, which is most of what stated adds to a small model's step.
+
+`STATED_STEP_CHANNEL=0` turns it off (every step then goes over gRPC, as it does when the daemon offers
+no channel or the socket cannot be reached).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import grpc
+
+from stated.step_channel import ERROR, HEADER, MESSAGE, frame
+from stated.v1 import state_service_pb2 as pb
+from stated_client.errors import BY_CODE, DaemonUnavailableError, InternalError, StatedError
+
+log = logging.getLogger("stated_client")
+ENV_STEP_CHANNEL = "STATED_STEP_CHANNEL"
+
+
+class StepLine:
+    def __init__(self, path: str, session: pb.SessionRef):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(path)
+            self.sock.sendall(frame(MESSAGE, session.SerializeToString()))
+            self._receive()
+        except BaseException:
+            self.sock.close()
+            raise
+
+    @classmethod
+    def open(cls, path: str, session: pb.SessionRef) -> StepLine | None:
+        """The channel, or None (steps then go over gRPC) when it is off or cannot be reached."""
+        if not path or os.environ.get(ENV_STEP_CHANNEL, "1") == "0":
+            return None
+        try:
+            return cls(path, session)
+        except (OSError, StatedError) as exc:
+            log.info("stated: the step channel at %s is not usable (%s); steps go over gRPC", path, exc)
+            return None
+
+    def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        try:
+            self.sock.sendall(frame(MESSAGE, request.SerializeToString()))
+            return pb.StepResponse.FromString(self._receive())
+        except OSError as exc:
+            raise DaemonUnavailableError(f"the stated daemon's step channel at {self.path} broke: {exc}") from None
+
+    def _receive(self) -> bytes:
+        length, kind = HEADER.unpack(self._exactly(HEADER.size))
+        payload = self._exactly(length)
+        if kind == ERROR:
+            code, _, message = payload.decode(errors="replace").partition("\n")
+            status = getattr(grpc.StatusCode, code, None)
+            raise BY_CODE.get(status, InternalError)(message)
+        return payload
+
+    def _exactly(self, n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            chunk = self.sock.recv(n - got)
+            if not chunk:
+                raise ConnectionResetError("the daemon closed the step channel")
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,132 @@
+"""The step channel (stated.step_channel) against a real daemon, over a real unix socket.
+
+Each refusal names what was wrong, a refused step leaves the channel and the session serving, a broken
+frame closes only that connection, and steps over the channel and over gRPC are the same steps.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import torch
+
+import stated
+from stated.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, frame
+from stated.v1 import state_service_pb2 as pb
+
+from test_bad_input import hp, registered, step, stub  # noqa: F401 (fixture)
+
+
+class Raw:
+    """A hand-driven channel connection."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def receive(self) -> tuple[int, bytes]:
+        header = self._exactly(HEADER.size)
+        length, kind = HEADER.unpack(header)
+        return kind, self._exactly(length)
+
+    def closed(self) -> bool:
+        return self.sock.recv(1) == b""
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.sock.recv(n - len(data))
+            assert chunk, "the daemon closed the channel"
+            data += chunk
+        return data
+
+
+def step_request(number: int, tensors: int = 2) -> pb.StepRequest:
+    return pb.StepRequest(step=number, groups=[hp()], has_grad=b"\1" * tensors)
+
+
+def hello(daemon, session) -> Raw:
+    raw = Raw(daemon.socket + ".step")
+    raw.send(frame(MESSAGE, session.SerializeToString()))
+    assert raw.receive() == (MESSAGE, b"")
+    return raw
+
+
+def error_of(raw: Raw) -> tuple[str, str]:
+    kind, payload = raw.receive()
+    assert kind == ERROR, f"expected an error frame, got {payload!r}"
+    code, _, message = payload.decode().partition("\n")
+    return code, message
+
+
+def test_steps_over_the_channel_and_grpc_interleave(daemon, stub):  # noqa: F811
+    session = registered(stub)
+    raw = hello(daemon, session)
+    raw.send(frame(MESSAGE, step_request(1).SerializeToString()))
+    kind, payload = raw.receive()
+    assert kind == MESSAGE and pb.StepResponse.FromString(payload).tensors_updated == 2
+    step(stub, session, 2)  # the same session over gRPC, then the channel again
+    raw.send(frame(MESSAGE, step_request(3).SerializeToString()))
+    assert pb.StepResponse.FromString(raw.receive()[1]).tensors_updated == 2
+
+
+def test_wrong_token_is_refused_and_closed(daemon, stub):  # noqa: F811
+    session = registered(stub)
+    raw = Raw(daemon.socket + ".step")
+    raw.send(frame(MESSAGE, pb.SessionRef(id=session.id, token=b"\0" * 16).SerializeToString()))
+    code, message = error_of(raw)
+    assert code == "PERMISSION_DENIED" and "token" in message
+    assert raw.closed()
+    step(stub, session, 1)
+
+
+def test_refused_step_keeps_the_channel(daemon, stub):  # noqa: F811
+    session = registered(stub)
+    raw = hello(daemon, session)
+    raw.send(frame(MESSAGE, step_request(5).SerializeToString()))
+    code, message = error_of(raw)
+    assert code == "INVALID_ARGUMENT" and "step is 5" in message
+    raw.send(frame(MESSAGE, step_request(1, tensors=1).SerializeToString()))
+    code, message = error_of(raw)
+    assert code == "INVALID_ARGUMENT" and "has_grad" in message
+    raw.send(frame(MESSAGE, step_request(1).SerializeToString()))
+    assert raw.receive()[0] == MESSAGE
+
+
+@pytest.mark.parametrize("data,words", [
+    (HEADER.pack(4, 7) + b"abcd", "kind 7"),
+    (HEADER.pack(MAX_FRAME_BYTES + 1, MESSAGE), "over the limit"),
+    (frame(MESSAGE, b"\xff\xff\xff"), "not a StepRequest"),
+])
+def test_broken_frames_close_only_that_connection(daemon, stub, data, words):  # noqa: F811
+    session = registered(stub)
+    raw = hello(daemon, session)
+    raw.send(data)
+    code, message = error_of(raw)
+    assert code == "INVALID_ARGUMENT" and words in message
+    assert raw.closed()
+    other = hello(daemon, session)  # the session and the daemon serve on
+    other.send(frame(MESSAGE, step_request(1).SerializeToString()))
+    assert other.receive()[0] == MESSAGE
+
+
+def test_the_client_uses_the_channel_and_can_turn_it_off(address, monkeypatch):
+    def run(channel_on: bool):
+        monkeypatch.setenv("STATED_STEP_CHANNEL", "1" if channel_on else "0")
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64))
+        opt = stated.AdamW([p], lr=1e-2, address=address)
+        assert (opt._step_line is not None) == channel_on
+        for _ in range(5):
+            p.grad = torch.sin(p.detach())
+            opt.step()
+        opt.close()
+        return p.detach()
+
+    assert torch.equal(run(True), run(False))
