@@ -1,0 +1,506 @@
+"""Drives the CUDA kernels of `stated_kernels/cuda/`: the one place where the daemon's CUDA backend and
+the GPU tests compile them, fill their tables and launch them (launch ABI: cuda/README.md).
+
+CuPy is imported inside functions only, so this module imports, and its table and slot helpers run,
+on a machine without CUDA. Every device address is a plain int (a CuPy array is taken too, for its
+`.data.ptr`), so a backend can pass memory it opened through CUDA IPC.
+
+    algo = CudaAlgorithm(algorithm, param_dtype, state_dtype, device_id)
+
+`algorithm` is a stated_kernels `Algorithm`; `param_dtype` the arenas' dtype (P); `state_dtype` the
+dtype of the tensors as the algorithm sees them (`TensorInfo.dtype`: the parameter's, or float32
+with master weights). Kernels compile on first use (or `algo.load()`), once per process, source,
+dtype pair and device.
+
+Layout (pure, no CUDA):
+
+    algo.field_slots(place_fields) -> list[str | None]   kernel slot -> FieldSpec name (None: absent)
+    algo.field_offsets(places) -> list[int]              kernel slot -> byte offset in the page, -1
+    algo.segment_rows(segments, param_offsets, grad_offsets=None, tensor_rows=None) -> np.ndarray
+    algo.small_plan(info, small) -> SmallPlan            shape class and small buffers of a tensor
+    algo.tensor_row(row, info, hp, step, device_small, param_offset, grad_offset, grad_multiplier=1.0)
+    algo.flags(hp) -> int
+
+Device state (CuPy):
+
+    algo.device_small(info, small) -> DeviceSmall        copies the CPU small state, allocates scratch
+    algo.copy_small_to_host(device_small, small)         state back into the CPU tensors (state_dict)
+    algo.copy_small_to_device(device_small, small)       after the CPU tensors were rewritten (import)
+    tensor_list(ids, numels, device_id) -> TensorList    tensor rows of a launch, with its grid
+    upload(table, device_id, stream=None) -> cupy array  a packed table (segments or tensors)
+
+One step, in the engine's order (Note [step order] in stated_kernels.spec); `stream` is a
+cupy.cuda.Stream (None: the current one), launches are asynchronous:
+
+    for each tensor with a gradient: algorithm.begin_step (host: small["step"] += 1) and tensor_row
+    tensors_dev = upload(table, ...)
+    algo.prepass(stream, ids, tensors_dev, param_ptr, grad_ptr)
+    for k in range(algo.passes):
+        for each page: algo.page(stream, k, segments_dev, nseg, tiles, tensors_dev, param_ptr,
+                                 grad_ptr, page_ptr, flags)
+        if k + 1 < algo.passes: algo.between(stream, k, ids, tensors_dev, param_ptr, grad_ptr)
+
+and for the gradient checks (Note [gradient checks] in stated/backends/base.py), before the step:
+
+    sumsq, nonfinite = GradStats(param_dtype, device_id).gradstats(stream, ids, tensors_dev,
+                                                                   grad_ptr, inv_scale)
+
+(float64 and uint32 CuPy arrays, one entry per position in `ids`). The tensor rows that gradstats
+reads (`grad`, `numel`) need no step scalars, so the table may be uploaded before `tensor_row`
+knows the step's multiplier and uploaded again after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from stated_kernels import cuda_sources as cs
+from stated_kernels.spec import Algorithm, FieldSpec, Hyperparameters, TensorInfo
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_RAW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
+MAX_RUNS = 8  # ST_MAX_RUNS in slimadam.cu
+
+_LOCK = threading.Lock()
+_MODULES: dict[tuple[str, str, str | None], Any] = {}
+_FUNCTIONS: dict[tuple[int, str, str], Any] = {}
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+def _ptr(x: Any) -> int:
+    """A device address from an int or a CuPy array."""
+    data = getattr(x, "data", None)
+    return int(data.ptr) if data is not None and hasattr(data, "ptr") else int(x)
+
+
+def _dtype(value: object) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    return _DTYPES[str(value).removeprefix("torch.")]
+
+
+def _stream(stream: Any):
+    return stream if stream is not None else contextlib.nullcontext()
+
+
+def function(source: str, kernel: str, param: str, state: str | None, device_id: int):
+    """One compiled kernel: the source's module is built once per process and dtype pair (CuPy
+    loads it once per device)."""
+    cupy = _cupy()
+    key = (device_id, source, cs.kernel_name(kernel, param, state))
+    with _LOCK:
+        fn = _FUNCTIONS.get(key)
+        if fn is None:
+            module = _MODULES.get((source, param, state))
+            if module is None:
+                module = cupy.RawModule(code=cs.source(source), options=tuple(cs.nvrtc_options()),
+                                        name_expressions=cs.name_expressions(source, [(param, state)]))
+                _MODULES[(source, param, state)] = module
+            with cupy.cuda.Device(device_id):
+                fn = _FUNCTIONS[key] = module.get_function(key[2])
+    return fn
+
+
+# --- small state ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallSlot:
+    """One resident per-tensor buffer the kernels read through StTensor.small[slot]."""
+
+    slot: int
+    key: str | None  # the CPU module's small-state key; None: scratch (any contents)
+    dtype: torch.dtype
+    count: int
+    const: tuple[int, ...] | None = None  # fixed int64 contents (SlimAdam's runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallPlan:
+    """A tensor's StTensor shape class (kind, rows, cols, lead) and its small buffers."""
+
+    kind: int = 0
+    rows: int = 0
+    cols: int = 0
+    lead: int = 0
+    slots: tuple[SmallSlot, ...] = ()
+
+
+@dataclasses.dataclass
+class DeviceSmall:
+    """A tensor's small buffers on the device (CuPy arrays by slot) and their addresses."""
+
+    plan: SmallPlan
+    arrays: dict[int, Any]
+    pointers: list[int]
+
+
+def _factored(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    n, m = shape[-2], shape[-1]
+    return n, m, math.prod(shape[:-2])
+
+
+def _runs(shape: tuple[int, ...], rule: tuple[int, ...]) -> list[tuple[bool, int]]:
+    """The shape collapsed into runs of consecutive dims all in K or all out of it: (in K, size)."""
+    runs: list[tuple[bool, int]] = []
+    for d, size in enumerate(shape):
+        in_k = d in rule
+        if runs and runs[-1][0] == in_k:
+            runs[-1] = (in_k, runs[-1][1] * size)
+        else:
+            runs.append((in_k, size))
+    return runs
+
+
+def _host_tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
+    flat = torch.from_numpy(_cupy().asnumpy(array).copy())
+    return flat.view(dtype) if dtype in _RAW else flat
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's values as a flat numpy array (16-bit floats as their raw bits)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return (flat.view(_RAW[flat.dtype]) if flat.dtype in _RAW else flat).numpy()
+
+
+# --- the algorithm --------------------------------------------------------------------------------
+
+
+class CudaAlgorithm:
+    def __init__(self, algorithm: Algorithm, param_dtype: object, state_dtype: object, device_id: int = 0):
+        self.algorithm = algorithm
+        self.name = algorithm.name
+        self.source = cs.resolve(algorithm.name)
+        self.schedule = cs.SCHEDULES[self.source]
+        if self.schedule.passes != algorithm.passes:
+            raise ValueError(f"{self.name}: the CUDA kernels take {self.schedule.passes} passes, the CPU "
+                             f"module {algorithm.passes}")
+        self.param_dtype = _dtype(param_dtype)
+        self.state_dtype = _dtype(state_dtype)
+        self.device_id = device_id
+        self.P = cs._dtype_name(self.param_dtype)
+        self.S = cs.kernel_state_dtype(self.source, self.state_dtype)
+        if (self.P, self.S) not in cs.dtype_pairs(self.source):
+            raise ValueError(f"{self.name}: no CUDA kernels for parameters {self.P} with state {self.S}; "
+                             f"pairs: {cs.dtype_pairs(self.source)}")
+        self.kernel_state = _DTYPES[self.S]
+        self._slots = {name: (k, allowed) for k, (name, allowed) in enumerate(cs.FIELD_SLOTS[self.source])}
+        self._slot_cache: dict[tuple[FieldSpec, ...], list[str | None]] = {}
+        self._qmaps_dev = None
+
+    @property
+    def passes(self) -> int:
+        return self.schedule.passes
+
+    def flags(self, hp: Hyperparameters) -> int:
+        return cs.launch_flags(self.name, hp)
+
+    # --- page fields ------------------------------------------------------------------------------
+
+    def field_slots(self, place_fields: Sequence[FieldSpec]) -> list[str | None]:
+        """Kernel slot order of a tensor's page fields: slot k holds the field named result[k]. Raises
+        ValueError naming a field the kernels do not know, hold in another dtype, or get twice."""
+        key = tuple(place_fields)
+        cached = self._slot_cache.get(key)
+        if cached is not None:
+            return cached
+        slots: list[str | None] = [None] * len(self._slots)
+        for field in key:
+            if field.name not in self._slots:
+                raise ValueError(f"{self.name}: the CUDA kernels have no slot for page field {field.name!r}; "
+                                 f"known: {', '.join(self._slots)}")
+            k, allowed = self._slots[field.name]
+            dtypes = [self.kernel_state if a == "S" else _DTYPES.get(a, torch.uint8) for a in allowed]
+            if field.dtype not in dtypes:
+                raise ValueError(f"{self.name}: page field {field.name!r} is {field.dtype}, the CUDA kernels "
+                                 f"take {' or '.join(map(str, dtypes))}")
+            if slots[k] is not None:
+                raise ValueError(f"{self.name}: page field {field.name!r} appears twice")
+            slots[k] = field.name
+        self._slot_cache[key] = slots
+        return slots
+
+    def field_offsets(self, places: Sequence[Any]) -> list[int]:
+        """Byte offsets in the page of a segment's fields (layout.FieldPlace: .field, .offset) in
+        slot order, -1 where a slot is absent."""
+        slots = self.field_slots([p.field for p in places])
+        offsets = {p.field.name: p.offset for p in places}
+        return [-1 if name is None else offsets[name] for name in slots]
+
+    def segment_rows(self, segments: Sequence[Any], param_offsets: Mapping[int, int] | Sequence[int],
+                     grad_offsets: Mapping[int, int] | Sequence[int] | None = None,
+                     tensor_rows: Mapping[int, int] | Sequence[int] | None = None) -> np.ndarray:
+        """The segment table of one launch from a page's segments (layout.PageSegment: .tensor, .start,
+        .length, .fields), in page order. `param_offsets[t]` / `grad_offsets[t]` are tensor t's
+        element offsets in the arenas the launch gets (grad: the same as param when None);
+        `tensor_rows[t]` its row in the tensor table (t itself when None)."""
+        grad_offsets = param_offsets if grad_offsets is None else grad_offsets
+        entries = []
+        for seg in segments:
+            if seg.start % self.algorithm.block_elements:
+                raise ValueError(f"{self.name}: a segment of tensor {seg.tensor} starts at {seg.start}, "
+                                 f"not on a {self.algorithm.block_elements}-element block")
+            entries.append({
+                "param": param_offsets[seg.tensor] + seg.start,
+                "grad": grad_offsets[seg.tensor] + seg.start,
+                "length": seg.length,
+                "start": seg.start,
+                "tensor": seg.tensor if tensor_rows is None else tensor_rows[seg.tensor],
+                "fields": self.field_offsets(seg.fields),
+            })
+        return cs.segment_table(entries)
+
+    # --- per-tensor rows --------------------------------------------------------------------------
+
+    def small_plan(self, info: TensorInfo, small: Mapping[str, Any]) -> SmallPlan:
+        """The tensor's shape class and small buffers (cuda/README.md, per algorithm), checked
+        against the CPU module's small state (keys, shapes, dtypes)."""
+        shape = tuple(info.shape)
+        S, f32, f64 = self.kernel_state, torch.float32, torch.float64
+        if self.source == "adamw8bit":
+            from stated_kernels.adamw8bit import is_quantized
+
+            return SmallPlan(kind=1 if is_quantized(info.numel) else 0)
+        if self.source == "adafactor":
+            if len(shape) < 2:
+                return SmallPlan(slots=(SmallSlot(3, None, f64, 4),))
+            n, m, lead = _factored(shape)
+            slots = (SmallSlot(0, "row_var", S, lead * n), SmallSlot(1, "col_var", S, lead * m),
+                     SmallSlot(2, None, f32, lead), SmallSlot(3, None, f64, 4))
+            return self._checked(SmallPlan(1, n, m, lead, slots), info, small)
+        if self.source == "came":
+            if len(shape) < 2:
+                return SmallPlan(slots=(SmallSlot(6, None, f64, 4),))
+            n, m, lead = _factored(shape)
+            slots = (SmallSlot(0, "exp_avg_sq_row", S, lead * n), SmallSlot(1, "exp_avg_sq_col", S, lead * m),
+                     SmallSlot(2, "exp_avg_res_row", S, lead * n), SmallSlot(3, "exp_avg_res_col", S, lead * m),
+                     SmallSlot(4, None, f32, 2 * lead), SmallSlot(5, None, f64, lead * (n + m)),
+                     SmallSlot(6, None, f64, 4))
+            return self._checked(SmallPlan(1, n, m, lead, slots), info, small)
+        if self.source == "slimadam" and "nu" in small:
+            return self._checked(self._slim_plan(shape, tuple(small["_rule"])), info, small)
+        return SmallPlan()
+
+    def _slim_plan(self, shape: tuple[int, ...], rule: tuple[int, ...]) -> SmallPlan:
+        runs = _runs(shape, rule)
+        nu = math.prod(size for in_k, size in runs if not in_k)
+        kcount = math.prod(size for in_k, size in runs if in_k)
+        in_k = [i for i, (k, _) in enumerate(runs) if k]
+        if len(in_k) == 1:
+            r = in_k[0]
+            outer = math.prod(size for _, size in runs[:r])
+            inner = math.prod(size for _, size in runs[r + 1:])
+            return SmallPlan(1, kcount, inner, outer, (SmallSlot(0, "nu", self.kernel_state, nu),))
+        if len(runs) > MAX_RUNS:
+            raise ValueError(f"slimadam: compress_dims {rule} cut shape {shape} into {len(runs)} runs of dims; "
+                             f"the CUDA kernels take at most {MAX_RUNS}")
+        mask = sum(1 << i for i in in_k)
+        const = (len(runs), mask, *(size for _, size in runs))
+        return SmallPlan(2, kcount, 1, nu, (SmallSlot(0, "nu", self.kernel_state, nu),
+                                           SmallSlot(1, None, torch.int64, len(const), const)))
+
+    def _checked(self, plan: SmallPlan, info: TensorInfo, small: Mapping[str, Any]) -> SmallPlan:
+        for slot in plan.slots:
+            if slot.key is None:
+                continue
+            value = small.get(slot.key)
+            if value is None:
+                raise ValueError(f"{self.name}: tensor {info.index} has no small state {slot.key!r}")
+            if value.dtype != slot.dtype or value.numel() != slot.count:
+                raise ValueError(f"{self.name}: small state {slot.key!r} of tensor {info.index} is {value.dtype} "
+                                 f"x {value.numel()}, the CUDA kernels take {slot.dtype} x {slot.count}")
+        return plan
+
+    def tensor_row(self, row: np.void, info: TensorInfo, hp: Hyperparameters, step: float,
+                   device_small: DeviceSmall, param_offset: int, grad_offset: int,
+                   grad_multiplier: float = 1.0) -> None:
+        """Fills one StTensor row (a record of a cuda_sources.tensor_table) for one step: where the
+        tensor lies in the arenas (element offsets), its shape class and small buffers, and the hp
+        scalars of `hp` at `step` (the CPU module's small "step" after this step's increment), with
+        `grad_multiplier` in hp[31]."""
+        plan = device_small.plan
+        row["param"], row["grad"], row["numel"] = param_offset, grad_offset, info.numel
+        row["kind"], row["rows"], row["cols"], row["lead"] = plan.kind, plan.rows, plan.cols, plan.lead
+        row["reserved"] = 0
+        row["small"][:] = device_small.pointers
+        values, _ = cs.host_scalars(self.name, hp, step, numel=info.numel, ndim=len(info.shape), dtype=info.dtype,
+                                    grad_multiplier=grad_multiplier)
+        row["hp"][:] = values
+
+    # --- small state on the device ----------------------------------------------------------------
+
+    def device_small(self, info: TensorInfo, small: Mapping[str, Any]) -> DeviceSmall:
+        """Copies the tensor's small state to the device and allocates its scratch (synchronously)."""
+        cupy = _cupy()
+        plan = self.small_plan(info, small)
+        arrays = {}
+        with cupy.cuda.Device(self.device_id):
+            for slot in plan.slots:
+                if slot.key is not None:
+                    arrays[slot.slot] = cupy.asarray(_bits(small[slot.key]))
+                elif slot.const is not None:
+                    arrays[slot.slot] = cupy.asarray(np.asarray(slot.const, dtype=np.int64))
+                else:  # at least one byte, so that the address is never 0
+                    arrays[slot.slot] = cupy.zeros(max(1, slot.count) * slot.dtype.itemsize, dtype=cupy.uint8)
+        pointers = [0] * cs.N_SMALL
+        for k, array in arrays.items():
+            pointers[k] = int(array.data.ptr)
+        return DeviceSmall(plan, arrays, pointers)
+
+    def copy_small_to_host(self, device_small: DeviceSmall, small: Mapping[str, Any]) -> None:
+        """Writes the device copies of the small state into the CPU tensors of `small` (after the
+        kernels that change them have finished: synchronize their stream first)."""
+        cupy = _cupy()
+        with cupy.cuda.Device(self.device_id):
+            for slot in device_small.plan.slots:
+                if slot.key is not None:
+                    target = small[slot.key]
+                    target.copy_(_host_tensor(device_small.arrays[slot.slot], slot.dtype).view(target.shape))
+
+    def copy_small_to_device(self, device_small: DeviceSmall, small: Mapping[str, Any]) -> None:
+        """Overwrites the device copies with the CPU tensors of `small` (after an import)."""
+        cupy = _cupy()
+        with cupy.cuda.Device(self.device_id):
+            for slot in device_small.plan.slots:
+                if slot.key is not None:
+                    device_small.arrays[slot.slot].set(_bits(small[slot.key]))
+
+    # --- launches ---------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Compiles (or finds compiled) every kernel of the algorithm for this device."""
+        for name in cs.KERNELS[self.source][1]:
+            self._fn(name)
+
+    def _fn(self, name: str):
+        return function(self.source, name, self.P, self.S, self.device_id)
+
+    def _qmaps(self):
+        if self._qmaps_dev is None:
+            cupy = _cupy()
+            from stated_kernels import quant_maps
+
+            maps = torch.cat([quant_maps.dynamic_map(True), quant_maps.dynamic_map(False)]).numpy()
+            with cupy.cuda.Device(self.device_id):
+                self._qmaps_dev = cupy.asarray(maps)
+        return self._qmaps_dev
+
+    def _list(self, names: Sequence[str], stream: Any, ids: TensorList, tensors_dev: Any, param_ptr: Any,
+              grad_ptr: Any) -> None:
+        cupy = _cupy()
+        tensors, param, grad = np.uint64(_ptr(tensors_dev)), np.uint64(_ptr(param_ptr)), np.uint64(_ptr(grad_ptr))
+        with cupy.cuda.Device(self.device_id), _stream(stream):
+            for name in names:
+                fn = self._fn(name)
+                x = 1 if name in cs.SINGLE_BLOCK else ids.grid_x
+                for start, count in ids.chunks():
+                    fn((x, count), (cs.THREADS,), (np.uint64(ids.pointer(start)), np.int32(count), tensors, param,
+                                                   grad, np.uint32(0)))
+
+    def prepass(self, stream: Any, ids: TensorList, tensors_dev: Any, param_ptr: Any, grad_ptr: Any) -> None:
+        """The tensor-list kernels before page pass 0, over the tensors of `ids`."""
+        self._list(self.schedule.prepass, stream, ids, tensors_dev, param_ptr, grad_ptr)
+
+    def between(self, stream: Any, pass_index: int, ids: TensorList, tensors_dev: Any, param_ptr: Any,
+                grad_ptr: Any) -> None:
+        """The tensor-list kernels after page pass `pass_index` (none after the last)."""
+        if pass_index < len(self.schedule.between):
+            self._list(self.schedule.between[pass_index], stream, ids, tensors_dev, param_ptr, grad_ptr)
+
+    def page(self, stream: Any, pass_index: int, segments_dev: Any, nseg: int, tiles: int, tensors_dev: Any,
+             param_ptr: Any, grad_ptr: Any, page_ptr: Any, flags: int) -> None:
+        """Page pass `pass_index` over one launch's segments (one page, one group): `tiles` is
+        cuda_sources.total_tiles of the segment table, the grid size."""
+        if nseg <= 0 or tiles <= 0:
+            return
+        cupy = _cupy()
+        args = [np.uint64(_ptr(segments_dev)), np.int32(nseg), np.uint64(_ptr(tensors_dev)),
+                np.uint64(_ptr(param_ptr)), np.uint64(_ptr(grad_ptr)), np.uint64(_ptr(page_ptr)), np.uint32(flags)]
+        if self.source == "adamw8bit":
+            args.append(np.uint64(_ptr(self._qmaps())))
+        fn = self._fn(self.schedule.pages[pass_index])
+        with cupy.cuda.Device(self.device_id), _stream(stream):
+            fn((int(tiles),), (cs.THREADS,), tuple(args))
+
+
+# --- tensor lists, tables, gradient statistics -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class TensorList:
+    """The tensor rows of a tensor-list launch (int32 on the device) and its grid x."""
+
+    array: Any
+    count: int
+    grid_x: int
+
+    def pointer(self, start: int) -> int:
+        return _ptr(self.array) + 4 * start
+
+    def chunks(self) -> list[tuple[int, int]]:
+        """(first, count) of each launch: grid y holds at most cs.MAX_LIST_TENSORS tensors."""
+        step = cs.MAX_LIST_TENSORS
+        return [(s, min(step, self.count - s)) for s in range(0, self.count, step)]
+
+
+def tensor_list(ids: Sequence[int], numels: Sequence[int], device_id: int = 0) -> TensorList:
+    """Uploads tensor rows `ids` (their elements counts `numels`, for the grid) for launches."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        array = cupy.asarray(np.asarray(list(ids), dtype=np.int32).reshape(-1))
+    return TensorList(array, len(ids), cs.list_blocks(max(numels, default=0)))
+
+
+def upload(table: np.ndarray, device_id: int = 0, stream: Any = None):
+    """A packed table (segment or tensor table) as a device uint8 array; the host table may be
+    reused once this returns."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id), _stream(stream):
+        return cupy.asarray(np.ascontiguousarray(table).view(np.uint8))
+
+
+class GradStats:
+    """Per-tensor float64 sum of squares of (g * inv_scale) and non-finite counts (gradstats.cu)."""
+
+    def __init__(self, param_dtype: object, device_id: int = 0):
+        self.P = cs._dtype_name(_dtype(param_dtype))
+        self.device_id = device_id
+
+    def load(self) -> None:
+        for name in cs.KERNELS["gradstats"][1]:
+            function("gradstats", name, self.P, None, self.device_id)
+
+    def gradstats(self, stream: Any, ids: TensorList, tensors_dev: Any, grad_ptr: Any,
+                  inv_scale: float) -> tuple[Any, Any]:
+        """(sumsq float64[count], nonfinite uint32[count]) as CuPy arrays, computed on `stream`."""
+        cupy = _cupy()
+        partial = function("gradstats", "stated_gradstats_partial", self.P, None, self.device_id)
+        finish = function("gradstats", "stated_gradstats_finish", self.P, None, self.device_id)
+        x = ids.grid_x
+        with cupy.cuda.Device(self.device_id), _stream(stream):
+            part_sum = cupy.empty(max(1, ids.count * x), dtype=cupy.float64)
+            part_bad = cupy.empty(max(1, ids.count * x), dtype=cupy.uint32)
+            sumsq = cupy.zeros(ids.count, dtype=cupy.float64)
+            nonfinite = cupy.zeros(ids.count, dtype=cupy.uint32)
+            tensors, grad = np.uint64(_ptr(tensors_dev)), np.uint64(_ptr(grad_ptr))
+            for start, count in ids.chunks():
+                ps, pb = _ptr(part_sum) + 8 * start * x, _ptr(part_bad) + 4 * start * x
+                partial((x, count), (cs.THREADS,), (np.uint64(ids.pointer(start)), np.int32(count), tensors, grad,
+                                                    np.float32(inv_scale), np.uint64(ps), np.uint64(pb)))
+                finish((1, count), (cs.THREADS,), (np.int32(x), np.uint64(ps), np.uint64(pb),
+                                                   np.uint64(_ptr(sumsq) + 8 * start),
+                                                   np.uint64(_ptr(nonfinite) + 4 * start)))
+        return sumsq, nonfinite
