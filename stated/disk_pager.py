@@ -59,6 +59,10 @@ class DiskPager:
         self._page_writes: dict[int, cf.Future] = {}  # page -> its latest write-back, until it lands
         self._reading: dict[int, tuple[int, cf.Future]] = {}  # page -> (slot it is read into, the read)
         self._transient: dict[int, int] = {}  # page -> staging slot, for pages the policy did not admit
+        # Note [pages in flight]: pages between get() and done(). A backend with several pages in flight
+        # retires a page (copies its result back into the host buffer) after later pages' get(); a page
+        # evicted meanwhile must not be written to disk before that copy lands.
+        self._in_use: set[int] = set()
         self._order: list[int] | None = None
         self._position: dict[int, int] = {}
         self.faults = 0
@@ -116,6 +120,7 @@ class DiskPager:
         if self._order is None:
             self._apply_wanted()
         entry = self.session.table[page]
+        self._in_use.add(page)
         if page in self.policy:
             self.policy.access(page)
             if page in self._reading:  # read ahead for a fault that did not come (the budget changed)
@@ -153,6 +158,7 @@ class DiskPager:
         return self.pool.buffer(slot), waited
 
     def done(self, page: int, dirty: bool = True) -> None:
+        self._in_use.discard(page)
         entry = self.session.table[page]
         if dirty:
             entry.dirty = True
@@ -231,6 +237,11 @@ class DiskPager:
         entry = self.session.table[page]
         slot = entry.slot
         self.metrics.page_evictions.labels("host").inc()
+        if page in self._in_use:
+            # Note [pages in flight]: a backend may still be computing on this page or copying it back
+            # (stated.backends.base); it leaves at done(), as a page the policy never admitted does.
+            self._transient[page] = slot
+            return
         entry.slot = None
         entry.tier = Tier.DISK
         self.session.forget_binding(page)

@@ -59,7 +59,13 @@ class CpuBackend(Backend):
     def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
                  has_grad: bytes | None) -> tuple[None, float]:
         host, waited = session.pager.get(page)
-        binding = session.bind(session.table[page], host)
+        self.update(session, session.bind(session.table[page], host), groups, pass_index, has_grad)
+        session.pager.done(page)
+        return None, waited
+
+    @staticmethod
+    def update(session, binding, groups: list[Hyperparameters], pass_index: int, has_grad: bytes | None) -> None:
+        """The algorithm's CPU update over one bound page, group by group."""
         for group, segments in binding.by_group.items():
             if has_grad is not None:
                 segments = [s for s in segments if has_grad[s.tensor.index]]
@@ -71,8 +77,6 @@ class CpuBackend(Backend):
             if session.master:
                 for s in segments:
                     session.arena_param(s).copy_(s.param)
-        session.pager.done(page)
-        return None, waited
 
     def end_step(self, session) -> None:
         pass

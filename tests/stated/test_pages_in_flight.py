@@ -1,0 +1,92 @@
+"""The engine's pipeline logic on CPU (DESIGN.md: "the pipeline logic is tested on CPU").
+
+`DeferredBackend` behaves as a device backend does: each page is staged into a buffer of its own, the
+update runs there, and the result reaches the host page only when the engine retires the ticket, with up
+to `depth` pages in flight. Its steps must equal the CPU backend's bit for bit, with everything resident
+and with a host budget that pages state through state files (where Note [pages in flight] in
+stated.disk_pager matters), for a one-pass and a two-pass algorithm, with master weights and with
+tensors that skip a step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stated.backends.cpu import CpuBackend
+from stated.metrics import Metrics
+from stated.paging import Paging
+from stated.store import Store
+
+PAGE_BYTES = 64 << 10
+SHAPES = [(96, 128), (300,), (64, 256), (7,), (128, 96)]
+
+
+class DeferredBackend(CpuBackend):
+    name = "deferred"
+
+    def __init__(self, depth: int):
+        self.depth = depth
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def run_page(self, session, page, groups, pass_index, has_grad):
+        host, waited = session.pager.get(page)
+        staged = host.clone()  # the "device" copy
+        self.update(session, session.bind(session.table[page], staged), groups, pass_index, has_grad)
+        session.forget_binding(page)  # bound to the staged copy, which goes away at retire
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return (session, page, staged, host), waited
+
+    def retire(self, ticket) -> None:
+        session, page, staged, host = ticket
+        host.copy_(staged)  # the "copy back": the host buffer stays the page's until done()
+        session.pager.done(page)
+        self.in_flight -= 1
+
+
+def run(backend, paging, algorithm: str, hp: dict, master: bool, steps: int = 6):
+    store = Store(backend, PAGE_BYTES, paging=paging)
+    session = store.attach("pipeline", 0, algorithm, 1, master_weights=master)
+    dtype = torch.bfloat16 if master else torch.float32
+    try:
+        store.register(session, [hp], [(shape, dtype, 0, f"layers.{i}.weight") for i, shape in enumerate(SHAPES)])
+        g = torch.Generator().manual_seed(1)
+        for i, shape in enumerate(SHAPES):
+            session.param_views[i].copy_(torch.randn(shape, generator=g).reshape(-1))
+        for number in range(1, steps + 1):
+            for i, shape in enumerate(SHAPES):
+                session.grad_views[i].copy_(torch.randn(shape, generator=g).reshape(-1) * 1e-2)
+            has_grad = bytes(0 if (number % 3 == 0 and i == 2) else 1 for i in range(len(SHAPES)))
+            store.step(session, number, [hp], has_grad)
+        store.begin_export(session)
+        params = [v.clone() for v in session.param_views]
+        state = [store.export_tensor(session, i) for i in range(len(SHAPES))]
+        return params, state, session.pager.faults
+    finally:
+        store.detach(session)
+        store.paging.close()
+
+
+def budgeted(tmp_path, pages: int) -> Paging:
+    return Paging(Metrics(), host_memory=pages * PAGE_BYTES, state_dir=str(tmp_path), prefetch_depth=2)
+
+
+@pytest.mark.parametrize("algorithm,hp", [("adamw", {"lr": 1e-2, "weight_decay": 0.1}), ("came", {"lr": 1e-3})])
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+def test_pages_in_flight_change_nothing(tmp_path, algorithm, hp, master, paged):
+    reference = run(CpuBackend(), Paging(Metrics()), algorithm, hp, master)
+    deferred = DeferredBackend(depth=3)
+    paging = budgeted(tmp_path, pages=3) if paged else Paging(Metrics())
+    params, state, faults = run(deferred, paging, algorithm, hp, master)
+    assert deferred.most_in_flight == 3 and deferred.in_flight == 0
+    if paged:
+        assert faults > 0, "the budget must force paging"
+    for i, (ours, ref) in enumerate(zip(params, reference[0])):
+        assert torch.equal(ours, ref), f"parameter {i}"
+    for i, (ours, ref) in enumerate(zip(state, reference[1])):
+        assert ours.keys() == ref.keys()
+        for key in ref:
+            assert torch.equal(ours[key], ref[key]), f"state[{i}][{key!r}]"
