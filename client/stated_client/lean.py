@@ -1,7 +1,8 @@
 """The memory-lean optimizers: stated.AdamW8bit, Adafactor, CAME, Lion and SlimAdam.
 
 Each takes its reference's signature and defaults (ALGORITHMS.md's first table names the reference),
-plus the keyword-only `address=`, `job=` and `rank=` of every stated optimizer. The math runs in the
+plus the keyword-only `address=`, `job=`, `rank=`, `master_weights=` and `max_grad_norm=` of every
+stated optimizer. The math runs in the
 daemon (stated_kernels); state_dict uses the reference's key names.
 """
 

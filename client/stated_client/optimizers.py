@@ -1,7 +1,7 @@
 """stated.AdamW, stated.Adam and stated.SGD: torch.optim's signatures and defaults, state in the daemon.
 
-Each class differs from torch.optim's only by the keyword-only `address=`, `job=` and `rank=`, and by
-where its state lives. `foreach` and `fused` are accepted and ignored: the daemon always runs its own
+Each class differs from torch.optim's only by the keyword-only `address=`, `job=`, `rank=`,
+`master_weights=` and `max_grad_norm=` (stated_client.optimizer), and by where its state lives. `foreach` and `fused` are accepted and ignored: the daemon always runs its own
 fused kernel.
 """
 
