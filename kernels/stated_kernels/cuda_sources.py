@@ -356,6 +356,23 @@ def launch_flags(algorithm: str, hp: dict) -> int:
     return 0  # Lion, CAME and SlimAdam have no maximize (nor do their references)
 
 
+def _round_to(value: float, dtype: str) -> float:
+    """A scalar as ATen hands it to an operation on a `dtype` tensor that converts it to the tensor's
+    type (double -> float -> dtype)."""
+    if dtype == "float32":
+        return value
+    import torch
+
+    return float(torch.tensor(value, dtype=torch.float32).to(getattr(torch, dtype)))
+
+
+# Note [16-bit scalars]: on a 16-bit tensor, ATen converts the scalar of `add(alpha=)`, of a scalar
+# `add`, and of the in-place `_foreach_mul_` to the tensor's type, while `mul`, `div`, `lerp`'s weight
+# and `_foreach_mul` keep it in float. host_scalars rounds exactly the scalars that the CPU module
+# hands to the first kind, so that 16-bit state without master weights follows it.
+ROUNDED_TO_STATE = {"sgd": (0, 1, 2, 3), "lion": (0, 2, 3, 4, 5), "slimadam": (1, 3, 4)}
+
+
 def host_scalars(algorithm: str, hp: dict, step: float, *, numel: int = 1, ndim: int = 1,
                  dtype: object = "float32", grad_multiplier: float = 1.0) -> tuple[np.ndarray, int]:
     """The `hp` row (32 float32) and the `flags` of one tensor for one step, computed in float64 and
@@ -406,6 +423,8 @@ def host_scalars(algorithm: str, hp: dict, step: float, *, numel: int = 1, ndim:
         row[:10] = [b1, 1 - b1, b2, 1 - b2, hp["eps"], lr, 1 - lr * wd, wd, 1 - b1 ** t, 1 - b2 ** t]
     else:
         raise KeyError(f"{algorithm!r} has no per-step scalars")
+    for k in ROUNDED_TO_STATE.get(algorithm, ()):
+        row[k] = _round_to(float(row[k]), _dtype_name(dtype))
     row[GRAD_SCALE] = grad_multiplier
     return row, launch_flags(name, hp)
 

@@ -235,7 +235,8 @@ stated_adafactor_page1(const StSegment* __restrict__ segs, int nseg, const StTen
         long long e0;
         const int n = thread_items(seg, first, e0);
         if (n == 0) return;
-        const float scale = (float)small_ptr<const double>(t, 3)[2];
+        // ATen rounds add's alpha to a 16-bit tensor's type.
+        const float scale = round_to<S>((float)small_ptr<const double>(t, 3)[2]);
         const bool decay = t.hp[4] != 0.0f;
 
         float g[ST_ITEMS], th[ST_ITEMS], v[ST_ITEMS];

@@ -10,7 +10,7 @@
 //   theta <- theta * decay             if weight_decay != 0 and DECOUPLED
 //   g     <- g + theta * weight_decay  if weight_decay != 0 and not DECOUPLED
 //   m     <- lerp(m, g, 1 - beta1)     (ATen's two-sided lerp, one fma)
-//   v     <- v * beta2 + (1 - beta2) * g * g
+//   v     <- v * beta2 + (1 - beta2) * g * g  (as fma((1 - beta2) * g, g, v * beta2))
 //   vmax  <- max(vmax, v)              if AMSGRAD; it replaces v below
 //   theta <- theta + neg_step_size * m / (sqrt(v) / bc2_sqrt + eps)
 //
@@ -62,19 +62,21 @@ stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __res
         load_items(exp_avg_sq + e0, n, vec, v);
         if (amsgrad) load_items(max_exp_avg_sq + e0, n, vec, vm);
 
+        // The fused CPU kernel's roundings (Note [rounding like the CPU]): its L2 term and its v are
+        // fused multiply-adds, the rest is rounded operation by operation.
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
             float gk = grad_value(g[k], t, maximize);
             if (wd != 0.0f) {
-                if (decoupled) th[k] = th[k] * decay;
-                else gk = gk + th[k] * wd;
+                if (decoupled) th[k] = rn_mul(th[k], decay);
+                else gk = fmaf(th[k], wd, gk);
             }
             m[k] = lerp_aten(m[k], gk, w1);
-            v[k] = v[k] * beta2 + c2 * gk * gk;
+            v[k] = fmaf(rn_mul(c2, gk), gk, rn_mul(v[k], beta2));
             float second = v[k];
             if (amsgrad) { vm[k] = nan_max(vm[k], v[k]); second = vm[k]; }
-            const float denom = sqrtf(second) / bc2_sqrt + eps;
-            th[k] = th[k] + neg_step * m[k] / denom;
+            const float denom = rn_add(rn_div(rn_sqrt(second), bc2_sqrt), eps);
+            th[k] = rn_add(th[k], rn_div(rn_mul(neg_step, m[k]), denom));
         }
 
         store_items(exp_avg + e0, n, vec, m);

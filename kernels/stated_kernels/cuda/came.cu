@@ -96,9 +96,8 @@ __device__ __forceinline__ void row_means(const StTensor& t, const S* row, float
 // is a P tensor on the CPU, so the decayed value is rounded to P there too.
 template <typename P>
 __device__ __forceinline__ float apply(const StTensor& t, float th, float update, bool master) {
-    if (t.hp[11] != 0.0f) {
-        th = fmaf(th, t.hp[10], th);
-        if (!master) th = round_to<P>(th);
+    if (t.hp[11] != 0.0f) {  // ATen rounds add's alpha to a 16-bit tensor's type, then the sum
+        th = master ? fmaf(th, t.hp[10], th) : round_to<P>(fmaf(th, round_to<P>(t.hp[10]), th));
     }
     return rn_sub(th, rn_mul(update, t.hp[9]));
 }
