@@ -279,7 +279,8 @@ class DeviceSession:
             if slot is not None:
                 return slot, True
             self.policy.remove(page)  # the device's cache is full (other sessions hold it): stream
-        return self.staging[self._staging_index()], False
+        index = self._staging_index()  # (first: it makes the ring)
+        return self.staging[index], False
 
     def _evict(self, victim: int, ticket: Ticket | None) -> PageBuffer:
         """Takes `victim` out of the cache, copying it back if it is dirty; returns its buffer."""
