@@ -99,10 +99,13 @@ class DiskPager:
         if capacity >= pages:
             staging = 0  # everything fits: no page ever streams, so no staging buffers either
         else:
-            staging = max(MIN_STAGING, min(2 * self.depth + 1, capacity // 2))
-            if capacity < MIN_STAGING:
+            # A backend with pages in flight holds that many host buffers at once, plus the one it faults.
+            backend = self.session.backend
+            least = max(MIN_STAGING, backend.depth + 1 if backend is not None else 0)
+            staging = max(least, min(2 * self.depth + 1, capacity // 2))
+            if capacity < least:
                 log.warning("job %s rank %d: its host share of %d pages is below the %d staging pages it needs; "
-                            "it uses %d", self.session.job, self.session.rank, capacity, MIN_STAGING, MIN_STAGING)
+                            "it uses %d", self.session.job, self.session.rank, capacity, least, least)
         resident = min(pages, max(0, capacity - staging))
         for page in self.policy.resize(resident):
             self._evict(page)
@@ -228,6 +231,10 @@ class DiskPager:
             entry = self.session.table[page]
             if entry.tier == Tier.NONE:
                 continue  # a fresh page: nothing to read, it is zeroed when its turn comes
+            if page in self.policy or page in self._transient:
+                # Resident now, to be evicted by the access in progress: its write-back is not queued
+                # yet, so a read now would overtake it. The next planning round reads it behind the write.
+                continue
             slot = self._take_slot(block=False)
             if slot is None:
                 return

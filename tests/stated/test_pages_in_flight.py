@@ -90,3 +90,22 @@ def test_pages_in_flight_change_nothing(tmp_path, algorithm, hp, master, paged):
         assert ours.keys() == ref.keys()
         for key in ref:
             assert torch.equal(ours[key], ref[key]), f"state[{i}][{key!r}]"
+
+
+def test_prefetch_never_overtakes_a_write_back(tmp_path):
+    """Regression: with room for 7 of 8 pages, reads ahead were planned for a page that the access in
+    progress was about to evict, before its write-back was queued, and read a page never written."""
+    store = Store(CpuBackend(), PAGE_BYTES, paging=budgeted(tmp_path, pages=7))
+    session = store.attach("overtake", 0, "adamw", 1)
+    shapes = [(512, 48), (48,), (2400,), (48, 512), (7,), (8000,)]
+    groups = [{"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-3, "weight_decay": 0.0}]
+    try:
+        store.register(session, groups, [(shape, torch.float32, i % 2, "") for i, shape in enumerate(shapes)])
+        for number in range(1, 5):
+            for view in session.grad_views:
+                view.normal_()
+            store.step(session, number, groups, b"\1" * len(shapes))
+        assert session.pager.faults > 0
+    finally:
+        store.detach(session)
+        store.paging.close()
