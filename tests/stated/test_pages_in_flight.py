@@ -95,7 +95,7 @@ def test_pages_in_flight_change_nothing(tmp_path, algorithm, hp, master, paged):
 def test_prefetch_never_overtakes_a_write_back(tmp_path):
     """Regression: with room for 7 of 8 pages, reads ahead were planned for a page that the access in
     progress was about to evict, before its write-back was queued, and read a page never written."""
-    store = Store(CpuBackend(), PAGE_BYTES, paging=budgeted(tmp_path, pages=7))
+    store = Store(CpuBackend(), PAGE_BYTES, paging=Paging(Metrics(), host_memory=7 * PAGE_BYTES, state_dir=str(tmp_path)))
     session = store.attach("overtake", 0, "adamw", 1)
     shapes = [(512, 48), (48,), (2400,), (48, 512), (7,), (8000,)]
     groups = [{"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-3, "weight_decay": 0.0}]
