@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "pages beyond it stream from host memory through the staging buffers every step "
                             "(default: 0, nothing cached; only for clients with CUDA parameters)")
     serve.add_argument("--gpu-staging", type=int, default=4, metavar="N",
-                       help="page-sized GPU staging buffers per GPU that copies in, kernels and copies out rotate "
-                            "through; the daemon's GPU memory is staging plus --gpu-cache (default: 4)")
+                       help="page-sized GPU staging buffers per stepping session that copies in, kernels and copies "
+                            "out rotate through (so sessions never wait on each other's); the daemon's GPU memory is "
+                            "staging plus --gpu-cache plus small per-tensor state (default: 4)")
     serve.add_argument("--workers", type=int, default=4, metavar="N",
                        help="threads that run steps; sessions beyond this many wait their turn (default: 4)")
     serve.add_argument("--exit-with-parent", action="store_true",

@@ -45,8 +45,11 @@ class PageSegment:
 class Page:
     index: int  # session-wide page number, also its slot in the job's state file
     region: int
-    nbytes: int
+    nbytes: int  # bytes of state it holds (what accounting counts)
     segments: tuple[PageSegment, ...]
+    # Where its last field ends: what a copy of the page must move. Larger than nbytes when alignment
+    # padding or stateless segments (which take room in the page but hold nothing) come before a field.
+    extent: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,8 @@ def cut_pages(
         if current:
             # The state bytes the page really holds (stateless segments count nothing).
             nbytes = sum(segment_bytes(tuple(p.field for p in seg.fields), seg.length) for seg in current)
-            pages.append(Page(first_page + len(pages), region, nbytes, tuple(current)))
+            extent = max((p.offset + p.count * p.field.dtype.itemsize for seg in current for p in seg.fields), default=0)
+            pages.append(Page(first_page + len(pages), region, nbytes, tuple(current), extent))
         current, used = [], 0
 
     for info, fields in tensors:

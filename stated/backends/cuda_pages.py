@@ -218,7 +218,7 @@ class DeviceSession:
     def run_page(self, page: int, pass_index: int, has_grad: bytes | None) -> tuple[Ticket | None, float]:
         """Note [page pipeline]; returns (ticket or None when nothing is owed to the pager, seconds
         the pager made us wait)."""
-        nbytes = self.session.table[page].page.nbytes
+        nbytes = self.session.table[page].page.extent
         with self.device:
             if nbytes == 0:  # no state (SGD without momentum): only the parameters change
                 self._launch(page, None, pass_index, has_grad)
@@ -238,7 +238,7 @@ class DeviceSession:
             self._launch(page, buffer, pass_index, has_grad)
             if admitted:
                 self.cached[page] = buffer
-                self.cached_bytes += nbytes
+                self.cached_bytes += self.session.table[page].page.nbytes
                 self.dirty.add(page)
                 ticket.event = buffer.copied_in  # the host copy is unchanged; only the read must be over
             else:
@@ -285,8 +285,8 @@ class DeviceSession:
     def _evict(self, victim: int, ticket: Ticket | None) -> PageBuffer:
         """Takes `victim` out of the cache, copying it back if it is dirty; returns its buffer."""
         buffer = self.cached.pop(victim)
-        nbytes = self.session.table[victim].page.nbytes
-        self.cached_bytes -= nbytes
+        nbytes = self.session.table[victim].page.extent  # what a copy moves
+        self.cached_bytes -= self.session.table[victim].page.nbytes  # what the tier holds
         self.metrics.page_evictions.labels("gpu").inc()
         if victim not in self.dirty:
             return buffer
@@ -414,7 +414,7 @@ class DeviceSession:
                 self.runner.copy_small_to_host(device_small, session.small[index])
             for page in sorted(self.dirty):
                 host, _ = session.pager.get(page)
-                self._copy_out(self.cached[page], host, session.table[page].page.nbytes).synchronize()
+                self._copy_out(self.cached[page], host, session.table[page].page.extent).synchronize()
                 session.pager.done(page, dirty=True)
             self.dirty.clear()
 

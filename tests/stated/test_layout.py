@@ -66,3 +66,15 @@ def test_stateless_tensors_still_get_pages():
     pages = cut_pages([(t, ()) for t in infos(10_000)], 4096, 1, 0, 0)
     assert sum(s.length for p in pages for s in p.segments) == 10_000
     assert all(p.nbytes == 0 for p in pages)
+
+
+def test_extent_covers_every_field_even_after_stateless_segments():
+    """A copy of `extent` bytes moves every field (the CUDA backend copies that much): a stateless
+    tensor (an Adafactor matrix) ahead of a stateful one pushes the fields past `nbytes`."""
+    tensors = [(infos(300, 200)[0], ()), (infos(300, 200)[1], ADAM)]
+    pages = cut_pages(tensors, 1 << 16, 1, 0, 0)
+    ends = [max((f.offset + f.count * f.field.dtype.itemsize for s in p.segments for f in s.fields), default=0)
+            for p in pages]
+    assert [p.extent for p in pages] == ends
+    assert all(p.extent <= 1 << 16 for p in pages)
+    assert any(p.extent > p.nbytes for p in pages), "the case must put a field past nbytes"
