@@ -53,7 +53,7 @@ class Engine:
         order = [e.page.index for e in session.table
                  if everyone or any(has_grad[s.tensor] for s in e.page.segments)]
         for pass_index in range(session.algorithm.passes):
-            session.pager.begin_pass(order)
+            session.pager.begin_pass(backend.host_pages(session, order))
             in_flight: collections.deque = collections.deque()
             for page in order:
                 ticket, waited = backend.run_page(session, page, groups, pass_index, mask)

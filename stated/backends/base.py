@@ -86,6 +86,11 @@ class Backend(abc.ABC):
         """Runs pass `pass_index` of the update over one page (only tensors whose has_grad byte is
         set; None means all). Returns (ticket, seconds spent waiting for the page to be resident)."""
 
+    def host_pages(self, session, order: list[int]) -> list[int]:
+        """The pages of `order` that this pass will need in the host tier, in order: what the pager
+        reads ahead. A device cache leaves out the pages it holds."""
+        return order
+
     def retire(self, ticket: Any) -> None:
         """Waits until the page of `ticket` is back in its host buffer and tells the pager."""
 

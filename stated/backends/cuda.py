@@ -262,6 +262,12 @@ class CudaBackend(Backend):
                  has_grad: bytes | None) -> tuple[Any, float]:
         return self._state(session).run_page(page, pass_index, has_grad)
 
+    def host_pages(self, session, order: list[int]) -> list[int]:
+        state = self._states.get(session.id)
+        if state is None or not state.cached:
+            return order
+        return [page for page in order if page not in state.cached]
+
     def retire(self, ticket: Any) -> None:
         if ticket is not None:
             ticket.owner.retire(ticket)
