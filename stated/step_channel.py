@@ -35,6 +35,8 @@ MESSAGE, ERROR = 0, 1
 # has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
 MAX_FRAME_BYTES = 64 << 20
 SUFFIX = ".step"
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
 
 
 def channel_path(grpc_socket: str) -> str:
@@ -59,6 +61,12 @@ class StepChannel:
         self.connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
 
     async def start(self, path: str, gid: int | None) -> None:
+        """Listens on `path`; when the path is too long for a unix socket, offers no channel (clients then
+        step over gRPC) and says so."""
+        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+            log.warning("no step channel: %s is longer than a unix socket path may be (%d bytes); steps go over "
+                        "gRPC, about 1 ms slower each; a shorter --socket path turns it on", path, MAX_SOCKET_PATH)
+            return
         try:
             os.unlink(path)  # the gRPC socket was free, so this one belongs to a daemon that is gone
         except FileNotFoundError:
@@ -82,10 +90,11 @@ class StepChannel:
         for writer in list(self.connections.values()):
             writer.close()
         await asyncio.gather(*self.connections, return_exceptions=True)
-        try:
-            os.unlink(self.path)
-        except (FileNotFoundError, OSError):
-            pass
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

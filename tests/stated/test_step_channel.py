@@ -130,3 +130,29 @@ def test_the_client_uses_the_channel_and_can_turn_it_off(address, monkeypatch):
         return p.detach()
 
     assert torch.equal(run(True), run(False))
+
+
+def test_a_socket_path_too_long_for_the_channel_steps_over_grpc(tmp_path):
+    """The channel's path is 5 bytes longer than the gRPC socket's; when only the latter fits in a unix
+    socket address, the daemon serves without a channel and clients step over gRPC."""
+    from support.daemon import DaemonProcess
+
+    base = str(tmp_path / "d")
+    padding = 105 - len(base + "/run/stated.sock")  # the gRPC socket 105 bytes, the channel's 110
+    assert padding > 0, "tmp_path is too long for this test"
+    directory = tmp_path / ("d" + "x" * padding)
+    directory.mkdir()
+    proc = DaemonProcess(directory)
+    assert len(proc.socket) == 105
+    proc.start()
+    try:
+        p = torch.nn.Parameter(torch.ones(8))
+        opt = stated.AdamW([p], lr=0.1, address=proc.address)
+        assert opt._step_line is None
+        p.grad = torch.ones(8)
+        opt.step()
+        assert torch.all(p.detach() < 1)
+        opt.close()
+        assert "no step channel" in proc.log()
+    finally:
+        proc.stop()
