@@ -100,8 +100,7 @@ class DiskPager:
             staging = 0  # everything fits: no page ever streams, so no staging buffers either
         else:
             # A backend with pages in flight holds that many host buffers at once, plus the one it faults.
-            backend = self.session.backend
-            least = max(MIN_STAGING, backend.depth + 1 if backend is not None else 0)
+            least = max(MIN_STAGING, self.session.backend.depth + 1)
             staging = max(least, min(2 * self.depth + 1, capacity // 2))
             if capacity < least:
                 log.warning("job %s rank %d: its host share of %d pages is below the %d staging pages it needs; "

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import time
 
-from stated.backends.base import Backend
 from stated.session import Session
 from stated_kernels.spec import Hyperparameters
 
@@ -28,16 +27,13 @@ class StepResult:
 
 
 class Engine:
-    def __init__(self, backend: Backend):
-        self.backend = backend
-
     def step(self, session: Session, groups: list[Hyperparameters], has_grad: bytes,
              grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
         """Applies one step. The store has validated everything: `groups` are complete, `has_grad`
         has one byte per tensor, `grad_scale` and `max_grad_norm` are finite and >= 0 (0: unused).
         A step whose gradients hold inf or nan changes nothing and is not counted."""
         start = time.perf_counter()
-        backend = session.backend or self.backend
+        backend = session.backend
         everyone = has_grad.count(0) == 0
         active = [t.info.index for t in session.tensors if has_grad[t.info.index]]
 

@@ -167,7 +167,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         on_device = region.params is None
         return pb.RegisterResponse(param_arena="" if on_device else region.params.name,
                                    grad_arena="" if on_device else region.grads.name,
-                                   arena_bytes=region.arena_bytes if on_device else region.params.nbytes,
+                                   arena_bytes=region.arena_bytes,
                                    placements=placements, first_group=first_group, state_bytes=state_bytes,
                                    region=len(session.regions) - 1)
 

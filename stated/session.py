@@ -90,7 +90,8 @@ class Session:
         self.pager = None  # set by the store
         # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.
         self.master_pending: set[int] = set()
-        # The backend that runs this session's steps (None: the engine's own, CPU).
+        # The backend that runs this session's steps (set by the store: CPU, or CUDA once it registers
+        # CUDA tensors).
         self.backend = None
 
     # --- registration -----------------------------------------------------------------------

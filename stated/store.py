@@ -43,7 +43,7 @@ class Store:
         # None in a daemon without CUDA support.
         self._cuda_factory = cuda_backend
         self._cuda: Backend | None = None
-        self.engine = Engine(backend)
+        self.engine = Engine()
         self.page_bytes = page_bytes
         self.shm_mode = shm_mode
         self.shm_gid = shm_gid
@@ -70,6 +70,7 @@ class Store:
                                 f"detach it or use another rank")
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
                           self.page_bytes, self.shm_mode, self.shm_gid, master_weights)
+        session.backend = self.backend  # until it registers CUDA tensors
         session.pager = self.paging.new_pager(session)
         self.sessions[session.id] = session
         self.by_job_rank[(job, rank)] = session.id
@@ -90,8 +91,7 @@ class Store:
         if self.sessions.pop(session.id, None) is None:
             return
         self.by_job_rank.pop((session.job, session.rank), None)
-        if session.backend is not None:
-            session.backend.close(session)
+        session.backend.close(session)
         if session.pager is not None:
             session.pager.close()
         self.paging.removed(session)
@@ -152,7 +152,7 @@ class Store:
         except BaseException:
             session.drop_last_region()
             raise
-        if device and session.backend is None:
+        if device and session.backend is not self._cuda:
             session.backend = self._cuda
             session.pager.pool.pinner = self._cuda  # host pages feed the GPU: page-lock them
         return region, infos, first_group, sum(p.nbytes for p in pages)
@@ -213,10 +213,9 @@ class Store:
         if step != session.steps + 1:
             raise InvalidArgument(f"step is {step} but the session's last step was {session.steps}; "
                                   f"steps must follow one another")
-        if session.backend is not None:
-            missing = session.backend.ready(session)
-            if missing:
-                raise FailedPrecondition(missing)
+        missing = session.backend.ready(session)
+        if missing:
+            raise FailedPrecondition(missing)
         full = session.check_groups(groups)
         if len(has_grad) != len(session.tensors):
             raise InvalidArgument(f"has_grad has {len(has_grad)} bytes but the session has "
@@ -230,8 +229,7 @@ class Store:
 
     def begin_export(self, session: Session) -> None:
         """Before export_tensor calls: state held on a device comes back to the host tier."""
-        if session.backend is not None:
-            session.backend.flush(session)
+        session.backend.flush(session)
 
     def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
         """The tensor's state_dict entry with the reference's keys, or None if it has no state."""
@@ -255,8 +253,7 @@ class Store:
 
     def reset_state(self, session: Session) -> None:
         """Back to the state before the first step: counters at zero, pages zeroed."""
-        if session.backend is not None:
-            session.backend.invalidate(session)
+        session.backend.invalidate(session)
         for place in session.tensors:
             session.small[place.info.index] = session.algorithm.init_small_state(
                 place.info, session.groups[place.info.group])

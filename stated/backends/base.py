@@ -57,13 +57,13 @@ class GradientCheck:
 
 class Backend(abc.ABC):
     name: str = ""
-    # Whether host pages should be pinned (page-locked) so that copies to a device run asynchronously.
-    pin_host_memory: bool = False
     # Pages in flight (staged, computing or copying back) before the engine retires the oldest.
     depth: int = 1
 
-    def open(self, session, region) -> None:
-        """A region (one Register call's tensors) was added to a session: map its device buffers."""
+    def ready(self, session) -> str | None:
+        """None when the session can step; else a sentence naming what it still lacks (a device
+        backend: the buffers of a region that ShareDeviceBuffers has not brought yet)."""
+        return None
 
     def close(self, session) -> None:
         """The session is going away: release everything held for it."""

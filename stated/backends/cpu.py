@@ -26,11 +26,9 @@ class CpuBackend(Backend):
 
     def check_gradients(self, session, active: Sequence[int], grad_scale: float,
                         max_grad_norm: float) -> GradientCheck:
-        if not grad_scale and not max_grad_norm:
+        if not (grad_scale or max_grad_norm) or not active:
             return GradientCheck(0.0, False)
         grads = [session.grad_views[i] for i in active]
-        if not grads:
-            return GradientCheck(0.0, False)
         # Per-tensor norms in fp32, then the norm of norms, as torch.nn.utils.clip_grad_norm_ does; an
         # inf or nan anywhere makes the total non-finite, which is the found-inf check.
         norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)

@@ -77,7 +77,6 @@ class _Device:
 
 class CudaBackend(Backend):
     name = "cuda"
-    pin_host_memory = True
 
     def __init__(self, page_bytes: int, gpu_cache_bytes: int, staging_pages: int, metrics):
         self.cp = load_cupy()
