@@ -25,6 +25,8 @@ import logging
 import os
 import struct
 
+from google.protobuf.message import DecodeError
+
 from stated.errors import InvalidArgument, ServiceError
 from stated.v1 import state_service_pb2 as pb
 
@@ -105,9 +107,13 @@ class StepChannel:
                 payload = await self._read(reader, writer)
                 if payload is None:
                     return
-                request = pb.StepRequest()
                 try:
-                    request.ParseFromString(payload)
+                    request = pb.StepRequest.FromString(payload)
+                except DecodeError as exc:
+                    self.servicer.metrics.errors.labels(InvalidArgument.code.name).inc()
+                    writer.write(error_frame(InvalidArgument.code.name, f"the frame is not a StepRequest: {exc}"))
+                    return
+                try:
                     response = await self.servicer.apply_step(session.id, session.token, request)
                 except ServiceError as exc:
                     self.servicer.metrics.errors.labels(exc.code.name).inc()
@@ -115,9 +121,6 @@ class StepChannel:
                 except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
                     log.exception("step over the step channel failed")
                     self.servicer.metrics.errors.labels("INTERNAL").inc()
-                    if type(exc).__name__ == "DecodeError":
-                        writer.write(error_frame("INVALID_ARGUMENT", f"the frame is not a StepRequest: {exc}"))
-                        return
                     writer.write(error_frame("INTERNAL", f"Step failed: {type(exc).__name__}: {exc}"))
                 else:
                     writer.write(frame(MESSAGE, response.SerializeToString()))
@@ -132,16 +135,15 @@ class StepChannel:
         payload = await self._read(reader, writer)
         if payload is None:
             return None
-        ref = pb.SessionRef()
         try:
-            ref.ParseFromString(payload)
+            ref = pb.SessionRef.FromString(payload)
             session = self.servicer.store.get(ref.id, ref.token)
-        except ServiceError as exc:
-            writer.write(error_frame(exc.code.name, str(exc)))
+        except DecodeError as exc:
+            writer.write(error_frame(InvalidArgument.code.name, f"the first frame is not a SessionRef: {exc}"))
             await writer.drain()
             return None
-        except Exception as exc:  # noqa: BLE001 - a malformed hello
-            writer.write(error_frame("INVALID_ARGUMENT", f"the first frame is not a SessionRef: {exc}"))
+        except ServiceError as exc:
+            writer.write(error_frame(exc.code.name, str(exc)))
             await writer.drain()
             return None
         writer.write(frame(MESSAGE, b""))

@@ -164,13 +164,14 @@ class StatedOptimizer(torch.optim.Optimizer):
         params = group["params"]
         names = group.get("param_names") or [""] * len(params)
         device = self._check_device(params)
+        uuid = device_buffers.device_uuid(device) if device.type == "cuda" else ""
         specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=self._tensor_name(name))
                  for p, name in zip(params, names)]
         try:
             reply = self._connection.call("Register", pb.RegisterRequest(
                 session=self._session, groups=[self._hyperparameters(group)], tensors=specs,
-                device=device_buffers.device_uuid(device) if device.type == "cuda" else ""))
-            if device.type == "cuda":
+                device=uuid))
+            if uuid:
                 param_arena = device_buffers.allocate(reply.arena_bytes, device)
                 grad_arena = device_buffers.allocate(reply.arena_bytes, device)
             else:
@@ -192,11 +193,11 @@ class StatedOptimizer(torch.optim.Optimizer):
                 p.grad = grad_view
             self._params.append(p)
             self._grad_views.append(grad_view)
-        if device.type == "cuda":
+        if uuid:
             # The daemon reads the buffers from its own streams: the copies above must be finished.
             torch.cuda.current_stream(device).synchronize()
             self._connection.call("ShareDeviceBuffers", pb.ShareDeviceBuffersRequest(
-                session=self._session, region=reply.region, device=device_buffers.device_uuid(device),
+                session=self._session, region=reply.region, device=uuid,
                 params=device_buffers.ipc_buffer(param_arena), grads=device_buffers.ipc_buffer(grad_arena)))
 
     def _check_device(self, params: list[torch.Tensor]) -> torch.device:
