@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python's NVRTC bindings are not installed")
 
-from stated_kernels import cuda_sources  # noqa: E402
+from stated_kernels import cuda_build, cuda_sources  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -21,7 +21,7 @@ def reports():
     if not cuda_sources.include_dirs():
         pytest.skip("cuda_bf16.h not found (nvidia-cuda-runtime-cu12 is not installed)")
     # Both architectures in one thread pool: NVRTC releases the GIL, so the jobs share the cores.
-    return dict(zip(ARCHS, cuda_sources.compile_archs(ARCHS)))
+    return dict(zip(ARCHS, cuda_build.compile_archs(ARCHS)))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -103,7 +103,7 @@ def test_segment_table_counts_tiles():
 
 def test_header_builds_as_cplusplus11(reports):
     """CuPy or a caller may add its own -std; the sources must not need more than C++11."""
-    report = cuda_sources.compile_source("lion", "compute_80", ["-std=c++11"])
+    report = cuda_build.compile_source("lion", "compute_80", ["-std=c++11"])
     assert report.ok, report.log
     assert not report.missing
 
