@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "staging plus --gpu-cache plus small per-tensor state (default: 4)")
     serve.add_argument("--workers", type=int, default=4, metavar="N",
                        help="threads that run steps; sessions beyond this many wait their turn (default: 4)")
+    serve.add_argument("--cpu-threads", type=int, default=len(os.sched_getaffinity(0)), metavar="N",
+                       help="threads that run the CPU kernels of AdamW, Adam, SGD, Lion, SlimAdam and AdamW8bit: each "
+                            "takes the next piece of a page as soon as it is free, so a core that a trainer's thread "
+                            "keeps busy slows the step less; 0 leaves them to torch's own OpenMP threads, as "
+                            "Adafactor and CAME always are (default: the CPUs this process may run on, here %(default)s)")
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="stop when the process that started the daemon exits (used by the embedded daemon)")
 
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpu_staging < 2:
             parser.error(f"--gpu-staging must be at least 2 (one page copies while another computes), "
                          f"got {args.gpu_staging}")
+        if args.cpu_threads < 0:
+            parser.error(f"--cpu-threads must be 0 (torch's own threads) or more, got {args.cpu_threads}")
         if args.workers < 1:
             parser.error(f"--workers must be at least 1, got {args.workers}")
         target = resolve(args.socket)
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--socket must be a unix socket path, got {args.socket or target!r}")
         return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
                                   group=args.group, page_bytes=args.page_size, workers=args.workers,
+                                  cpu_threads=args.cpu_threads,
                                   exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
                                   prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
                                   gpu_staging_pages=args.gpu_staging))

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from stated import shm
 from stated.backends.cpu import CpuBackend
+from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
 from stated.paging import Paging
 from stated.server import StateServicer
@@ -43,6 +44,8 @@ class DaemonConfig:
     group: str | None = None
     page_bytes: int = 64 << 20
     workers: int = 4
+    # CPU kernel threads (stated.backends.cpu_workers); 0: torch's OpenMP threads only.
+    cpu_threads: int = dataclasses.field(default_factory=lambda: len(os.sched_getaffinity(0)))
     exit_with_parent: bool = False
     host_memory: int | None = None
     prefetch_depth: int = 4
@@ -101,7 +104,8 @@ class Daemon:
         self.path = socket_path(config.socket) or config.socket
         self.metrics = Metrics()
         mode = 0o660 if self.gid is not None else 0o600
-        backend = CpuBackend()
+        self.cpu_workers = CpuWorkers(config.cpu_threads) if config.cpu_threads else None
+        backend = CpuBackend(self.cpu_workers)
         paging = Paging(self.metrics, host_memory=config.host_memory, state_dir=config.state_dir,
                         prefetch_depth=config.prefetch_depth)
         self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
@@ -168,6 +172,8 @@ class Daemon:
             await self.step_channel.stop()
             await server.stop(grace=1.0)
             self.servicer.close()
+            if self.cpu_workers is not None:
+                self.cpu_workers.close()
             self.store.paging.close()
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()

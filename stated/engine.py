@@ -51,14 +51,18 @@ class Engine:
         for pass_index in range(session.algorithm.passes):
             session.pager.begin_pass(backend.host_pages(session, order))
             in_flight: collections.deque = collections.deque()
-            for page in order:
-                ticket, waited = backend.run_page(session, page, groups, pass_index, mask)
-                stall += waited
-                in_flight.append(ticket)
-                if len(in_flight) >= backend.depth:
+            try:
+                for page in order:
+                    ticket, waited = backend.run_page(session, page, groups, pass_index, mask)
+                    stall += waited
+                    in_flight.append(ticket)
+                    if len(in_flight) >= backend.depth:
+                        backend.retire(in_flight.popleft())
+                while in_flight:
                     backend.retire(in_flight.popleft())
-            while in_flight:
-                backend.retire(in_flight.popleft())
+            except BaseException:
+                _drain(backend, in_flight)
+                raise
             stall += session.pager.end_pass()
             if pass_index + 1 < session.algorithm.passes:
                 backend.between_passes(session, groups, active, pass_index)
@@ -68,3 +72,13 @@ class Engine:
         session.step_seconds += seconds
         session.stall_seconds += stall
         return StepResult(seconds, stall, session.pager.faults - faults_before, len(active), check.norm)
+
+
+def _drain(backend, in_flight: collections.deque) -> None:
+    """After a failed page: waits for the pages still in flight, so that no kernel or copy goes on
+    writing into the session's memory after the step has reported its error."""
+    while in_flight:
+        try:
+            backend.retire(in_flight.popleft())
+        except Exception:  # noqa: BLE001 - the first error is the one reported
+            pass

@@ -1,9 +1,10 @@
 """The gRPC servicer: decode, validate, call the store, encode (STYLE.md point 8).
 
 Heavy work (steps, state transfers) runs in a thread pool so the event loop keeps answering every other
-session; one asyncio lock per session keeps that session's operations in order. Errors raised by the
-core carry their status code (stated.errors); anything else becomes INTERNAL with the exception's text,
-is logged, and the daemon keeps serving.
+session; one lock per session keeps that session's operations in order, whether they run on the event loop
+or on a step channel thread (stated.session_lock). Errors raised by the core carry their status code
+(stated.errors); anything else becomes INTERNAL with the exception's text, is logged, and the daemon keeps
+serving.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from stated import __version__
 from stated.errors import InvalidArgument, NotFound, ServiceError
 from stated.metrics import Metrics
 from stated.session import Session
+from stated.session_lock import SessionLock
 from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
 from stated_kernels import ALGORITHMS
@@ -71,7 +73,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.store = store
         self.metrics = metrics
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks: dict[str, SessionLock] = {}
         self.closed: dict[str, asyncio.Event] = {}
         # The step channel's socket (stated.step_channel), told to clients at Attach; "" when none.
         self.step_socket = ""
@@ -83,8 +85,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         return self.store.get(ref.id, ref.token)
 
     def _update_gauges(self) -> None:
-        sessions = self.store.sessions.values()
-        self.metrics.sessions.set(len(self.store.sessions))
+        # A snapshot: step channel threads call this while the event loop attaches and detaches.
+        sessions = list(self.store.sessions.values())
+        self.metrics.sessions.set(len(sessions))
         self.metrics.state_bytes.set(sum(s.state_bytes for s in sessions))
         self.metrics.parameters.set(sum(s.parameters for s in sessions))
         by_algorithm: dict[str, list[int]] = {}
@@ -105,7 +108,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
         session = self.store.attach(request.job, request.rank, request.algorithm, request.pid,
                                     request.master_weights)
-        self.locks[session.id] = asyncio.Lock()
+        self.locks[session.id] = SessionLock()
         self.closed[session.id] = asyncio.Event()
         log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s%s", session.job, session.rank, session.id,
                  session.pid, session.algorithm.name, " master_weights" if session.master else "")
@@ -184,21 +187,37 @@ class StateServicer(pb_grpc.StateServiceServicer):
         return await self.apply_step(request.session.id, request.session.token, request)
 
     async def apply_step(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
-        """Step, from gRPC or the step channel (stated.step_channel); raises ServiceError."""
+        """Step, from gRPC's Step, on the event loop; raises ServiceError."""
+        session, lock, groups = self._step_session(session_id, token, request)
+        async with lock:
+            self._check_attached(session)
+            if session.parameters <= INLINE_STEP_PARAMETERS:
+                return self._step_locked(session, request, groups)
+            return await self._run(self._step_locked, session, request, groups)
+
+    def step_blocking(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
+        """Step, from a step channel thread (stated.step_channel), with no hop through the event loop;
+        raises ServiceError."""
+        session, lock, groups = self._step_session(session_id, token, request)
+        with lock:
+            self._check_attached(session)
+            return self._step_locked(session, request, groups)
+
+    def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
         session = self.store.get(session_id, token)
         lock = self.locks.get(session.id)
         if lock is None:
             raise NotFound(f"session {session.id} is detaching")
-        groups = [hyperparameters(g) for g in request.groups]
-        async with lock:
-            if session.id not in self.store.sessions:
-                raise NotFound(f"session {session.id} was detached while its step waited")
-            if session.parameters <= INLINE_STEP_PARAMETERS:
-                result = self.store.step(session, request.step, groups, request.has_grad,
-                                         request.grad_scale, request.max_grad_norm)
-            else:
-                result = await self._run(self.store.step, session, request.step, groups, request.has_grad,
-                                         request.grad_scale, request.max_grad_norm)
+        return session, lock, [hyperparameters(g) for g in request.groups]
+
+    def _check_attached(self, session: Session) -> None:
+        if session.id not in self.store.sessions:
+            raise NotFound(f"session {session.id} was detached while its step waited")
+
+    def _step_locked(self, session: Session, request: pb.StepRequest, groups: list[dict]) -> pb.StepResponse:
+        """The step itself, under the session's lock, on whichever thread holds it."""
+        result = self.store.step(session, request.step, groups, request.has_grad,
+                                 request.grad_scale, request.max_grad_norm)
         self.metrics.step_duration.observe(result.seconds)
         self.metrics.steps.inc()
         self.metrics.stall_seconds.inc(result.stall_seconds)

@@ -50,6 +50,8 @@ class Binding:
     buffer_ptr: int
     segments: list[Segment]
     by_group: dict[int, list[Segment]]
+    # The CPU backend's pieces of each group (stated.backends.cpu_workers), cut at first use.
+    pieces: dict[int, list[list[Segment]]] = dataclasses.field(default_factory=dict)
 
 
 class Session:

@@ -40,6 +40,7 @@ from stated_kernels.spec import (
 
 class AdamW(Algorithm):
     name = "adamw"
+    independent_segments = True  # elementwise; per-tensor state is only read
     decoupled = True
     hyperparameters = (
         HyperSpec("lr", 1e-3, check=non_negative),

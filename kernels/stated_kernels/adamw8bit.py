@@ -91,6 +91,7 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
 
 class AdamW8bit(Algorithm):
     name = "adamw8bit"
+    independent_segments = True  # blockwise; per-tensor state is only read
     block_elements = BLOCK
     hyperparameters = (
         HyperSpec("lr", 1e-3, check=non_negative),

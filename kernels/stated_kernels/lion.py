@@ -45,6 +45,7 @@ def closed_unit_interval(value: float) -> str | None:
 
 class Lion(Algorithm):
     name = "lion"
+    independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", 1e-4, check=positive),
         HyperSpec("beta1", 0.9, check=closed_unit_interval),

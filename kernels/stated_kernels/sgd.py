@@ -40,6 +40,7 @@ from stated_kernels.spec import (
 
 class SGD(Algorithm):
     name = "sgd"
+    independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", 1e-3, check=non_negative),
         HyperSpec("momentum", 0.0, check=non_negative),

@@ -86,6 +86,7 @@ def parse_rule(text: str) -> Rule:
 
 class SlimAdam(Algorithm):
     name = "slimadam"
+    independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", None, check=non_negative),
         HyperSpec("beta1", None, check=unit_interval),

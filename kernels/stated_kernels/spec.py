@@ -139,6 +139,10 @@ class Algorithm:
     passes: int = 1
     # Segments of a tensor start at multiples of this many elements of the tensor (8-bit blocks).
     block_elements: int = 1
+    # True when `update` of a slice of a segment (cut at a multiple of block_elements from its start)
+    # reads and writes that slice's param, grad and fields alone, and per-tensor state only reads:
+    # then slices of one page may run on different threads at once (Note [dynamic CPU scheduling]).
+    independent_segments: bool = False
 
     # --- layout -------------------------------------------------------------------------------
 

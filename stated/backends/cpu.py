@@ -1,8 +1,11 @@
 """The CPU backend: kernels run with torch directly on the host pages and the shared-memory arenas.
 
-Host pages are the kernels' own buffers, so a page needs no staging and its ticket is retired at once.
-The algorithms' CPU updates use torch's fused CPU kernels, which reach the memory-bandwidth ceiling
-(PERFORMANCE.md).
+Host pages are the kernels' own buffers, so a page needs no staging. The algorithms' CPU updates use
+torch's fused CPU kernels, which reach the memory-bandwidth ceiling (PERFORMANCE.md). With worker
+threads (stated.backends.cpu_workers), a page of an algorithm whose segments can be cut is handed to
+them in pieces and its ticket is retired once they have all run; two pages are in flight, so the
+threads never wait for the engine between pages. Other pages run at once on the step's thread, with
+torch's own OpenMP threads.
 """
 
 from __future__ import annotations
@@ -14,15 +17,27 @@ from collections.abc import Sequence
 import torch
 
 from stated.backends.base import Backend, GradientCheck
-from stated_kernels.spec import Algorithm, Hyperparameters
+from stated.backends.cpu_workers import CpuWorkers, Ticket, cut
+from stated_kernels.spec import Algorithm, Hyperparameters, Segment
 
 
 def _overrides(algorithm: Algorithm, method: str) -> bool:
     return getattr(type(algorithm), method) is not getattr(Algorithm, method)
 
 
+@dataclasses.dataclass
+class PageTicket:
+    session: object
+    page: int
+    pieces: Ticket
+
+
 class CpuBackend(Backend):
     name = "cpu"
+
+    def __init__(self, workers: CpuWorkers | None = None):
+        self.workers = workers
+        self.depth = 2 if workers is not None else 1
 
     def check_gradients(self, session, active: Sequence[int], grad_scale: float,
                         max_grad_norm: float) -> GradientCheck:
@@ -55,11 +70,45 @@ class CpuBackend(Backend):
                                   session.grad_views[index].view(info.shape), session.small[index], hp)
 
     def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
-                 has_grad: bytes | None) -> tuple[None, float]:
+                 has_grad: bytes | None) -> tuple[PageTicket | None, float]:
         host, waited = session.pager.get(page)
-        self.update(session, session.bind(session.table[page], host), groups, pass_index, has_grad)
-        session.pager.done(page)
+        binding = session.bind(session.table[page], host)
+        if self.workers is not None and session.algorithm.independent_segments:
+            tasks = self._tasks(session, binding, groups, pass_index, has_grad)
+            if tasks is not None:
+                return PageTicket(session, page, self.workers.submit(tasks)), waited
+        try:
+            self.update(session, binding, groups, pass_index, has_grad)
+        finally:
+            session.pager.done(page)
         return None, waited
+
+    def retire(self, ticket: PageTicket | None) -> None:
+        if ticket is not None:
+            try:
+                ticket.pieces.wait()
+            finally:
+                ticket.session.pager.done(ticket.page)
+
+    def _tasks(self, session, binding, groups: list[Hyperparameters], pass_index: int, has_grad: bytes | None):
+        """The page's update as pieces for the workers, or None when it is too small to share out: pages
+        under two of the largest pieces run on the step's thread, as handing them over would cost more
+        (two thread wake-ups) than an uneven split of so little work."""
+        pieces = binding.pieces
+        if not pieces:  # cut once per binding: the views stay valid while the page keeps its buffer
+            block, workers = session.algorithm.block_elements, self.workers
+            pieces.update((group, cut(segments, block, workers.largest, workers.smallest))
+                          for group, segments in binding.by_group.items())
+        tasks, elements = [], 0
+        for group, group_pieces in pieces.items():
+            hp = groups[group]
+            for piece in group_pieces:
+                if has_grad is not None:
+                    piece = [s for s in piece if has_grad[s.tensor.index]]
+                elements += sum(s.length for s in piece)
+                if piece:
+                    tasks.append(lambda piece=piece, hp=hp: CpuBackend.update_segments(session, piece, hp, pass_index))
+        return tasks if elements >= 2 * self.workers.largest else None
 
     @staticmethod
     def update(session, binding, groups: list[Hyperparameters], pass_index: int, has_grad: bytes | None) -> None:
@@ -69,12 +118,16 @@ class CpuBackend(Backend):
                 segments = [s for s in segments if has_grad[s.tensor.index]]
                 if not segments:
                     continue
-            if session.master:  # Note [master weights]: fp32 gradients in, rounded parameters out
-                segments = [dataclasses.replace(s, grad=s.grad.float()) for s in segments]
-            session.algorithm.update(segments, groups[group], pass_index)
-            if session.master:
-                for s in segments:
-                    session.arena_param(s).copy_(s.param)
+            CpuBackend.update_segments(session, segments, groups[group], pass_index)
+
+    @staticmethod
+    def update_segments(session, segments: list[Segment], hp: Hyperparameters, pass_index: int) -> None:
+        if session.master:  # Note [master weights]: fp32 gradients in, rounded parameters out
+            segments = [dataclasses.replace(s, grad=s.grad.float()) for s in segments]
+        session.algorithm.update(segments, hp, pass_index)
+        if session.master:
+            for s in segments:
+                session.arena_param(s).copy_(s.param)
 
     def end_step(self, session) -> None:
         pass

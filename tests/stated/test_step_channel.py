@@ -1,22 +1,27 @@
 """The step channel (stated.step_channel) against a real daemon, over a real unix socket.
 
 Each refusal names what was wrong, a refused step leaves the channel and the session serving, a broken
-frame closes only that connection, and steps over the channel and over gRPC are the same steps.
+frame closes only that connection, steps over the channel and over gRPC are the same steps, a channel
+step and a gRPC export of the same session take turns (one session lock, stated.session_lock), and a
+daemon stops promptly with connections open.
 """
 
 from __future__ import annotations
 
+import os
 import socket
-import struct
+import threading
+import time
 
 import pytest
 import torch
 
 import stated
-from stated.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, frame
+from stated.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, STOP_SECONDS, frame
 from stated.v1 import state_service_pb2 as pb
+from stated_client import arenas
 
-from test_bad_input import hp, registered, step, stub  # noqa: F401 (fixture)
+from test_bad_input import attach, hp, registered, specs, step, stub  # noqa: F401 (fixture)
 
 
 class Raw:
@@ -156,3 +161,117 @@ def test_a_socket_path_too_long_for_the_channel_steps_over_grpc(tmp_path):
         assert "no step channel" in proc.log()
     finally:
         proc.stop()
+
+
+def test_a_garbage_frame_closes_its_connection_while_another_of_the_session_steps(daemon, stub):  # noqa: F811
+    session = registered(stub)
+    good, bad = hello(daemon, session), hello(daemon, session)
+    good.send(frame(MESSAGE, step_request(1).SerializeToString()))
+    assert good.receive()[0] == MESSAGE
+    bad.send(b"\xde\xad\xbe\xef" * 4)  # frame kind 0xde, and bytes the daemon never reads
+    code, message = error_of(bad)
+    assert code == "INVALID_ARGUMENT" and "kind 222" in message
+    assert bad.closed()
+    for number in (2, 3):
+        good.send(frame(MESSAGE, step_request(number).SerializeToString()))
+        assert pb.StepResponse.FromString(good.receive()[1]).tensors_updated == 2
+    step(stub, session, 4)
+
+
+# --- a channel step and a gRPC export of the same session ------------------------------------------
+
+ELEMENTS = (1 << 16, 3 << 14)  # several export chunks per field, so an export takes a while
+STEPS = 20
+
+
+def mapped(stub) -> tuple[pb.SessionRef, list[torch.Tensor]]:  # noqa: F811
+    """A session with ELEMENTS registered, its parameters and (fixed) gradients written; the arenas are
+    returned to keep them mapped."""
+    session = attach(stub)
+    reply = stub.Register(pb.RegisterRequest(session=session, groups=[hp()], tensors=specs([[n] for n in ELEMENTS])))
+    params = arenas.map_segment(reply.param_arena, reply.arena_bytes)
+    grads = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
+    for placement in reply.placements:
+        n = ELEMENTS[placement.index]
+        like = torch.empty(n, dtype=torch.float32)
+        arenas.view(params, placement.offset_bytes, like).copy_(torch.linspace(-1, 1, n))
+        arenas.view(grads, placement.offset_bytes, like).copy_(torch.cos(torch.arange(n) * 0.01 + placement.index))
+    return session, [params, grads]
+
+
+def exported(stub, session) -> dict[int, tuple[float, dict[str, bytes]]]:  # noqa: F811
+    """ExportState as {tensor: (step, {field: bytes})}."""
+    state: dict[int, tuple[float, dict[str, bytearray]]] = {}
+    for reply in stub.ExportState(pb.ExportStateRequest(session=session)):
+        if reply.WhichOneof("item") == "header":
+            state[reply.header.tensor] = (reply.header.step, {})
+        else:
+            state[reply.chunk.tensor][1].setdefault(reply.chunk.field, bytearray()).extend(reply.chunk.data)
+    return {t: (s, {f: bytes(v) for f, v in fields.items()}) for t, (s, fields) in state.items()}
+
+
+def test_a_channel_step_and_a_grpc_export_of_the_session_take_turns(daemon, stub):  # noqa: F811
+    """Exports taken while the channel steps are each the whole state after some step: all tensors at
+    the same step, equal to a second session's state after as many steps taken one after another."""
+    reference_session, reference_arenas = mapped(stub)
+    reference = {0: exported(stub, reference_session)}
+    for number in range(1, STEPS + 1):
+        step(stub, reference_session, number)
+        reference[number] = exported(stub, reference_session)
+
+    session, session_arenas = mapped(stub)
+    raw = hello(daemon, session)
+    failure: list[BaseException] = []
+
+    def steps():
+        try:
+            for number in range(1, STEPS + 1):
+                raw.send(frame(MESSAGE, step_request(number).SerializeToString()))
+                kind, _ = raw.receive()
+                assert kind == MESSAGE
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            failure.append(exc)
+
+    stepper = threading.Thread(target=steps)
+    stepper.start()
+    exports = []
+    while stepper.is_alive():
+        exports.append(exported(stub, session))
+    stepper.join()
+    assert not failure, failure
+    exports.append(exported(stub, session))
+
+    for state in exports:
+        numbers = {s for s, _ in state.values()}
+        assert len(numbers) <= 1, f"an export mixes tensors at steps {sorted(numbers)}"
+        number = int(numbers.pop()) if numbers else 0
+        assert state == reference[number], f"an export at step {number} is not the state after step {number}"
+    assert exports[-1] == reference[STEPS]
+    assert torch.equal(session_arenas[0], reference_arenas[0]), "the parameters differ"
+
+
+# --- stopping ----------------------------------------------------------------------------------------
+
+def test_the_daemon_stops_promptly_with_channel_connections_open(tmp_path):
+    from support.daemon import DaemonProcess
+
+    proc = DaemonProcess(tmp_path / "d")
+    proc.start()
+    try:
+        channel, grpc_stub = proc.stub()
+        session = registered(grpc_stub)
+        channel.close()
+        stepping = hello(proc, session)
+        stepping.send(frame(MESSAGE, step_request(1).SerializeToString()))
+        assert stepping.receive()[0] == MESSAGE
+        silent = Raw(proc.socket + ".step")  # connected, never says hello
+        started = time.monotonic()
+        assert proc.stop() == 0
+        elapsed = time.monotonic() - started
+    finally:
+        proc.stop()
+    assert elapsed < STOP_SECONDS - 1, f"the daemon took {elapsed:.1f} s to stop"
+    assert stepping.closed() and silent.closed()
+    assert not os.path.exists(proc.socket + ".step") and not os.path.exists(proc.socket)
+    assert proc.leaked_segments() == []
+    assert "Traceback" not in proc.log() and "still open" not in proc.log()
