@@ -2,8 +2,8 @@
 
 For each model size the two optimizers step the same parameters' worth of work, interleaved
 (stated, torch, stated, torch, ...). Gradients stay views of the grad arena, as in steady state with
-zero_grad(set_to_none=False), so the figure is the cost of the step itself: one gRPC call plus the
-daemon's page pass, against torch's fused kernel in the training process.
+zero_grad(set_to_none=False), so the figure is the cost of the step itself: one step-channel round
+trip plus the daemon's page pass, against torch's fused kernel in the training process.
 
     python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9]
 
@@ -47,6 +47,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="1M,10M,50M,200M", help="comma-separated parameter counts")
     parser.add_argument("--samples", type=int, default=9, help="timed steps per optimizer and size (default 9)")
     parser.add_argument("--page-size", default=None, help="the daemon's --page-size (default: its own default)")
+    parser.add_argument("--cpu-threads", default=None, metavar="N",
+                        help="the daemon's --cpu-threads (default: its own default; 0: torch's OpenMP threads only)")
     parser.add_argument("--algorithms-at", default=None, metavar="COUNT",
                         help="instead: each algorithm's step time over stated.AdamW's at this size (e.g. 50M)")
     args = parser.parse_args()
@@ -54,7 +56,8 @@ def main() -> int:
         return compare_algorithms(parse_count(args.algorithms_at), args.samples)
     import stated
 
-    daemon = BenchDaemon(*(["--page-size", args.page_size] if args.page_size else []))
+    daemon = BenchDaemon(*(["--page-size", args.page_size] if args.page_size else []),
+                         *(["--cpu-threads", args.cpu_threads] if args.cpu_threads is not None else []))
     results = []
     try:
         print(f"{'params':>8s} {'stated ms':>10s} {'torch ms':>10s} {'added ms':>9s} {'ratio':>6s} "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from typing import Any
 
@@ -86,8 +85,6 @@ class Session:
         self.step_seconds = 0.0
         self.stall_seconds = 0.0
         self.dtype: torch.dtype | None = None
-        # One operation at a time per session: steps, exports and imports never interleave.
-        self.lock = threading.Lock()
         self.closed = False
         self.pager = None  # set by the store
         # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -31,11 +30,11 @@ import torch
 
 from stated_kernels.spec import Segment
 
-log = logging.getLogger(__name__)
-
-# Elements per piece: large enough that torch's per-call cost (some 20 us) stays near 1% of the
-# piece's time, small enough that the last pieces of a step even out between threads.
-LARGEST_PIECE = 1 << 20
+# Elements per piece: large enough that torch's per-call cost (some 20 us) stays well under 1% of the
+# piece's time, small enough that the pieces of two pages in flight even out between threads. Chosen
+# on 2 cores with bench/cpu_step.py's 50M model, daemons with each size stepping interleaved in one run
+# (BENCHMARKS.md): 1M, 2M and 4M gave 1.10, 1.07 and 1.22 times torch's step (means of 4, 4, 2 runs).
+LARGEST_PIECE = 2 << 20
 SMALLEST_PIECE = 1 << 18
 # torch's CPU kernels run the last `length % vector width` elements of a call through scalar code, which
 # can round differently (Adam's L2 path does). Cutting a segment only at multiples of 64 elements from

@@ -19,6 +19,7 @@ from stated.metrics import Metrics
 from stated.paging import Paging
 from stated.store import Store
 from stated_kernels.spec import Segment, TensorInfo
+from support.stepping import step_store
 
 PAGE_BYTES = 64 << 10
 SHAPES = [(96, 128), (300,), (64, 256), (7,), (128, 96), (1000, 33)]
@@ -80,27 +81,10 @@ CASES = [
 ]
 
 
-def run(backend: CpuBackend, paging: Paging, algorithm: str, hp: dict, master: bool, steps: int = 5):
-    store = Store(backend, PAGE_BYTES, paging=paging)
-    session = store.attach("workers", 0, algorithm, 1, master_weights=master)
-    dtype = torch.bfloat16 if master else torch.float32
-    try:
-        store.register(session, [hp], [(shape, dtype, 0, f"layers.{i}.mlp.c_fc.weight") for i, shape in enumerate(SHAPES)])
-        g = torch.Generator().manual_seed(1)
-        for i, shape in enumerate(SHAPES):
-            session.param_views[i].copy_(torch.randn(shape, generator=g).reshape(-1))
-        for number in range(1, steps + 1):
-            for i, shape in enumerate(SHAPES):
-                session.grad_views[i].copy_(torch.randn(shape, generator=g).reshape(-1) * 1e-2)
-            has_grad = bytes(0 if (number % 3 == 0 and i == 2) else 1 for i in range(len(SHAPES)))
-            store.step(session, number, [hp], has_grad)
-        store.begin_export(session)
-        params = [v.clone() for v in session.param_views]
-        state = [store.export_tensor(session, i) for i in range(len(SHAPES))]
-        return params, state
-    finally:
-        store.detach(session)
-        store.paging.close()
+def run(backend: CpuBackend, paging: Paging, algorithm: str, hp: dict, master: bool):
+    params, state, _ = step_store(Store(backend, PAGE_BYTES, paging=paging), algorithm, hp, SHAPES, master,
+                                  steps=5, name="layers.{}.mlp.c_fc.weight")
+    return params, state
 
 
 @pytest.mark.parametrize("algorithm,hp", CASES)
