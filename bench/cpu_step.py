@@ -31,8 +31,8 @@ def parse_count(text: str) -> int:
     return int(float(text[:-1]) * units[text[-1].upper()]) if text[-1].upper() in units else int(text)
 
 
-def make_params(n: int) -> list[torch.nn.Parameter]:
-    sizes = [TENSOR_ELEMENTS] * (n // TENSOR_ELEMENTS) + ([n % TENSOR_ELEMENTS] if n % TENSOR_ELEMENTS else [])
+def make_params(n: int, per_tensor: int = TENSOR_ELEMENTS) -> list[torch.nn.Parameter]:
+    sizes = [per_tensor] * (n // per_tensor) + ([n % per_tensor] if n % per_tensor else [])
     g = torch.Generator().manual_seed(0)
     params = []
     for size in sizes:
@@ -47,6 +47,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="1M,10M,50M,200M", help="comma-separated parameter counts")
     parser.add_argument("--samples", type=int, default=9, help="timed steps per optimizer and size (default 9)")
     parser.add_argument("--page-size", default=None, help="the daemon's --page-size (default: its own default)")
+    parser.add_argument("--tensor-elements", type=parse_count, default=TENSOR_ELEMENTS, metavar="COUNT",
+                        help="elements per tensor, the rest in one smaller tensor (default 4M; e.g. 3333 makes a 1M "
+                             "model of 300 tensors)")
     parser.add_argument("--cpu-threads", default=None, metavar="N",
                         help="the daemon's --cpu-threads (default: its own default; 0: torch's OpenMP threads only)")
     parser.add_argument("--algorithms-at", default=None, metavar="COUNT",
@@ -64,7 +67,7 @@ def main() -> int:
               f"{'min':>6s} {'max':>6s}", flush=True)
         for text in args.sizes.split(","):
             n = parse_count(text)
-            ours_params, ref_params = make_params(n), make_params(n)
+            ours_params, ref_params = make_params(n, args.tensor_elements), make_params(n, args.tensor_elements)
             ours = stated.AdamW(ours_params, lr=1e-3, address=daemon.address, job=f"bench-{text}")
             ref = torch.optim.AdamW(ref_params, lr=1e-3, fused=True)
             a, b = interleaved(ours.step, ref.step, args.samples)
