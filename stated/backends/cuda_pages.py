@@ -42,7 +42,7 @@ import torch
 from stated.backends.cuda_memory import PageBuffer
 from stated.residency import ResidencyPolicy
 from stated.session import MASTER
-from stated_kernels import cuda_runner
+from stated_kernels import cuda_runner, cuda_small
 from stated_kernels import cuda_sources as cs
 
 log = logging.getLogger("stated.cuda")
@@ -106,7 +106,7 @@ class DeviceSession:
         self.dirty: set[int] = set()  # cached pages newer than their host copy
         self.cached_bytes = 0
         self.holding: dict[int, Ticket] = {}  # pages fetched from the pager and not yet handed back
-        self.small: dict[int, cuda_runner.DeviceSmall] = {}
+        self.small: dict[int, cuda_small.DeviceSmall] = {}
         self.table = None  # the host tensor table (cuda_sources.TENSOR_DTYPE)
         self.tensors_dev = None
         self.page_launches: dict[int, list[_Launch]] = {}

@@ -18,7 +18,7 @@ import types
 import numpy as np
 import torch
 
-from stated_kernels import cuda_runner
+from stated_kernels import cuda_runner, cuda_small
 from stated_kernels.spec import Segment
 
 UUID = bytes(range(16))  # the one fake device's UUID
@@ -184,7 +184,7 @@ class HostAlgorithm(cuda_runner.CudaAlgorithm):
         pass
 
     def device_small(self, info, small):
-        return cuda_runner.DeviceSmall(cuda_runner.SmallPlan(), {-1: small}, [0] * 8)
+        return cuda_small.DeviceSmall(cuda_small.SmallPlan(), {-1: small}, [0] * 8)
 
     def copy_small_to_host(self, device_small, small) -> None:
         assert device_small.arrays[-1] is small

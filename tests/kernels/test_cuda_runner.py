@@ -16,7 +16,8 @@ import stated_kernels
 from stated.layout import cut_pages, place_tensors
 from stated.session import MASTER
 from stated_kernels import cuda_sources as cs
-from stated_kernels.cuda_runner import CudaAlgorithm, DeviceSmall
+from stated_kernels.cuda_runner import CudaAlgorithm
+from stated_kernels.cuda_small import DeviceSmall, slim_plan
 from stated_kernels.spec import TensorInfo
 
 TENSORS = [  # (name, shape): 0-D, 1-D, 2-D, 3-D and 4-D, quantized and not, every SlimAdam kind
@@ -89,17 +90,16 @@ def shape_class(plan):
 
 
 def test_shape_classes():
-    slim = CudaAlgorithm(stated_kernels.lookup("slimadam"), torch.float32, torch.float32)
-    assert shape_class(slim._slim_plan((8, 3, 4, 4), (1,))) == (1, 3, 16, 8)  # [outer, mid, inner] = (lead, rows, cols)
-    assert shape_class(slim._slim_plan((64, 96), (0, 1))) == (1, 6144, 1, 1)
-    assert shape_class(slim._slim_plan((2, 3, 4, 5), (1, 2))) == (1, 12, 5, 2)  # one run of two dims
-    plan = slim._slim_plan((4, 6, 10), (0, 2))
+    assert shape_class(slim_plan((8, 3, 4, 4), (1,), torch.float32)) == (1, 3, 16, 8)  # [outer, mid, inner] = (lead, rows, cols)
+    assert shape_class(slim_plan((64, 96), (0, 1), torch.float32)) == (1, 6144, 1, 1)
+    assert shape_class(slim_plan((2, 3, 4, 5), (1, 2), torch.float32)) == (1, 12, 5, 2)  # one run of two dims
+    plan = slim_plan((4, 6, 10), (0, 2), torch.float32)
     assert shape_class(plan) == (2, 40, 1, 6)  # kind 2: lead = nu entries, rows = the K count
     assert plan.slots[1].const == (3, 0b101, 4, 6, 10)
-    plan = slim._slim_plan((2, 3, 4, 5), (0, 3))
+    plan = slim_plan((2, 3, 4, 5), (0, 3), torch.float32)
     assert plan.slots[1].const == (3, 0b101, 2, 12, 5)
     with pytest.raises(ValueError, match="runs"):
-        slim._slim_plan((2,) * 9, (0, 2, 4, 6, 8))
+        slim_plan((2,) * 9, (0, 2, 4, 6, 8), torch.float32)
     adafactor = CudaAlgorithm(stated_kernels.lookup("adafactor"), torch.float32, torch.float32)
     info = TensorInfo(0, (3, 40, 72), torch.float32, 0)
     plan = adafactor.small_plan(info, stated_kernels.lookup("adafactor").init_small_state(info, {}))
