@@ -11,6 +11,7 @@ torch's own OpenMP threads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -114,17 +115,17 @@ class CpuBackend(Backend):
             block, workers = session.algorithm.block_elements, self.workers
             pieces.update((group, cut(segments, block, workers.largest, workers.smallest))
                           for group, segments in binding.by_group.items())
-        tasks, elements, segments = [], 0, 0
+        work = []  # (hyperparameters, piece) of the pieces with gradients
         for group, group_pieces in pieces.items():
-            hp = groups[group]
             for piece in group_pieces:
                 if has_grad is not None:
                     piece = [s for s in piece if has_grad[s.tensor.index]]
-                elements += sum(s.length for s in piece)
-                segments += len(piece)
                 if piece:
-                    tasks.append(lambda piece=piece, hp=hp: CpuBackend.update_segments(session, piece, hp, pass_index))
-        return tasks if elements >= 2 * self.workers.largest or segments > INLINE_SEGMENTS else None
+                    work.append((groups[group], piece))
+        segments = sum(len(piece) for _, piece in work)
+        if segments <= INLINE_SEGMENTS and sum(s.length for _, piece in work for s in piece) < 2 * self.workers.largest:
+            return None
+        return [functools.partial(self.update_segments, session, piece, hp, pass_index) for hp, piece in work]
 
     @staticmethod
     def update(session, binding, groups: list[Hyperparameters], pass_index: int, has_grad: bytes | None) -> None:
