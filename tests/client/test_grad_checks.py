@@ -33,6 +33,14 @@ def _scaler():
     return torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=5)
 
 
+def _scaled_step(opt, model, scaler, X, Y, i):
+    """torch's GradScaler recipe without unscale_: scale, backward, scaler.step, scaler.update."""
+    opt.zero_grad()
+    scaler.scale(_loss(model, X, Y, i)).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def test_max_grad_norm_matches_clip_grad_norm(address):
     m_ours, m_ref = make_model(), make_model()
     ours = stated.AdamW(m_ours.parameters(), lr=1e-2, max_grad_norm=0.5, address=address)
@@ -62,14 +70,8 @@ def test_grad_scaler_unscales_and_skips_in_the_daemon(address):
     s_ours, s_ref = _scaler(), _scaler()
     X, Y = data(STEPS)
     for i in range(STEPS):
-        ours.zero_grad()
-        s_ours.scale(_loss(m_ours, X, Y, i)).backward()
-        s_ours.step(ours)
-        s_ours.update()
-        ref.zero_grad()
-        s_ref.scale(_loss(m_ref, X, Y, i)).backward()
-        s_ref.step(ref)
-        s_ref.update()
+        _scaled_step(ours, m_ours, s_ours, X, Y, i)
+        _scaled_step(ref, m_ref, s_ref, X, Y, i)
         assert ours.last_step_skipped == (i == INF_STEP)
         assert s_ours.get_scale() == s_ref.get_scale(), f"step {i}: the scalers' scales diverged"
     assert s_ours.get_scale() != 2.0 ** 12, "the scale must have moved (growth and the inf backoff)"
@@ -85,10 +87,7 @@ def test_grad_scaler_and_max_grad_norm_together(address):
     s_ours, s_ref = _scaler(), _scaler()
     X, Y = data(STEPS)
     for i in range(STEPS):
-        ours.zero_grad()
-        s_ours.scale(_loss(m_ours, X, Y, i)).backward()
-        s_ours.step(ours)
-        s_ours.update()
+        _scaled_step(ours, m_ours, s_ours, X, Y, i)  # unscaling and clipping happen in the daemon
         ref.zero_grad()
         s_ref.scale(_loss(m_ref, X, Y, i)).backward()
         s_ref.unscale_(ref)
