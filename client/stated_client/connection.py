@@ -40,14 +40,14 @@ class Connection:
         self.stub = pb_grpc.StateServiceStub(self.channel)
         self.closed = False
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
         # grpc would raise a bare ValueError("Cannot invoke RPC on closed channel!").
         if self.closed:
             raise FailedPreconditionError(f"the optimizer was closed (detached from the stated daemon at "
                                           f"{self.target}); create a new optimizer to go on")
 
     def call(self, method: str, request, timeout: float | None = None):
-        self._check_open()
+        self.check_open()
         try:
             return getattr(self.stub, method)(request, timeout=timeout)
         except grpc.RpcError as error:
@@ -55,7 +55,7 @@ class Connection:
 
     def stream(self, method: str, request):
         """Iterates a server-streaming call, translating errors."""
-        self._check_open()
+        self.check_open()
         try:
             yield from getattr(self.stub, method)(request)
         except grpc.RpcError as error:

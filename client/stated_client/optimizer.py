@@ -3,7 +3,8 @@
 On construction it attaches a session and registers every param group: the daemon creates a param and
 a grad arena for the group, and every parameter becomes a view of the param arena. At `step()` each
 gradient is copied into the grad arena unless it is already a view of it, and is left as a view, so that
-with `zero_grad(set_to_none=False)` no copy happens in steady state. The step itself is one gRPC call.
+with `zero_grad(set_to_none=False)` no copy happens in steady state. The step itself is one round
+trip over the step channel (stated_client.step_line), or one gRPC call when there is none.
 
 CUDA parameters work the same way with device memory: the client allocates one flat parameter and one
 flat gradient buffer per group on the parameters' device and shares them with the daemon over CUDA IPC
@@ -257,7 +258,7 @@ class StatedOptimizer(torch.optim.Optimizer):
                 groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad),
                 grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0)
             try:
-                self._connection._check_open()
+                self._connection.check_open()
                 if self._step_line is not None:
                     reply = self._step_line.step(request)
                 else:
