@@ -341,28 +341,29 @@ __device__ __forceinline__ float warp_max(float x) {
     return x;
 }
 
-// Sum over the block; the result is valid in every thread. `scratch` holds ST_WARPS floats and
-// may be reused after the call returns (the trailing barrier protects it).
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
-    x = warp_sum(x);
+// Reduces over the block with the warp reduction `Warp`: each warp reduces, its lane 0 leaves the
+// result in `scratch` (ST_WARPS values), and every warp reduces those, `empty` standing for the
+// missing ones. The result is valid in every thread; `scratch` may be reused after the call returns
+// (the trailing barrier protects it).
+template <typename T, T (*Warp)(T)>
+__device__ __forceinline__ T block_reduce(T x, T* scratch, T empty) {
+    x = Warp(x);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
-    float total = lane < ST_WARPS ? scratch[lane] : 0.0f;
-    total = warp_sum(total);
+    T total = lane < ST_WARPS ? scratch[lane] : empty;
+    total = Warp(total);
     __syncthreads();
     return total;
 }
 
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+    return block_reduce<float, warp_sum>(x, scratch, 0.0f);
+}
+
+// Of non-negative values (absmax): 0 stands for the missing warps.
 __device__ __forceinline__ float block_max(float x, float* scratch) {
-    x = warp_max(x);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    float total = lane < ST_WARPS ? scratch[lane] : 0.0f;
-    total = warp_max(total);
-    __syncthreads();
-    return total;
+    return block_reduce<float, warp_max>(x, scratch, 0.0f);
 }
 
 // Sums over the middle axis of a tensor viewed as [outer, mid, inner]:
@@ -413,14 +414,7 @@ __device__ __forceinline__ double warp_sum(double x) {
 
 // Sum over the block in float64, valid in every thread; `scratch` holds ST_WARPS doubles.
 __device__ __forceinline__ double block_sum(double x, double* scratch) {
-    x = warp_sum(x);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    double total = lane < ST_WARPS ? scratch[lane] : 0.0;
-    total = warp_sum(total);
-    __syncthreads();
-    return total;
+    return block_reduce<double, warp_sum>(x, scratch, 0.0);
 }
 
 // Adds a block's float64 partial sum into a per-tensor float64 accumulator (one atomic per block).
