@@ -62,18 +62,6 @@ template <typename S> __device__ __forceinline__ float mean_square(float sum, fl
     return round_to<S>(rn_div(round_to<S>(rn_mul(norm, norm)), size));
 }
 
-// Indices of tensor element e of a factored tensor: row q = l * n + i, column slot l * m + j.
-struct Walk {
-    long long q, j, i, l;
-    __device__ __forceinline__ void start(const StTensor& t, long long e) {
-        q = e / t.cols; j = e - q * t.cols; l = q / t.rows; i = q - l * t.rows;
-    }
-    __device__ __forceinline__ long long col(const StTensor& t) const { return l * t.cols + j; }
-    __device__ __forceinline__ void next(const StTensor& t) {
-        if (++j == t.cols) { j = 0; ++q; if (++i == t.rows) { i = 0; ++l; } }
-    }
-};
-
 // A float64 norm rounded to float, then to S: torch's x.norm(2).item() of an S tensor.
 template <typename S> __device__ __forceinline__ double norm_of(double sum_squares) {
     return (double)round_to<S>((float)sqrt(sum_squares));

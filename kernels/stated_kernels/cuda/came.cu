@@ -69,18 +69,6 @@ __device__ __forceinline__ double divisor(const StTensor& t, double sum_squares)
     return (double)fmaxf(rn_div(rn_div(norm, t.hp[12]), t.hp[8]), 1.0f);
 }
 
-// Indices of tensor element e: row q = l * n + i, column slot l * m + j.
-struct Walk {
-    long long q, j, i, l;
-    __device__ __forceinline__ void start(const StTensor& t, long long e) {
-        q = e / t.cols; j = e - q * t.cols; l = q / t.rows; i = q - l * t.rows;
-    }
-    __device__ __forceinline__ long long col(const StTensor& t) const { return l * t.cols + j; }
-    __device__ __forceinline__ void next(const StTensor& t) {
-        if (++j == t.cols) { j = 0; ++q; if (++i == t.rows) { i = 0; ++l; } }
-    }
-};
-
 // Mean over i of a [L, n] row statistic into out[l] (one block per l).
 template <typename S>
 __device__ __forceinline__ void row_means(const StTensor& t, const S* row, float* out, float* scratch) {

@@ -366,6 +366,18 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
     return block_reduce<float, warp_max>(x, scratch, 0.0f);
 }
 
+// Indices of tensor element e of a factored tensor (Adafactor, CAME): row q = l * n + i, column slot l * m + j.
+struct Walk {
+    long long q, j, i, l;
+    __device__ __forceinline__ void start(const StTensor& t, long long e) {
+        q = e / t.cols; j = e - q * t.cols; l = q / t.rows; i = q - l * t.rows;
+    }
+    __device__ __forceinline__ long long col(const StTensor& t) const { return l * t.cols + j; }
+    __device__ __forceinline__ void next(const StTensor& t) {
+        if (++j == t.cols) { j = 0; ++q; if (++i == t.rows) { i = 0; ++l; } }
+    }
+};
+
 // Sums over the middle axis of a tensor viewed as [outer, mid, inner]:
 // done(o * inner + k, sum over b of load(o * mid * inner + b * inner + k)).
 // inner == 1 (a row of contiguous values): one warp per row, lanes stride along it.
