@@ -24,7 +24,7 @@ test: venv
 
 # Regenerates stated/v1 from protos/ with the pinned generator (grpcio-tools 1.66.2, see pyproject.toml).
 protos: venv
-	$(BIN)/python -m stated.protogen
+	$(BIN)/python -m stated.tools.protogen
 
 bench: venv
 	$(BIN)/python bench/cpu_step.py

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
 
     try:
-        from stated import planner
+        from stated.tools import planner
     except ImportError:
         planner = None
     if planner is not None and hasattr(planner, "add_parser"):
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         # steal the CPU the trainer's next forward pass needs (and the trainer's steal the daemon's).
         # Passive waiting must be chosen before torch loads, so it is set here, before any import of it.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from stated.daemon import DaemonConfig, serve
+        from stated.server.daemon import DaemonConfig, serve
         from stated_client.address import resolve, socket_path
 
         if args.page_size < 64 << 10:
@@ -130,17 +130,17 @@ def main(argv: list[str] | None = None) -> int:
                                   prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
                                   gpu_staging_pages=args.gpu_staging))
     if args.command == "demo":
-        from stated.demo import run_demo
+        from stated.tools.demo import run_demo
 
         if not 0 < args.budget:
             parser.error(f"--budget must be a fraction above 0, got {args.budget}")
         return run_demo(steps=args.steps, width=args.width, seed=args.seed, budget=args.budget)
     if args.command == "status":
-        from stated.status import show_status
+        from stated.tools.status import show_status
 
         return show_status(args.address)
     if args.command == "plan":
-        from stated import planner
+        from stated.tools import planner
 
         return planner.run(args)
     parser.error(f"unknown command {args.command}")

@@ -18,7 +18,7 @@ import torch
 from stated import layout, shm
 from stated.errors import InvalidArgument
 from stated.layout import Page, TensorPlace
-from stated.page_table import PageEntry, PageTable
+from stated.paging.page_table import PageEntry, PageTable
 from stated_kernels.spec import Algorithm, FieldSpec, Hyperparameters, Segment, TensorInfo
 
 # Note [master weights]: with master_weights, the arenas hold bf16/fp16 parameters and gradients while

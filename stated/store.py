@@ -19,7 +19,7 @@ from stated.backends.base import Backend
 from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from stated.metrics import Metrics
-from stated.paging import Paging
+from stated.paging.daemon_paging import Paging
 from stated.session import MASTER, MASTER_KEY, Session
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo

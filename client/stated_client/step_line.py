@@ -1,4 +1,4 @@
-"""The client's end of the step channel (protocol in stated.step_channel): a blocking unix socket
+"""The client's end of the step channel (protocol in stated.server.step_channel): a blocking unix socket
 bound to one session, over which step() sends its StepRequest. About 0.1 ms per round trip where gRPC
 takes about 1 ms, which is most of what stated adds to a small model's step.
 
@@ -14,7 +14,7 @@ import socket
 
 import grpc
 
-from stated.step_channel import ERROR, HEADER, MESSAGE, frame
+from stated.server.step_channel import ERROR, HEADER, MESSAGE, frame
 from stated.v1 import state_service_pb2 as pb
 from stated_client.errors import BY_CODE, DaemonUnavailableError, InternalError, StatedError
 

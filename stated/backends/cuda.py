@@ -109,7 +109,7 @@ class CudaBackend(Backend):
         log.info("CUDA backend: %d device(s), staging %d pages of %d bytes per session, GPU cache %d pages per "
                  "device", len(self._ordinals), staging_pages, page_bytes, self.cache_pages)
 
-    # --- the host pools' pinner (stated.host_pool) -------------------------------------------------
+    # --- the host pools' pinner (stated.paging.host_pool) -------------------------------------------------
 
     def pin_host(self, address: int, nbytes: int) -> None:
         """Page-locks a host page slot so that copies to and from every GPU run asynchronously."""

@@ -17,12 +17,12 @@ staging buffer, so the copy in of page k+1, the kernels of page k and the copy o
 overlap. A page in the GPU cache only takes the kernel stream.
 
 Note [GPU cache residency]: with --gpu-cache, a session's pages stay on the device under the same
-most-recently-used policy as the host tier (Note [cyclic scan eviction] in stated.residency), and are
+most-recently-used policy as the host tier (Note [cyclic scan eviction] in stated.paging.residency), and are
 written back (copied out and handed to the pager dirty) only when evicted, or by `flush`. Under a
 cyclic scan the policy evicts the page just used to admit the next, so a faulting page never copies
 into the victim's buffer (which would serialise copy out, copy in and kernel): it copies into a
 staging buffer, which becomes its cache slot, and the victim's buffer takes that place in the ring
-once its copy out is ordered (Note [capacity and staging] in stated.residency, on the device).
+once its copy out is ordered (Note [capacity and staging] in stated.paging.residency, on the device).
 
 Note [host pages in flight]: every pager.get is matched by exactly one pager.done. A page evicted
 from the GPU cache while the ticket that fetched it is still in flight is copied back into that
@@ -40,7 +40,7 @@ import cupy as cp
 import torch
 
 from stated.backends.cuda_memory import PageBuffer
-from stated.residency import ResidencyPolicy
+from stated.paging.residency import ResidencyPolicy
 from stated.session import MASTER
 from stated_kernels import cuda_runner, cuda_small
 from stated_kernels import cuda_sources as cs

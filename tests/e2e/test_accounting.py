@@ -9,7 +9,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import stated
-from stated.status import show_status
+from stated.tools.status import show_status
 from stated.v1 import state_service_pb2 as pb
 
 

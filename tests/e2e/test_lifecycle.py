@@ -130,7 +130,7 @@ def mode(path: str) -> int:
 def test_socket_is_0600_in_a_0700_directory(daemon):
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
     assert mode(daemon.socket) == 0o600
-    assert mode(daemon.socket + ".step") == 0o600  # the step channel (stated.step_channel)
+    assert mode(daemon.socket + ".step") == 0o600  # the step channel (stated.server.step_channel)
     assert mode(os.path.dirname(daemon.socket)) == 0o700
     session = attach_and_register(daemon)
     try:

@@ -11,7 +11,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 import stated
-from stated.disk import HEADER_BYTES, align_up, state_path
+from stated.paging.state_file import HEADER_BYTES, align_up, state_path
 from stated.v1 import state_service_pb2 as pb
 from support.daemon import DaemonProcess
 

@@ -11,7 +11,7 @@ import torch
 
 from stated.backends.cpu import CpuBackend
 from stated.metrics import Metrics
-from stated.paging import Paging
+from stated.paging.daemon_paging import Paging
 from stated.store import Store
 
 HP = {"lr": 1e-3}

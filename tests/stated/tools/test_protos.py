@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from stated import protogen
+from stated.tools import protogen
 
 
 def test_generated_code_has_not_drifted(tmp_path):

@@ -2,7 +2,7 @@
 
 Heavy work (steps, state transfers) runs in a thread pool so the event loop keeps answering every other
 session; one lock per session keeps that session's operations in order, whether they run on the event loop
-or on a step channel thread (stated.session_lock). Errors raised by the core carry their status code
+or on a step channel thread (stated.server.session_lock). Errors raised by the core carry their status code
 (stated.errors); anything else becomes INTERNAL with the exception's text, is logged, and the daemon keeps
 serving.
 """
@@ -22,14 +22,14 @@ from stated import __version__
 from stated.errors import InvalidArgument, NotFound, ServiceError
 from stated.metrics import Metrics
 from stated.session import Session
-from stated.session_lock import SessionLock
+from stated.server.session_lock import SessionLock
 from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
 from stated_kernels import ALGORITHMS
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
 
-log = logging.getLogger("stated.server")
+log = logging.getLogger("stated.server.servicer")
 
 # Tensors may be float32/bfloat16/float16/float64 on the wire (the store says which it supports);
 # state fields may also be 8-bit codes.
@@ -75,7 +75,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
         self.locks: dict[str, SessionLock] = {}
         self.closed: dict[str, asyncio.Event] = {}
-        # The step channel's socket (stated.step_channel), told to clients at Attach; "" when none.
+        # The step channel's socket (stated.server.step_channel), told to clients at Attach; "" when none.
         self.step_socket = ""
 
     async def _run(self, fn, *args):
@@ -196,7 +196,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
             return await self._run(self._step_locked, session, request, groups)
 
     def step_blocking(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
-        """Step, from a step channel thread (stated.step_channel), with no hop through the event loop;
+        """Step, from a step channel thread (stated.server.step_channel), with no hop through the event loop;
         raises ServiceError."""
         session, lock, groups = self._step_session(session_id, token, request)
         with lock:

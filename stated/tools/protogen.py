@@ -11,7 +11,7 @@ import pathlib
 import sys
 
 PINNED_GENERATOR = "1.66.2"
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
 
 

@@ -1,7 +1,7 @@
 """The daemon-wide side of paging: the host-memory budget, the jobs' state files, each session's pager.
 
 Without --host-memory every page stays in host memory (ResidentPager). With it, each job gets a share
-of the budget (Note [max-min budget sharing] in stated.budget), split between the job's sessions the
+of the budget (Note [max-min budget sharing] in stated.paging.budget), split between the job's sessions the
 same way, and each session's DiskPager keeps that many pages resident and streams the rest from the
 job's state file. One state file per job under --state-dir; the sessions (ranks) of a job own
 disjoint ranges of its pages.
@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from stated.budget import Demand, HostBudget, share_budget
-from stated.disk import StateFile, align_up
-from stated.disk_pager import DiskPager
+from stated.paging.budget import Demand, HostBudget, share_budget
+from stated.paging.state_file import StateFile, align_up
+from stated.paging.disk_pager import DiskPager
 from stated.metrics import Metrics
-from stated.pager import ResidentPager
+from stated.paging.resident_pager import ResidentPager
 from stated.session import Session
 
-log = logging.getLogger("stated.paging")
+log = logging.getLogger("stated.paging.daemon_paging")
 
 
 @dataclasses.dataclass

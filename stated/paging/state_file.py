@@ -5,7 +5,7 @@ files under the state directory. Page `i` of a job sits at `HEADER_BYTES + i * s
 the page size rounded up to 4096), so a page is one aligned transfer that can never touch another.
 The file is preallocated for all of the job's pages when it is created or grown, so a full disk is
 reported at registration, not in the middle of a step. Transfers release the GIL (os.preadv,
-os.pwritev, xxhash), so a thread pool overlaps them with the kernels (stated.transfers).
+os.pwritev, xxhash), so a thread pool overlaps them with the kernels (stated.paging.transfers).
 
 Note [O_DIRECT and the page cache]
 ----------------------------------
@@ -44,7 +44,7 @@ import xxhash
 from stated.errors import AlreadyExists, DataLoss, FailedPrecondition, ResourceExhausted
 from stated.sizes import format_bytes
 
-log = logging.getLogger("stated.disk")
+log = logging.getLogger("stated.paging.state_file")
 
 DIRECT_ALIGN = 4096
 HEADER_BYTES = DIRECT_ALIGN

@@ -1,8 +1,8 @@
-"""The step channel (stated.step_channel) against a real daemon, over a real unix socket.
+"""The step channel (stated.server.step_channel) against a real daemon, over a real unix socket.
 
 Each refusal names what was wrong, a refused step leaves the channel and the session serving, a broken
 frame closes only that connection, steps over the channel and over gRPC are the same steps, a channel
-step and a gRPC export of the same session take turns (one session lock, stated.session_lock), and a
+step and a gRPC export of the same session take turns (one session lock, stated.server.session_lock), and a
 daemon stops promptly with connections open.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import stated
-from stated.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, STOP_SECONDS, frame
+from stated.server.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, STOP_SECONDS, frame
 from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas
 

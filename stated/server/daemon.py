@@ -23,14 +23,14 @@ from stated import shm
 from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
-from stated.paging import Paging
-from stated.server import StateServicer
-from stated.step_channel import StepChannel, channel_path
+from stated.paging.daemon_paging import Paging
+from stated.server.servicer import StateServicer
+from stated.server.step_channel import StepChannel, channel_path
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import socket_path
 
-log = logging.getLogger("stated.daemon")
+log = logging.getLogger("stated.server.daemon")
 
 SERVICE_NAME = "stated.v1.StateService"
 MAX_MESSAGE_BYTES = 8 << 20

@@ -17,8 +17,8 @@ import subprocess
 import pytest
 import torch
 
-from stated import disk
-from stated.disk import (
+from stated.paging import state_file as disk
+from stated.paging.state_file import (
     HEADER_BYTES,
     DiskSpaceError,
     PageCorruptError,
@@ -239,12 +239,12 @@ def fail_o_direct(monkeypatch):
 
 
 def warnings_from(caplog):
-    return [r for r in caplog.records if r.name == "stated.disk" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "stated.paging.state_file" and r.levelno == logging.WARNING]
 
 
 def test_buffered_fallback_simulated_warns_once_per_directory(tmp_path, monkeypatch, caplog):
     fail_o_direct(monkeypatch)
-    caplog.set_level(logging.WARNING, logger="stated.disk")
+    caplog.set_level(logging.WARNING, logger="stated.paging.state_file")
     files = [StateFile.create(str(tmp_path), f"job-{i}", PAGE, 2) for i in range(3)]
     for i, f in enumerate(files):
         assert not f.direct and not o_direct_in_use(f._fd)
@@ -269,7 +269,7 @@ def test_o_direct_refused_at_the_first_transfer(tmp_path, monkeypatch, caplog):
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(disk.os, "pwritev", refuse_direct)
-    caplog.set_level(logging.WARNING, logger="stated.disk")
+    caplog.set_level(logging.WARNING, logger="stated.paging.state_file")
     f = StateFile.create(str(tmp_path), "job-k", PAGE, 2)
     assert f.direct
     checksum = f.write(1, aligned_tensor(SLOT))
@@ -284,7 +284,7 @@ def test_o_direct_refused_at_the_first_transfer(tmp_path, monkeypatch, caplog):
 
 
 def test_buffered_fallback_on_ramfs(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="stated.disk")
+    caplog.set_level(logging.WARNING, logger="stated.paging.state_file")
     with mounted(tmp_path / "ram", "ramfs") as directory:
         files = [StateFile.create(directory, f"job-{i}", PAGE, 2) for i in range(2)]
         for i, f in enumerate(files):
@@ -301,7 +301,7 @@ def test_dev_shm_works_with_at_most_one_warning(caplog):
     # tmpfs refused O_DIRECT before Linux 6.6 and accepts it since: either way pages round-trip.
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    caplog.set_level(logging.WARNING, logger="stated.disk")
+    caplog.set_level(logging.WARNING, logger="stated.paging.state_file")
     directory = os.path.join("/dev/shm", f"stated-test-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         files = [StateFile.create(directory, f"job-{i}", PAGE, 2) for i in range(2)]

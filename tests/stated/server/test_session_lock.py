@@ -1,4 +1,4 @@
-"""SessionLock (stated.session_lock): one lock for coroutines on the event loop and plain threads.
+"""SessionLock (stated.server.session_lock): one lock for coroutines on the event loop and plain threads.
 
 Threads and coroutines exclude each other, a free lock is taken without the executor, and a coroutine
 cancelled while it waits for a thread's lock does not leave the lock held once that thread lets go.
@@ -11,7 +11,7 @@ import concurrent.futures
 import threading
 import time
 
-from stated.session_lock import SessionLock
+from stated.server.session_lock import SessionLock
 
 
 class CountingExecutor(concurrent.futures.ThreadPoolExecutor):

@@ -15,7 +15,7 @@ import mmap
 
 import torch
 
-from stated.disk import DIRECT_ALIGN, align_up
+from stated.paging.state_file import DIRECT_ALIGN, align_up
 
 
 class HostPool:

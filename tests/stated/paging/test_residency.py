@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from stated.residency import Decision, ResidencyPolicy
+from stated.paging.residency import Decision, ResidencyPolicy
 
 
 def run_step(policy, order):

@@ -2,13 +2,13 @@
 through staging buffers from and to the job's state file.
 
 Driven by the engine exactly like `ResidentPager` (begin_pass, get, done, end_pass). The residency policy
-decides which pages stay (Note [cyclic scan eviction] in stated.residency); the mover reads the pages
+decides which pages stay (Note [cyclic scan eviction] in stated.paging.residency); the mover reads the pages
 that will fault ahead of the cursor and writes evicted dirty pages behind it, so disk transfers overlap
 the kernels (Note [capacity and staging]).
 
 Note [slots of a session]
 -------------------------
-A session may hold `capacity` page slots (its share of --host-memory, stated.budget). `staging` of
+A session may hold `capacity` page slots (its share of --host-memory, stated.paging.budget). `staging` of
 them are staging buffers: reads in flight ahead of the cursor, the page being worked on, and pages
 being written back; the rest (`capacity - staging`) is the policy's resident set. A share too small
 for that still gets two staging buffers, so a job always makes progress, at most two pages over its
@@ -25,14 +25,14 @@ import time
 
 import torch
 
-from stated.disk import StateFile
-from stated.host_pool import HostPool
+from stated.paging.state_file import StateFile
+from stated.paging.host_pool import HostPool
 from stated.metrics import Metrics
-from stated.page_table import PageEntry, Tier
-from stated.residency import ResidencyPolicy
-from stated.transfers import Mover
+from stated.paging.page_table import PageEntry, Tier
+from stated.paging.residency import ResidencyPolicy
+from stated.paging.transfers import Mover
 
-log = logging.getLogger("stated.pager")
+log = logging.getLogger("stated.paging.resident_pager")
 
 MIN_STAGING = 2
 # How far ahead of the cursor the policy is asked which pages will fault.
@@ -275,7 +275,7 @@ class DiskPager:
     def _store(self, entry: PageEntry, slot: int) -> None:
         """Writes a page to its place in the state file (in a mover thread). The checksum is recorded
         here, before the write's future completes, so that a read of the same page queued behind it
-        (Note [same-page ordering] in stated.transfers) always sees it."""
+        (Note [same-page ordering] in stated.paging.transfers) always sees it."""
         entry.checksum = self.file.write(self.file_pages[entry.page.index], self.pool.buffer(slot))
         self.metrics.transfer_bytes.labels("host_to_disk").inc(self.file.page_bytes)
         self.bytes_written += self.file.page_bytes

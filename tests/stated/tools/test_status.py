@@ -9,7 +9,7 @@ import sys
 import torch
 
 import stated
-from stated.status import show_status
+from stated.tools.status import show_status
 
 
 def test_status_lists_sessions(daemon):

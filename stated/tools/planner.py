@@ -3,7 +3,7 @@
 The arithmetic is the standard one (ZeRO paper, section 3): per parameter, weights and gradients in the
 training precision, plus fp32 master weights under mixed precision, plus the optimizer's state. For
 mixed-precision AdamW that is 2 + 2 + 4 + 8 = 16 bytes, 112 GB for 7B parameters, before activations.
-State sizes per tensor come from stated.model_size; this module applies precision and sharding, decides
+State sizes per tensor come from stated.tools.model_size; this module applies precision and sharding, decides
 what fits, recommends a configuration and prints it.
 
 Note [planner units]: every figure is printed in decimal GB (10^9 bytes), the unit of the published
@@ -28,7 +28,7 @@ import sys
 import textwrap
 
 from stated import sizes
-from stated.model_size import ALGORITHMS, Model, ModelError, from_count, from_model_arg, model_state_bytes
+from stated.tools.model_size import ALGORITHMS, Model, ModelError, from_count, from_model_arg, model_state_bytes
 
 GB = 10**9
 GiB = 2**30
@@ -406,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stated.planner", description=_DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m stated.tools.planner", description=_DESCRIPTION,
                                      epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     configure(parser)
     return run(parser.parse_args(argv))

@@ -16,7 +16,7 @@ import torch
 from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers, cut, piece_sizes
 from stated.metrics import Metrics
-from stated.paging import Paging
+from stated.paging.daemon_paging import Paging
 from stated.store import Store
 from stated_kernels.spec import Segment, TensorInfo
 from support.stepping import step_store

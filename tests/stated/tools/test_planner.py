@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from stated import model_size, planner
-from stated.model_size import ModelError, Tensor, from_config, slim_rule, state_bytes, tensor
-from stated.planner import GB, GiB, Footprint, plan
+from stated.tools import model_size, planner
+from stated.tools.model_size import ModelError, Tensor, from_config, slim_rule, state_bytes, tensor
+from stated.tools.planner import GB, GiB, Footprint, plan
 
 HOST = 10**12  # an explicit host size, so that no test depends on this machine's RAM
 
@@ -339,7 +339,7 @@ def test_add_parser_registers_plan_with_help_for_every_flag():
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "stated.planner", "--params", "7B", "--gpu-memory", "80GiB"],
+    proc = subprocess.run([sys.executable, "-m", "stated.tools.planner", "--params", "7B", "--gpu-memory", "80GiB"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Recommendation: adamw8bit" in proc.stdout

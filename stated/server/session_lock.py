@@ -1,7 +1,7 @@
 """The per-session lock: one session's operations in order, from the event loop and from plain threads.
 
 Note [one lock for coroutines and threads]: gRPC handlers run as coroutines on the daemon's event loop,
-step channel connections (stated.step_channel) on plain threads; both must serialize on the same
+step channel connections (stated.server.step_channel) on plain threads; both must serialize on the same
 session. An asyncio.Lock cannot be taken by a thread, and a threading.Lock taken with a blocking call
 would stall the loop; so the lock is a threading.Lock, taken with `with lock:` on a thread and with
 `async with lock:` on the loop. The coroutine first tries without blocking (the usual case: free) and

@@ -8,7 +8,7 @@ callable, e.g. `StateFile.read` with its buffer and checksum. The callables rele
 
 - Reads are bounded: at most `depth` reads are in flight, counting each from `submit_read` until the
   engine has `wait`ed for it, because each holds a staging buffer until then (Note [capacity and
-  staging] in stated.residency). `submit_read` returns None when there is no room; that is not an
+  staging] in stated.paging.residency). `submit_read` returns None when there is no room; that is not an
   error, the engine tries again after its next `wait`.
 - Writes are not bounded here: each holds the slot of the page being written, so the engine's slots
   bound them. Their errors come back from `drain`, which a step calls before it replies.

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from stated.host_pool import HostPool
-from stated.page_table import PageEntry, Tier
+from stated.paging.host_pool import HostPool
+from stated.paging.page_table import PageEntry, Tier
 
 
 class ResidentPager:

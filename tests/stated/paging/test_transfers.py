@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from stated.disk import PageCorruptError, StateFile, allocate_aligned
-from stated.residency import ResidencyPolicy
-from stated.transfers import Mover, TransferError
+from stated.paging.state_file import PageCorruptError, StateFile, allocate_aligned
+from stated.paging.residency import ResidencyPolicy
+from stated.paging.transfers import Mover, TransferError
 
 PAGE = 8192 + 512
 SLOT = 12288

@@ -21,7 +21,7 @@ from stated.metrics import Metrics
 def test_module_imports_without_cupy_in_a_fresh_interpreter():
     """Importing the backend (and the daemon, which names it) loads no CuPy."""
     code = ("import sys; sys.modules['cupy'] = None\n"  # any `import cupy` now fails
-            "import stated.backends.cuda as c, stated.daemon\n"
+            "import stated.backends.cuda as c, stated.server.daemon\n"
             "assert c.CudaBackend.name == 'cuda' and callable(c.CudaBackend.pin_host)\n"
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -179,7 +179,7 @@ def inputs(steps, dtype, seed=0):
 
 def make_store(fake_cuda, tmp_path, cache_pages=0, staging=3, host_memory=None):
     from stated.backends.cpu import CpuBackend
-    from stated.paging import Paging
+    from stated.paging.daemon_paging import Paging
     from stated.store import Store
 
     metrics = Metrics()
@@ -245,9 +245,9 @@ def test_pipeline_gives_the_cpu_backends_bits(fake_cuda, tmp_path, cache_pages, 
 def test_a_host_budget_under_the_gpu_cache(fake_cuda, tmp_path):
     """--host-memory smaller than the state: host pages come and go from the state file while the GPU
     cache holds some of them. The session's share is 7 of its 10 pages, 3 of them staging slots
-    (Note [slots of a session] in stated.disk_pager); the CUDA backend keeps up to `staging_pages`
+    (Note [slots of a session] in stated.paging.disk_pager); the CUDA backend keeps up to `staging_pages`
     host pages out at once, and the pager's staging covers that plus one. Also the case where reads
-    ahead once overtook a write-back (stated.disk_pager._prefetch)."""
+    ahead once overtook a write-back (stated.paging.disk_pager._prefetch)."""
     store, _ = make_store(fake_cuda, tmp_path, cache_pages=3, staging=2, host_memory=7 * PAGE)
     reference, _ = make_store(fake_cuda, tmp_path / "reference")
     values, grads = inputs(6, torch.float32)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from stated.budget import Change, Demand, HostBudget, share_budget
+from stated.paging.budget import Change, Demand, HostBudget, share_budget
 
 MiB = 2**20
 PAGE = 4 * MiB

@@ -4,7 +4,7 @@
 update runs there, and the result reaches the host page only when the engine retires the ticket, with up
 to `depth` pages in flight. Its steps must equal the CPU backend's bit for bit, with everything resident
 and with a host budget that pages state through state files (where Note [pages in flight] in
-stated.disk_pager matters), for a one-pass and a two-pass algorithm, with master weights and with
+stated.paging.disk_pager matters), for a one-pass and a two-pass algorithm, with master weights and with
 tensors that skip a step.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from stated.backends.cpu import CpuBackend
 from stated.metrics import Metrics
-from stated.paging import Paging
+from stated.paging.daemon_paging import Paging
 from stated.store import Store
 from support.stepping import step_store
 

@@ -21,7 +21,7 @@ Note [step channel threads]: the channel is served by plain threads, one accept 
 connection doing blocking recv, lock, step, send. Served on the event loop, every step waited for the
 loop's turn, and a large session's step crossed threads twice more (to the step pool and back): about
 0.7-1 ms per step on two cores, more when the trainer keeps a core busy. On its own thread a step has no
-hop through the event loop or an executor. The session lock (stated.session_lock) orders these steps with
+hop through the event loop or an executor. The session lock (stated.server.session_lock) orders these steps with
 the session's gRPC calls.
 """
 
@@ -42,7 +42,7 @@ from google.protobuf.message import DecodeError
 from stated.errors import InvalidArgument, ServiceError
 from stated.v1 import state_service_pb2 as pb
 
-log = logging.getLogger("stated.step_channel")
+log = logging.getLogger("stated.server.step_channel")
 
 HEADER = struct.Struct("<IB")
 MESSAGE, ERROR = 0, 1
