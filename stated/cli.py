@@ -25,7 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="how much the command logs to stderr (default: INFO, or $STATED_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    _add_demo(sub)
+    _add_status(sub)
+    from stated.tools import plan_command
 
+    plan_command.add_parser(sub)
+    return parser
+
+
+def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="run the daemon", description=(
         "Run the stated daemon: it holds optimizer state for every trainer on this node and applies their "
         "steps. Trainers reach it through stated.AdamW(...) and friends. Stop it with SIGTERM or Ctrl-C: "
@@ -68,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="stop when the process that started the daemon exits (used by the embedded daemon)")
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="train a small model with stated.AdamW beside torch.optim.AdamW",
                           description=(
         "Start an embedded daemon with a host-memory budget smaller than the optimizer state, train a small "
@@ -80,18 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "disk (default: 0.25; 1 turns paging off)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
+
+def _add_status(sub) -> None:
     status = sub.add_parser("status", help="show the sessions a running daemon holds",
                             description="Ask a running daemon for its sessions and state sizes.")
     status.add_argument("--address", default=None, metavar="TARGET",
                         help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
-
-    try:
-        from stated.tools import planner
-    except ImportError:
-        planner = None
-    if planner is not None and hasattr(planner, "add_parser"):
-        planner.add_parser(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,35 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     if args.command == "serve":
-        # Note [idle OpenMP threads]: after a parallel region libgomp's threads spin-wait for more work
-        # by default. On a node where trainers and the daemon share cores, the daemon's spinning threads
-        # steal the CPU the trainer's next forward pass needs (and the trainer's steal the daemon's).
-        # Passive waiting must be chosen before torch loads, so it is set here, before any import of it.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        from stated.server.daemon import DaemonConfig, serve
-        from stated_client.address import resolve, socket_path
-
-        if args.page_size < 64 << 10:
-            parser.error(f"--page-size must be at least 64KiB, got {args.page_size} bytes")
-        if args.prefetch_depth < 1:
-            parser.error(f"--prefetch-depth must be at least 1, got {args.prefetch_depth}")
-        if args.gpu_staging < 2:
-            parser.error(f"--gpu-staging must be at least 2 (one page copies while another computes), "
-                         f"got {args.gpu_staging}")
-        if args.cpu_threads < 0:
-            parser.error(f"--cpu-threads must be 0 (torch's own threads) or more, got {args.cpu_threads}")
-        if args.workers < 1:
-            parser.error(f"--workers must be at least 1, got {args.workers}")
-        target = resolve(args.socket)
-        path = socket_path(target)
-        if path is None:
-            parser.error(f"--socket must be a unix socket path, got {args.socket or target!r}")
-        return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
-                                  group=args.group, page_bytes=args.page_size, workers=args.workers,
-                                  cpu_threads=args.cpu_threads,
-                                  exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
-                                  prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
-                                  gpu_staging_pages=args.gpu_staging))
+        return _serve(parser, args)
     if args.command == "demo":
         from stated.tools.demo import run_demo
 
@@ -140,8 +117,40 @@ def main(argv: list[str] | None = None) -> int:
 
         return show_status(args.address)
     if args.command == "plan":
-        from stated.tools import planner
+        from stated.tools import plan_command
 
-        return planner.run(args)
+        return plan_command.run(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    # Note [idle OpenMP threads]: after a parallel region libgomp's threads spin-wait for more work
+    # by default. On a node where trainers and the daemon share cores, the daemon's spinning threads
+    # steal the CPU the trainer's next forward pass needs (and the trainer's steal the daemon's).
+    # Passive waiting must be chosen before torch loads, so it is set here, before any import of it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from stated.server.daemon import DaemonConfig, serve
+    from stated_client.address import resolve, socket_path
+
+    if args.page_size < 64 << 10:
+        parser.error(f"--page-size must be at least 64KiB, got {args.page_size} bytes")
+    if args.prefetch_depth < 1:
+        parser.error(f"--prefetch-depth must be at least 1, got {args.prefetch_depth}")
+    if args.gpu_staging < 2:
+        parser.error(f"--gpu-staging must be at least 2 (one page copies while another computes), "
+                     f"got {args.gpu_staging}")
+    if args.cpu_threads < 0:
+        parser.error(f"--cpu-threads must be 0 (torch's own threads) or more, got {args.cpu_threads}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    target = resolve(args.socket)
+    path = socket_path(target)
+    if path is None:
+        parser.error(f"--socket must be a unix socket path, got {args.socket or target!r}")
+    return serve(DaemonConfig(socket=path, metrics_addr=args.metrics_addr, state_dir=args.state_dir,
+                              group=args.group, page_bytes=args.page_size, workers=args.workers,
+                              cpu_threads=args.cpu_threads,
+                              exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
+                              prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
+                              gpu_staging_pages=args.gpu_staging))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from stated.tools import model_size, planner
+from stated.tools import model_size, plan_command, planner
 from stated.tools.model_size import ModelError, Tensor, from_config, slim_rule, state_bytes, tensor
 from stated.tools.planner import GB, GiB, Footprint, plan
 
@@ -262,7 +262,7 @@ def _tables(text: str) -> list[list[str]]:
 
 
 def test_rendered_output_is_a_readable_table(capsys):
-    assert planner.main(SAMPLE) == 0
+    assert plan_command.main(SAMPLE) == 0
     out = capsys.readouterr().out
     assert "units: GB = 10^9 bytes" in out
     assert "--hidden 4096" in out  # the square-matrix assumption is stated
@@ -299,7 +299,7 @@ def test_rendered_output_is_a_readable_table(capsys):
     (["--model", "/nonexistent/config.json"], "--model"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):
-    assert planner.main(argv) == 2
+    assert plan_command.main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -308,27 +308,27 @@ def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):
 
 def test_missing_config_fields_on_the_command_line(tmp_path, capsys):
     path = _write(tmp_path, {"model_type": "gpt2", "n_embd": 768})
-    assert planner.main(["--model", path]) == 2
+    assert plan_command.main(["--model", path]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--model" in err and "vocab_size, n_layer, n_positions" in err
 
 
 def test_model_config_on_the_command_line(tmp_path, capsys):
     path = _write(tmp_path, CONFIGS[-1][0])
-    assert planner.main(["--model", path, "--gpu-memory", "24GiB", "--host-memory", "64GiB"]) == 0
+    assert plan_command.main(["--model", path, "--gpu-memory", "24GiB", "--host-memory", "64GiB"]) == 0
     out = capsys.readouterr().out
     assert "124,439,808 parameters" in out and "assumption" not in out
 
 
 def test_nothing_fits_exits_1(capsys):
-    assert planner.main(["--params", "1T", "--gpu-memory", "80GiB", "--host-memory", "1TB"]) == 1
+    assert plan_command.main(["--params", "1T", "--gpu-memory", "80GiB", "--host-memory", "1TB"]) == 1
     assert "No configuration fits" in capsys.readouterr().out
 
 
 def test_add_parser_registers_plan_with_help_for_every_flag():
     root = argparse.ArgumentParser(prog="stated")
     sub = root.add_subparsers(dest="command")
-    parser = planner.add_parser(sub)
+    parser = plan_command.add_parser(sub)
     for action in parser._actions:
         assert action.help, f"{action.option_strings} has no help"
     args = root.parse_args(["plan", "--params", "7B", "--gpus", "8"])
@@ -339,7 +339,7 @@ def test_add_parser_registers_plan_with_help_for_every_flag():
 
 
 def test_python_dash_m_entry_point():
-    proc = subprocess.run([sys.executable, "-m", "stated.tools.planner", "--params", "7B", "--gpu-memory", "80GiB"],
+    proc = subprocess.run([sys.executable, "-m", "stated.tools.plan_command", "--params", "7B", "--gpu-memory", "80GiB"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "Recommendation: adamw8bit" in proc.stdout
