@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import harness
+import lockstep
 from stated_kernels.adafactor import Adafactor, broadcast_index, expand_slice
 
 SHAPES = [(37,), (24, 40), (3, 8, 20), (2, 3, 4, 5), ()]
@@ -31,21 +34,14 @@ TOLERANCES = {
     # |theta| <= 4; the bound is two ulps there.
     "1-D theta": (0.0, 1e-6),
 }
+_close = functools.partial(lockstep.assert_within, TOLERANCES)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_torch_adafactor(case):
     hp, kwargs = CASES[case]
-    params = harness.initial_params(SHAPES)
-    refs = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = torch.optim.Adafactor(refs, foreach=False, **kwargs)
-    driver = harness.Driver(Adafactor(), params, [hp], harness.split(SHAPES, 1))
-    for step in range(1, 101):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        driver.step(grads)
+    reference = functools.partial(torch.optim.Adafactor, foreach=False, **kwargs)
+    driver, refs, opt = lockstep.run_both(Adafactor(), reference, hp, harness.split(SHAPES, 1), SHAPES)
     for i, p in enumerate(refs):
         mine, theirs = driver.export(i), opt.state[p]
         assert torch.equal(mine["step"], theirs["step"])
@@ -56,11 +52,6 @@ def test_matches_torch_adafactor(case):
         else:
             _close(driver.params[i], p.detach(), "1-D theta")
             _close(mine["variance"], theirs["variance"], "variance")
-
-
-def _close(actual, expected, quantity):
-    rtol, atol = TOLERANCES[quantity]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{quantity}: {m}")
 
 
 def test_segmentation_invariant():
@@ -84,19 +75,12 @@ def test_state_is_the_factored_size():
 def test_state_dict_loads_into_torch_and_back():
     params = harness.initial_params(SHAPES)
     ours = harness.run(Adafactor(), params, [{}], harness.interleaved(SHAPES, 1), steps=7)
-    refs = [torch.nn.Parameter(p.clone()) for p in ours.params]
+    refs = lockstep.parameters(ours.params)
     opt = torch.optim.Adafactor(refs, foreach=False)
-    opt.load_state_dict({"state": {i: ours.export(i) for i in range(len(SHAPES))},
-                         "param_groups": opt.state_dict()["param_groups"]})
+    lockstep.export_into(opt, ours)
     back = harness.Driver(Adafactor(), ours.params, [{}], harness.whole(SHAPES))
-    for i in range(len(SHAPES)):
-        back.load(i, opt.state_dict()["state"][i])
-    for step in range(8, 12):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        back.step(grads)
+    lockstep.import_from(back, opt)
+    lockstep.step_both(opt, refs, back, range(8, 12))
     for i, p in enumerate(refs):
         _close(back.params[i], p.detach(), "1-D theta")
         assert torch.equal(back.export(i)["step"], opt.state[p]["step"])

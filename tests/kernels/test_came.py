@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import harness
+import lockstep
 from stated_kernels.came import CAME
 
 SHAPES = [(37,), (24, 40), (3, 8, 20), (2, 3, 4, 5), ()]
@@ -34,26 +37,15 @@ TOLERANCES = {
     # of |theta| <= 4; the bound is two ulps there.
     "theta": (0.0, 1e-6),
 }
-
-
-def _reference(params, kwargs):
-    came_pytorch = pytest.importorskip("came_pytorch")
-    return came_pytorch.CAME(params, **kwargs)
+_close = functools.partial(lockstep.assert_within, TOLERANCES)
+_reference = functools.partial(lockstep.reference, "came_pytorch", "CAME")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_came_pytorch(case):
     hp, kwargs = CASES[case]
-    params = harness.initial_params(SHAPES)
-    refs = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = _reference(refs, kwargs)
-    driver = harness.Driver(CAME(), params, [hp], harness.split(SHAPES, 1))
-    for step in range(1, 101):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        driver.step(grads)
+    driver, refs, opt = lockstep.run_both(CAME(), lambda refs: _reference(refs, kwargs), hp, harness.split(SHAPES, 1),
+                                          SHAPES)
     for i, p in enumerate(refs):
         mine, theirs = driver.export(i), opt.state[p]
         assert float(mine["step"]) == theirs["step"]
@@ -67,11 +59,6 @@ def test_matches_came_pytorch(case):
         else:
             _close(mine["exp_avg_sq"], theirs["exp_avg_sq"], "exp_avg_sq_row, exp_avg_sq_col, 1-D exp_avg_sq")
             _close(mine["exp_avg"], theirs["exp_avg"], "1-D exp_avg")
-
-
-def _close(actual, expected, quantity):
-    rtol, atol = TOLERANCES[quantity]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{quantity}: {m}")
 
 
 def test_segmentation_invariant():
@@ -95,19 +82,12 @@ def test_state_layout():
 def test_state_dict_loads_into_came_pytorch_and_back():
     params = harness.initial_params(SHAPES)
     ours = harness.run(CAME(), params, [{"lr": 2e-4}], harness.interleaved(SHAPES, 1), steps=6)
-    refs = [torch.nn.Parameter(p.clone()) for p in ours.params]
+    refs = lockstep.parameters(ours.params)
     opt = _reference(refs, {"lr": 2e-4})
-    opt.load_state_dict({"state": {i: ours.export(i) for i in range(len(SHAPES))},
-                         "param_groups": opt.state_dict()["param_groups"]})
+    lockstep.export_into(opt, ours)
     back = harness.Driver(CAME(), ours.params, [{"lr": 2e-4}], harness.whole(SHAPES))
-    for i in range(len(SHAPES)):
-        back.load(i, opt.state_dict()["state"][i])
-    for step in range(7, 11):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        back.step(grads)
+    lockstep.import_from(back, opt)
+    lockstep.step_both(opt, refs, back, range(7, 11))
     for i, p in enumerate(refs):
         _close(back.params[i], p.detach(), "theta")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import harness
+import lockstep
 from stated_kernels.lion import Lion
 
 # Tolerances after 100 steps, as (rtol, atol); (0, 0) is identical bits.
@@ -24,34 +27,27 @@ CASES = {
     "decoupled": ({"lr": 2e-4, "weight_decay": 1e-3, "decoupled_weight_decay": True, "init_lr": 5e-4},
                   {"lr": 5e-4, "weight_decay": 1e-3, "decoupled_weight_decay": True}),
 }
+_reference = functools.partial(lockstep.reference, "lion_pytorch", "Lion")
 
 
-def _reference(params, kwargs):
-    lion_pytorch = pytest.importorskip("lion_pytorch")
-    return lion_pytorch.Lion(params, **kwargs)
+def _reference_stepping_at(hp, kwargs):
+    """Builds the reference from `kwargs`, then steps it at hp's lr: with "decoupled" the reference
+    divides by the lr it was built with, then steps with a smaller one."""
+    def build(refs):
+        opt = _reference(refs, kwargs)
+        for group in opt.param_groups:
+            group["lr"] = hp.get("lr", group["lr"])
+        return opt
+    return build
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_lion_pytorch(case):
     hp, kwargs = CASES[case]
-    params = harness.initial_params(SHAPES)
-    refs = [torch.nn.Parameter(p.clone()) for p in params]
-    opt = _reference(refs, kwargs)
-    # decoupled: the reference divides by the lr it was built with, then steps with a smaller one.
-    for group in opt.param_groups:
-        group["lr"] = hp.get("lr", group["lr"])
-    driver = harness.Driver(Lion(), params, [hp], harness.whole(SHAPES))
-    for step in range(1, 101):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        driver.step(grads)
+    driver, refs, opt = lockstep.run_both(Lion(), _reference_stepping_at(hp, kwargs), hp, harness.whole(SHAPES), SHAPES)
     for i, p in enumerate(refs):
-        rtol, atol = TOLERANCES["theta"]
-        torch.testing.assert_close(driver.params[i], p.detach(), rtol=rtol, atol=atol)
-        rtol, atol = TOLERANCES["exp_avg"]
-        torch.testing.assert_close(driver.export(i)["exp_avg"], opt.state[p]["exp_avg"], rtol=rtol, atol=atol)
+        lockstep.assert_within(TOLERANCES, driver.params[i], p.detach(), "theta")
+        lockstep.assert_within(TOLERANCES, driver.export(i)["exp_avg"], opt.state[p]["exp_avg"], "exp_avg")
 
 
 def test_segmentation_invariant():
@@ -70,21 +66,13 @@ def test_state_is_four_bytes_per_param():
 def test_state_dict_round_trip_through_the_reference():
     params = harness.initial_params(SHAPES)
     ours = harness.run(Lion(), params, [{"lr": 1e-3}], harness.whole(SHAPES), steps=5)
-    refs = [torch.nn.Parameter(p.clone()) for p in ours.params]
+    refs = lockstep.parameters(ours.params)
     opt = _reference(refs, {"lr": 1e-3})
-    state = {"state": {i: ours.export(i) for i in range(len(SHAPES))},
-             "param_groups": [{**opt.state_dict()["param_groups"][0]}]}
-    assert all(set(entry) == {"exp_avg"} for entry in state["state"].values())
-    opt.load_state_dict(state)
+    assert all(set(ours.export(i)) == {"exp_avg"} for i in range(len(SHAPES)))
+    lockstep.export_into(opt, ours)
     fresh = harness.Driver(Lion(), ours.params, [{"lr": 1e-3}], harness.split(SHAPES, 1))
-    for i, p in enumerate(refs):
-        fresh.load(i, {**opt.state_dict()["state"][i], "step": torch.tensor(0.0)})
-    for step in range(6, 9):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        fresh.step(grads)
+    lockstep.import_from(fresh, opt, {"step": torch.tensor(0.0)})
+    lockstep.step_both(opt, refs, fresh, range(6, 9))
     for i, p in enumerate(refs):
         assert torch.equal(fresh.params[i], p.detach())
 

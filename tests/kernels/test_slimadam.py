@@ -4,10 +4,13 @@ compressed: 100 steps of named 1-D, 2-D, 3-D and 4-D tensors."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import harness
+import lockstep
 from stated_kernels.slimadam import SlimAdam
 from stated_kernels.spec import TensorInfo
 
@@ -43,8 +46,12 @@ TOLERANCES = {
 HP = {"lr": 3e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
+_close = functools.partial(lockstep.assert_within, TOLERANCES)
+
+
 class ReferenceSlimAdamW:
-    """SlimAdamW's step, written from its equations: one tensor at a time, whole tensors."""
+    """SlimAdamW's step, written from its equations: one tensor at a time, whole tensors, each
+    parameter's gradient in its .grad as torch.optim takes it."""
 
     def __init__(self, params, rules, lr, betas, eps, weight_decay):
         self.params, self.rules = params, rules
@@ -56,8 +63,9 @@ class ReferenceSlimAdamW:
         return grad**2 if dims is None else torch.mean(grad * grad, dim=dims, keepdim=True)
 
     @torch.no_grad()
-    def step(self, grads):
-        for p, g, dims, decay, state in zip(self.params, grads, self.rules, self.decays, self.state):
+    def step(self):
+        for p, dims, decay, state in zip(self.params, self.rules, self.decays, self.state):
+            g = p.grad
             if g is None:
                 continue
             if not state:
@@ -79,43 +87,28 @@ def test_static_rules():
 
 
 def test_matches_the_reference_equations():
-    params = harness.initial_params(SHAPES)
-    ref = ReferenceSlimAdamW([p.clone() for p in params], [r for _, _, r in TENSORS],
-                             HP["lr"], (HP["beta1"], HP["beta2"]), HP["eps"], HP["weight_decay"])
-    driver = harness.Driver(SlimAdam(), params, [HP], harness.split(SHAPES, 1), names=NAMES)
-    for step in range(1, 101):
-        grads = harness.gradients(SHAPES, step)
-        ref.step(grads)
-        driver.step(grads)
+    reference = functools.partial(ReferenceSlimAdamW, rules=[r for _, _, r in TENSORS], lr=HP["lr"],
+                                  betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], weight_decay=HP["weight_decay"])
+    driver, refs, ref = lockstep.run_both(SlimAdam(), reference, HP, harness.split(SHAPES, 1), SHAPES, names=NAMES)
     for i, (name, _, rule) in enumerate(TENSORS):
         mine = driver.export(i)
-        _close(driver.params[i], ref.params[i], "equations", name)
+        _close(driver.params[i], refs[i].detach(), "equations", name)
         _close(mine["mu"], ref.state[i]["mu"], "equations", name)
         _close(mine["nu"], ref.state[i]["nu"], "equations", name)
         assert int(mine["step"]) == ref.state[i]["step"]
 
 
-def _close(actual, expected, quantity, name):
-    rtol, atol = TOLERANCES[quantity]
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{quantity}, {name}: {m}")
+def _adamw(refs):
+    """torch.optim.AdamW with SlimAdam's hyperparameters, decaying only the tensors of 2 or more dims."""
+    return torch.optim.AdamW([{"params": [p for p in refs if p.dim() >= 2], "weight_decay": HP["weight_decay"]},
+                              {"params": [p for p in refs if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], foreach=False)
 
 
 def test_equals_adamw_when_nothing_is_compressed():
     # Explicit "none" rules and unmatched names: every tensor keeps a full second moment.
     names = [f"layer{i}.weight|compress_dims=none" for i in range(len(SHAPES))]
-    params = harness.initial_params(SHAPES)
-    refs = [torch.nn.Parameter(p.clone()) for p in params]
-    decayed = [p for p in refs if p.dim() >= 2]
-    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": HP["weight_decay"]},
-                             {"params": [p for p in refs if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"], foreach=False)
-    driver = harness.Driver(SlimAdam(), params, [HP], harness.whole(SHAPES), names=names)
-    for step in range(1, 101):
-        grads = harness.gradients(SHAPES, step)
-        for p, g in zip(refs, grads):
-            p.grad = g
-        opt.step()
-        driver.step(grads)
+    driver, refs, opt = lockstep.run_both(SlimAdam(), _adamw, HP, harness.whole(SHAPES), SHAPES, names=names)
     for i, p in enumerate(refs):
         mine = driver.export(i)
         _close(driver.params[i], p.detach(), "adamw theta", NAMES[i])
