@@ -12,7 +12,6 @@ the learning rate its reference recommends for this kind of model; the table giv
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -22,42 +21,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 from common import BenchDaemon  # noqa: E402
+from tiny_gpt import TinyGPT  # noqa: E402
 
 VOCAB, CTX, D, LAYERS, BATCH = 256, 64, 128, 2, 16
-
-
-class TinyGPT(torch.nn.Module):
-    """GPT-2 style: token and position embeddings, pre-norm attention and MLP blocks, an lm_head; the
-    parameter names match SlimAdam's static rules (q/k/v/o projections, c_fc, c_proj, wte, wpe)."""
-
-    def __init__(self):
-        super().__init__()
-        self.wte = torch.nn.Embedding(VOCAB, D)
-        self.wpe = torch.nn.Embedding(CTX, D)
-        self.blocks = torch.nn.ModuleList()
-        for _ in range(LAYERS):
-            b = torch.nn.Module()
-            b.ln_1, b.ln_2 = torch.nn.LayerNorm(D), torch.nn.LayerNorm(D)
-            b.q_proj, b.k_proj, b.v_proj, b.o_proj = (torch.nn.Linear(D, D) for _ in range(4))
-            b.c_fc, b.c_proj = torch.nn.Linear(D, 4 * D), torch.nn.Linear(4 * D, D)
-            self.blocks.append(b)
-        self.ln_f = torch.nn.LayerNorm(D)
-        self.lm_head = torch.nn.Linear(D, VOCAB, bias=False)
-        mask = torch.full((CTX, CTX), float("-inf")).triu(1)
-        self.register_buffer("mask", mask)
-
-    def forward(self, idx):
-        T = idx.shape[1]
-        x = self.wte(idx) + self.wpe(torch.arange(T))
-        heads = 4
-        for b in self.blocks:
-            h = b.ln_1(x)
-            q, k, v = (proj(h).view(h.shape[0], T, heads, D // heads).transpose(1, 2)
-                       for proj in (b.q_proj, b.k_proj, b.v_proj))
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads) + self.mask[:T, :T], -1)
-            x = x + b.o_proj((att @ v).transpose(1, 2).reshape(h.shape[0], T, D))
-            x = x + b.c_proj(torch.nn.functional.gelu(b.c_fc(b.ln_2(x))))
-        return self.lm_head(self.ln_f(x))
 
 
 def markov_text(tokens: int, seed: int = 0) -> torch.Tensor:
@@ -94,7 +60,7 @@ def algorithms():
 def train(name: str, address: str, data: torch.Tensor, steps: int) -> tuple[float, float]:
     cls, kwargs = algorithms()[name]
     torch.manual_seed(0)
-    model = TinyGPT()
+    model = TinyGPT(VOCAB, CTX, D, LAYERS)
     params = model.named_parameters() if name == "slimadam" else model.parameters()
     opt = cls(params, address=address, job=f"quality-{name}", **kwargs)
     g = torch.Generator().manual_seed(1)

@@ -13,32 +13,10 @@ from stated.tools.status import show_status
 from stated.v1 import state_service_pb2 as pb
 
 
-class TinyGPT(torch.nn.Module):
-    """GPT-2 style names (wte, wpe, attn.c_attn split into q/k/v projections, mlp c_fc/c_proj, ln_*)."""
+from support.imports import import_from
 
-    def __init__(self, vocab: int = 512, d: int = 128, layers: int = 2, ctx: int = 64):
-        super().__init__()
-        self.wte = torch.nn.Embedding(vocab, d)
-        self.wpe = torch.nn.Embedding(ctx, d)
-        self.blocks = torch.nn.ModuleList()
-        for _ in range(layers):
-            block = torch.nn.Module()
-            block.ln_1 = torch.nn.LayerNorm(d)
-            block.q_proj, block.k_proj, block.v_proj, block.o_proj = (torch.nn.Linear(d, d) for _ in range(4))
-            block.ln_2 = torch.nn.LayerNorm(d)
-            block.c_fc, block.c_proj = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-            self.blocks.append(block)
-        self.ln_f = torch.nn.LayerNorm(d)
-        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-        for b in self.blocks:
-            h = b.ln_1(x)
-            att = torch.softmax(b.q_proj(h) @ b.k_proj(h).transpose(1, 2) / h.shape[-1] ** 0.5, -1) @ b.v_proj(h)
-            x = x + b.o_proj(att)
-            x = x + b.c_proj(torch.nn.functional.gelu(b.c_fc(b.ln_2(x))))
-        return self.lm_head(self.ln_f(x))
+# GPT-2 style names (wte, wpe, q/k/v/o projections, mlp c_fc/c_proj, ln_*), as bench/quality.py trains.
+TinyGPT = import_from("bench", "tiny_gpt").TinyGPT
 
 
 def stats_for(opt) -> pb.SessionStats:
@@ -59,51 +37,40 @@ def big_matrices() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False), torch.nn.Linear(512, 256, bias=False))
 
 
-def test_adamw_holds_8_bytes_per_parameter(address):
-    model = big_matrices()
-    opt = stated.AdamW(model.parameters(), address=address)
+def stats_after_one_step(address, cls, model, params=None, **kwargs) -> pb.SessionStats:
+    """The session's stats after one step of `cls` over `params` (the model's parameters if None)."""
+    opt = cls(model.parameters() if params is None else params, address=address, **kwargs)
     one_step(model, opt)
-    assert stats_for(opt).state_bytes_per_parameter == 8.0
+    stats = stats_for(opt)
     opt.close()
+    return stats
+
+
+@pytest.mark.parametrize("cls,figure", [(stated.AdamW, 8.0), (stated.Lion, 4.0)])
+def test_holds_a_fixed_number_of_bytes_per_parameter(address, cls, figure):
+    assert stats_after_one_step(address, cls, big_matrices()).state_bytes_per_parameter == figure
 
 
 def test_adamw8bit_holds_at_most_2_04_bytes_per_parameter(address):
-    model = big_matrices()  # every tensor has 4096 elements or more
-    opt = stated.AdamW8bit(model.parameters(), address=address)
-    one_step(model, opt)
-    figure = stats_for(opt).state_bytes_per_parameter
+    # every tensor of big_matrices has 4096 elements or more
+    figure = stats_after_one_step(address, stated.AdamW8bit, big_matrices()).state_bytes_per_parameter
     assert figure <= 2.04
     assert figure == pytest.approx(2 + 2 * 4 / 256)  # two uint8 codes + two fp32 absmax per 256 elements
-    opt.close()
-
-
-def test_lion_holds_4_bytes_per_parameter(address):
-    model = big_matrices()
-    opt = stated.Lion(model.parameters(), address=address)
-    one_step(model, opt)
-    assert stats_for(opt).state_bytes_per_parameter == 4.0
-    opt.close()
 
 
 def test_adafactor_holds_its_factored_size(address):
     model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 64))
-    opt = stated.Adafactor(model.parameters(), address=address)
-    one_step(model, opt)
+    stats = stats_after_one_step(address, stated.Adafactor, model)
     expected = 4 * ((512 + 256) + 512 + (64 + 512) + 64)  # row + col per matrix, full variance per bias
-    stats = stats_for(opt)
     assert stats.state_bytes == expected
     assert stats.state_bytes_per_parameter == pytest.approx(expected / sum(p.numel() for p in model.parameters()))
-    opt.close()
 
 
 def test_slimadam_holds_at_most_4_1_bytes_per_parameter_on_a_gpt(address):
-    model = TinyGPT()
-    opt = stated.SlimAdam(model.named_parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                          address=address)
-    one_step(model, opt)
-    figure = stats_for(opt).state_bytes_per_parameter
-    assert 4.0 < figure <= 4.1
-    opt.close()
+    model = TinyGPT(vocab=512)
+    stats = stats_after_one_step(address, stated.SlimAdam, model, model.named_parameters(), lr=1e-3,
+                                 betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    assert 4.0 < stats.state_bytes_per_parameter <= 4.1
 
 
 def test_figures_reach_metrics_and_status(daemon):

@@ -23,6 +23,9 @@ import pytest
 import test_cuda_parity as parity
 from stated_kernels import cuda_runner
 from stated_kernels import cuda_sources as cs
+from support.imports import import_from
+
+Device = import_from("tests/gpu", "fake_cupy").Device  # the CUDA backend's CPU tests' stand-in device
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulated kernels")
 
@@ -270,20 +273,6 @@ class Array:
     def set(self, values: np.ndarray) -> None:
         assert values.dtype == self.dtype and values.size == self.size
         self._array[...] = values.reshape(self.shape)
-
-
-class Device:
-    def __init__(self, index: int = 0):
-        self.index = index
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def synchronize(self) -> None:
-        pass
 
 
 def fake_cupy() -> types.ModuleType:

@@ -90,6 +90,8 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from support.imports import import_from  # noqa: E402
+
 DEVICE = "00010203-0405-0607-0809-0a0b0c0d0e0f"  # fake_cupy.UUID as torch spells it
 SHAPES = [(64, 48), (48,), (300,), (48, 64), (7,), (1000,)]
 GROUPS = [{"lr": 1e-2, "weight_decay": 0.1}, {"lr": 3e-3, "weight_decay": 0.0}]
@@ -98,11 +100,7 @@ PAGE = 8192  # AdamW fp32: 1024 elements a page, so the model spans 10 pages
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "gpu"))
-    try:
-        import fake_cupy
-    finally:
-        sys.path.pop(0)
+    fake_cupy = import_from("tests/gpu", "fake_cupy")
     cp = fake_cupy.make_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
     stale = ("stated.backends.cuda_memory", "stated.backends.cuda_pages")
