@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import stated
-from stated.server.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, STOP_SECONDS, frame
+from stated.server.step_channel import STOP_SECONDS
+from stated_client.protocol import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, frame
 from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas
 
