@@ -24,8 +24,8 @@ import struct
 SERVICE_NAME = "stated.v1.StateService"
 MAX_MESSAGE_BYTES = 8 << 20
 # Options for grpc.insecure_channel and grpc.aio.server alike.
-MESSAGE_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
 
 # --- the step channel ------------------------------------------------------------------------------
 
