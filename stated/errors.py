@@ -1,47 +1,46 @@
-"""The daemon's error types and the one table that maps them to gRPC status codes.
+"""The daemon's error types, each with the name of the status a client is told.
 
-Core code raises these with a sentence that names the bad field; the servicer turns them into a
-status with that sentence (STYLE.md: thin servicers, one table of codes).
+Core code raises these with a sentence that names the bad field. The core speaks no gRPC: a status is a
+plain name (gRPC's spelling), and the wire's edge maps it to a gRPC code (stated.server.status_codes) or
+writes it into a step channel error frame (STYLE.md: thin servicers, one table of codes).
 """
 
 from __future__ import annotations
-
-import grpc
 
 
 class ServiceError(Exception):
     """Base of every error the daemon reports to a client."""
 
-    code = grpc.StatusCode.INTERNAL
+    status = "INTERNAL"
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = "INVALID_ARGUMENT"
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    status = "NOT_FOUND"
 
 
 class PermissionDenied(ServiceError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    status = "PERMISSION_DENIED"
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    status = "ALREADY_EXISTS"
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    status = "FAILED_PRECONDITION"
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = "RESOURCE_EXHAUSTED"
 
 
 class DataLoss(ServiceError):
-    code = grpc.StatusCode.DATA_LOSS
+    status = "DATA_LOSS"
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    status = "UNAVAILABLE"

@@ -18,7 +18,7 @@ import secrets
 import torch
 
 # One definition for both sides: the client checks that a name it is sent carries this prefix.
-from stated_client.arenas import PREFIX, SHM_DIR
+from stated_client.protocol import PREFIX, SHM_DIR
 
 
 def segment_name(kind: str) -> str:

@@ -21,6 +21,7 @@ from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, No
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.session import MASTER, MASTER_KEY, Session
+from stated_client.wire import dtype_name
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo
 
@@ -125,10 +126,10 @@ class Store:
             if dtype is None:
                 raise InvalidArgument(f"tensors[{i}].dtype is unspecified")
             if dtype in HALF_DTYPES and not session.master:
-                raise InvalidArgument(f"tensors[{i}].dtype {str(dtype).replace('torch.', '')} needs master_weights: "
+                raise InvalidArgument(f"tensors[{i}].dtype {dtype_name(dtype)} needs master_weights: "
                                       f"attach with master_weights=True to keep an fp32 copy in the daemon")
             if dtype not in SUPPORTED_DTYPES | HALF_DTYPES:
-                raise InvalidArgument(f"tensors[{i}].dtype {str(dtype).replace('torch.', '')} is not supported; "
+                raise InvalidArgument(f"tensors[{i}].dtype {dtype_name(dtype)} is not supported; "
                                       f"supported: float32, and bfloat16 or float16 with master_weights")
             if session.dtype is not None and dtype != session.dtype or infos and dtype != infos[0].dtype:
                 raise InvalidArgument(f"tensors[{i}].dtype {dtype} differs from the session's other tensors; "

@@ -1,6 +1,6 @@
 """stated_client: the training process's side of stated (client optimizers, connection, arenas,
 embedded daemon). Users normally import the same names from `stated`. Names load lazily so that
-importing a submodule (the daemon uses `stated_client.address`) does not load torch."""
+importing a submodule (the daemon uses `stated_client.protocol` and `.address`) does not load torch."""
 
 _ERRORS = {
     "StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "AlreadyAttachedError",

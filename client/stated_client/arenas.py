@@ -11,8 +11,7 @@ import os
 
 import torch
 
-SHM_DIR = "/dev/shm"
-PREFIX = "stated-"
+from stated_client.protocol import PREFIX, SHM_DIR
 
 
 def map_segment(name: str, nbytes: int) -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded fallback."""
+"""A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded fallback.
+
+Every call the client makes goes through Connection, so no raw grpc.RpcError reaches a user."""
 
 from __future__ import annotations
 
@@ -11,18 +13,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client import embedded
 from stated_client.address import resolve
-from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
+from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, InternalError, from_rpc_error
+from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME
 
 log = logging.getLogger("stated.client")
 
-SERVICE_NAME = "stated.v1.StateService"
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
 ENV_EMBEDDED = "STATED_EMBEDDED"
 
 
 def _answers(target: str, timeout: float = 1.0) -> bool:
     """Whether a stated daemon serves at `target` (gRPC health check)."""
-    channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    channel = grpc.insecure_channel(target, options=MESSAGE_OPTIONS)
     try:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout)
@@ -36,7 +37,7 @@ def _answers(target: str, timeout: float = 1.0) -> bool:
 class Connection:
     def __init__(self, target: str):
         self.target = target
-        self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = grpc.insecure_channel(target, options=MESSAGE_OPTIONS)
         self.stub = pb_grpc.StateServiceStub(self.channel)
         self.closed = False
 
@@ -60,6 +61,19 @@ class Connection:
             yield from getattr(self.stub, method)(request)
         except grpc.RpcError as error:
             raise from_rpc_error(error, self.target) from None
+
+    def hold(self, method: str, request):
+        """Starts a server-streaming call that stays open (Watch) and reads its first reply; returns the
+        call, whose cancel() ends it. A refusal raises StatedError and leaves no call open."""
+        self.check_open()
+        call = getattr(self.stub, method)(request)
+        try:
+            next(call)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.target) from None
+        except StopIteration:
+            raise InternalError(f"the stated daemon at {self.target} ended {method} before its first reply") from None
+        return call
 
     def close(self) -> None:
         self.closed = True

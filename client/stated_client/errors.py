@@ -55,25 +55,31 @@ class NotCopyableError(StatedError, TypeError):
     code = "CLIENT"
 
 
-BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyAttachedError,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.DATA_LOSS: StateCorruptError,
-    grpc.StatusCode.UNAVAILABLE: DaemonUnavailableError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DaemonUnavailableError,
+# Status names as gRPC spells them: gRPC calls and step channel error frames carry the same ones.
+BY_STATUS = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "OUT_OF_RANGE": InvalidArgumentError,
+    "NOT_FOUND": NotFoundError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+    "ALREADY_EXISTS": AlreadyAttachedError,
+    "FAILED_PRECONDITION": FailedPreconditionError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "DATA_LOSS": StateCorruptError,
+    "UNAVAILABLE": DaemonUnavailableError,
+    "DEADLINE_EXCEEDED": DaemonUnavailableError,
 }
+
+
+def from_status(status: str, message: str) -> StatedError:
+    """The StatedError for a refusal with gRPC status name `status`; an unknown name is INTERNAL."""
+    return BY_STATUS.get(status, InternalError)(message)
 
 
 def from_rpc_error(error: grpc.RpcError, target: str) -> StatedError:
     """The StatedError for a failed call, carrying the daemon's sentence."""
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
-    cls = BY_CODE.get(code, InternalError)
-    if cls is DaemonUnavailableError:
-        return cls(f"the stated daemon at {target} is unavailable: {details}")
-    return cls(details)
+    status = code.name if isinstance(code, grpc.StatusCode) else ""
+    if BY_STATUS.get(status) is DaemonUnavailableError:
+        details = f"the stated daemon at {target} is unavailable: {details}"
+    return from_status(status, details)

@@ -55,16 +55,17 @@ def default_job() -> str:
     return f"{script or 'python'}-{os.getpid()}"
 
 
-def _close_session(connection: Connection, session: pb.SessionRef, watch, line: StepLine | None) -> None:
+def _close_session(connection: Connection, session: pb.SessionRef, watch=None, line: StepLine | None = None) -> None:
     """Detaches (finalizer: runs at garbage collection or exit, never raises)."""
     if line is not None:
         line.close()
     try:
-        connection.stub.Detach(pb.DetachRequest(session=session), timeout=10)
+        connection.call("Detach", pb.DetachRequest(session=session), timeout=10)
     except Exception:
         pass
     try:
-        watch.cancel()
+        if watch is not None:
+            watch.cancel()
     except Exception:
         pass
     connection.close()
@@ -98,9 +99,12 @@ class StatedOptimizer(torch.optim.Optimizer):
                                                                  algorithm=self.algorithm, pid=os.getpid(),
                                                                  master_weights=self._master_weights))
         self._session = reply.session
-        # Held open for the session's life: if this process dies the daemon sees the stream break.
-        self._watch = self._connection.stub.Watch(pb.WatchRequest(session=self._session))
-        next(self._watch)
+        try:
+            # Held open for the session's life: if this process dies the daemon sees the stream break.
+            self._watch = self._connection.hold("Watch", pb.WatchRequest(session=self._session))
+        except BaseException:
+            _close_session(self._connection, self._session)  # a refused Watch leaves nothing attached
+            raise
         self._step_line = StepLine.open(reply.step_socket, self._session)
         self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch,
                                            self._step_line)

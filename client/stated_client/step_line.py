@@ -1,4 +1,4 @@
-"""The client's end of the step channel (protocol in stated.server.step_channel): a blocking unix socket
+"""The client's end of the step channel (protocol in stated_client.protocol): a blocking unix socket
 bound to one session, over which step() sends its StepRequest. About 0.1 ms per round trip where gRPC
 takes about 1 ms, which is most of what stated adds to a small model's step.
 
@@ -12,11 +12,9 @@ import logging
 import os
 import socket
 
-import grpc
-
-from stated.server.step_channel import ERROR, HEADER, MESSAGE, frame
 from stated.v1 import state_service_pb2 as pb
-from stated_client.errors import BY_CODE, DaemonUnavailableError, InternalError, StatedError
+from stated_client.errors import DaemonUnavailableError, StatedError, from_status
+from stated_client.protocol import ERROR, HEADER, MESSAGE, frame, parse_error
 
 log = logging.getLogger("stated_client")
 ENV_STEP_CHANNEL = "STATED_STEP_CHANNEL"
@@ -56,9 +54,7 @@ class StepLine:
         length, kind = HEADER.unpack(self._exactly(HEADER.size))
         payload = self._exactly(length)
         if kind == ERROR:
-            code, _, message = payload.decode(errors="replace").partition("\n")
-            status = getattr(grpc.StatusCode, code, None)
-            raise BY_CODE.get(status, InternalError)(message)
+            raise from_status(*parse_error(payload))
         return payload
 
     def _exactly(self, n: int) -> bytes:

@@ -24,16 +24,15 @@ from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
+from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
-from stated.server.step_channel import StepChannel, channel_path
+from stated.server.step_channel import StepChannel
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import socket_path
+from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME, channel_path
 
 log = logging.getLogger("stated.server.daemon")
-
-SERVICE_NAME = "stated.v1.StateService"
-MAX_MESSAGE_BYTES = 8 << 20
 
 
 @dataclasses.dataclass
@@ -128,22 +127,13 @@ class Daemon:
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
         prepare_socket_dir(self.path, self.gid)
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        server = grpc.aio.server(options=MESSAGE_OPTIONS)
         pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        old_umask = os.umask(0o177)  # the socket is born 0600; no window where others can connect
-        try:
+        with private_socket(self.path, self.gid):
             server.add_insecure_port(f"unix:{self.path}")
             await server.start()
-        finally:
-            os.umask(old_umask)
-        if self.gid is not None:
-            os.chown(self.path, -1, self.gid)
-            os.chmod(self.path, 0o660)
         await self.step_channel.start(channel_path(self.path), self.gid)
         self.servicer.step_socket = self.step_channel.path
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -2,9 +2,9 @@
 
 Heavy work (steps, state transfers) runs in a thread pool so the event loop keeps answering every other
 session; one lock per session keeps that session's operations in order, whether they run on the event loop
-or on a step channel thread (stated.server.session_lock). Errors raised by the core carry their status code
-(stated.errors); anything else becomes INTERNAL with the exception's text, is logged, and the daemon keeps
-serving.
+or on a step channel thread (stated.server.session_lock). Errors raised by the core carry their status name
+(stated.errors), which stated.server.status_codes turns into a gRPC code; anything else becomes INTERNAL
+with the exception's text, is logged, and the daemon keeps serving.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import grpc
 import torch
 
 from stated import __version__
-from stated.errors import InvalidArgument, NotFound, ServiceError
+from stated.errors import InvalidArgument, NotFound
 from stated.metrics import Metrics
-from stated.session import Session
 from stated.server.session_lock import SessionLock
+from stated.server.status_codes import GRPC_CODES, refusal
+from stated.session import Session
 from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
-from stated_kernels import ALGORITHMS
 from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_kernels import ALGORITHMS
 from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
 
 log = logging.getLogger("stated.server.servicer")
@@ -40,30 +41,23 @@ INLINE_STEP_PARAMETERS = 1 << 21
 MAX_CHUNK_BYTES = 3 << 20  # below gRPC's 4 MiB message limit
 
 
-def wire_dtype(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
     return {**dict(msg.scalars), **dict(msg.flags)}
 
 
 def rpc(method):
-    """Maps core errors to status codes and counts them; unexpected errors become INTERNAL."""
+    """Aborts a failed call with its status (stated.server.status_codes), counted; unexpected errors become
+    INTERNAL and the daemon keeps serving the other sessions."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
-        except ServiceError as exc:
-            self.metrics.errors.labels(exc.code.name).inc()
-            await context.abort(exc.code, str(exc))
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
-        except Exception as exc:  # the daemon keeps serving the other sessions
-            log.exception("%s failed", method.__name__)
-            self.metrics.errors.labels("INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:
+            status, message = refusal(exc, self.metrics, method.__name__)
+            await context.abort(GRPC_CODES[status], message)
 
     return wrapper
 

@@ -6,16 +6,8 @@ unix socket ping-pong about 0.1 ms (PERFORMANCE.md). So the daemon also listens 
 (same directory, same permissions) for the one call that happens every step. Everything else stays on
 gRPC, and gRPC's Step stays too: the channel is only a faster wire for the same request.
 
-Protocol (every integer little-endian). A frame is a 4-byte length, a 1-byte kind and a payload:
-
-    kind 0  a protobuf message: the client sends SessionRef first (the channel's session, checked as a
-            gRPC call's would be), then StepRequests (their `session` is ignored: the channel is bound);
-            the daemon answers the SessionRef with an empty kind-0 frame and each StepRequest with a
-            StepResponse
-    kind 1  an error, from the daemon: "<gRPC status name>\n<message>"; after a refused SessionRef or a
-            malformed frame the daemon closes the connection, after a refused step it goes on
-
-Steps go through the same validation, session lock and engine as gRPC's Step.
+The protocol (framing, kinds, limits) is stated_client.protocol's, shared with the client's end
+(stated_client.step_line). Steps go through the same validation, session lock and engine as gRPC's Step.
 
 Note [step channel threads]: the channel is served by plain threads, one accept thread and one per
 connection doing blocking recv, lock, step, send. Served on the event loop, every step waited for the
@@ -33,40 +25,23 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 
 from google.protobuf.message import DecodeError
 
-from stated.errors import InvalidArgument, ServiceError
+from stated.errors import InvalidArgument
+from stated.server.private_socket import private_socket
+from stated.server.status_codes import refusal
 from stated.v1 import state_service_pb2 as pb
+from stated_client.protocol import HEADER, MAX_FRAME_BYTES, MAX_SOCKET_PATH, MESSAGE, error_frame, frame
 
 log = logging.getLogger("stated.server.step_channel")
 
-HEADER = struct.Struct("<IB")
-MESSAGE, ERROR = 0, 1
-# has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
-MAX_FRAME_BYTES = 64 << 20
-SUFFIX = ".step"
-# sun_path holds 108 bytes with the terminating NUL.
-MAX_SOCKET_PATH = 107
 # How long stop() waits for connection threads (a step under way finishes first).
 STOP_SECONDS = 5.0
 # accept() failures that pass (too many open files, for one): the accept thread waits and goes on.
 TRANSIENT_ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
-
-
-def channel_path(grpc_socket: str) -> str:
-    return grpc_socket + SUFFIX
-
-
-def frame(kind: int, payload: bytes) -> bytes:
-    return HEADER.pack(len(payload), kind) + payload
-
-
-def error_frame(code: str, message: str) -> bytes:
-    return frame(ERROR, f"{code}\n{message}".encode())
 
 
 class StepChannel:
@@ -95,18 +70,13 @@ class StepChannel:
         except FileNotFoundError:
             pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
         try:
-            listener.bind(path)
-            listener.listen(128)
+            with private_socket(path, gid):
+                listener.bind(path)
+                listener.listen(128)
         except BaseException:
             listener.close()
             raise
-        finally:
-            os.umask(old_umask)
-        if gid is not None:
-            os.chown(path, -1, gid)
-            os.chmod(path, 0o660)
         self.listener, self.path = listener, path
         self.accepter = threading.Thread(target=self._accept, name="stated-step-accept", daemon=True)
         self.accepter.start()
@@ -187,18 +157,16 @@ class StepChannel:
         try:
             request = pb.StepRequest.FromString(payload)
         except DecodeError as exc:
-            self.servicer.metrics.errors.labels(InvalidArgument.code.name).inc()
-            return error_frame(InvalidArgument.code.name, f"the frame is not a StepRequest: {exc}"), False
+            return self._refuse(InvalidArgument(f"the frame is not a StepRequest: {exc}")), False
         try:
             response = self.servicer.step_blocking(session.id, session.token, request)
-        except ServiceError as exc:
-            self.servicer.metrics.errors.labels(exc.code.name).inc()
-            return error_frame(exc.code.name, str(exc)), True
         except Exception as exc:  # noqa: BLE001 - the daemon keeps serving
-            log.exception("step over the step channel failed")
-            self.servicer.metrics.errors.labels("INTERNAL").inc()
-            return error_frame("INTERNAL", f"Step failed: {type(exc).__name__}: {exc}"), True
+            return self._refuse(exc), True
         return frame(MESSAGE, response.SerializeToString()), True
+
+    def _refuse(self, exc: Exception) -> bytes:
+        """The error frame for a refusal or a failure, counted as a gRPC call's is (stated.server.status_codes)."""
+        return error_frame(*refusal(exc, self.servicer.metrics, "Step"))
 
     def _hello(self, conn: socket.socket, header: bytearray):
         payload = self._read(conn, header)
@@ -208,10 +176,10 @@ class StepChannel:
             ref = pb.SessionRef.FromString(payload)
             session = self.servicer.store.get(ref.id, ref.token)
         except DecodeError as exc:
-            conn.sendall(error_frame(InvalidArgument.code.name, f"the first frame is not a SessionRef: {exc}"))
+            conn.sendall(self._refuse(InvalidArgument(f"the first frame is not a SessionRef: {exc}")))
             return None
-        except ServiceError as exc:
-            conn.sendall(error_frame(exc.code.name, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - refused as a gRPC call for that session is
+            conn.sendall(self._refuse(exc))
             return None
         conn.sendall(frame(MESSAGE, b""))
         return session
@@ -223,7 +191,7 @@ class StepChannel:
         if kind != MESSAGE or length > MAX_FRAME_BYTES:
             problem = (f"frame kind {kind} is not a message (0)" if kind != MESSAGE else
                        f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
-            conn.sendall(error_frame(InvalidArgument.code.name, problem))
+            conn.sendall(self._refuse(InvalidArgument(problem)))
             return None
         payload = bytearray(length)
         _receive(conn, memoryview(payload))

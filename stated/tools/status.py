@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import sys
 
-import grpc
-
 from stated.v1 import state_service_pb2 as pb
-from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import resolve
+from stated_client.connection import Connection
+from stated_client.errors import StatedError
 
 
 def format_bytes(n: float) -> str:
@@ -34,12 +33,13 @@ def render(stats: pb.GetStatsResponse, target: str) -> str:
 
 def show_status(address: str | None, out=sys.stdout) -> int:
     target = resolve(address)
-    with grpc.insecure_channel(target) as channel:
-        try:
-            stats = pb_grpc.StateServiceStub(channel).GetStats(pb.GetStatsRequest(), timeout=5)
-        except grpc.RpcError as error:
-            print(f"stated status: no daemon answers at {target} ({error.code().name}: {error.details()})",
-                  file=sys.stderr)
-            return 1
+    connection = Connection(target)
+    try:
+        stats = connection.call("GetStats", pb.GetStatsRequest(), timeout=5)
+    except StatedError as error:
+        print(f"stated status: no daemon answers at {target} ({error.code}: {error})", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
     print(render(stats, target), file=out)
     return 0

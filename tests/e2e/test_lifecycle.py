@@ -252,6 +252,32 @@ def test_optimizer_cannot_be_copied_or_pickled(address):
         opt.close()
 
 
+def test_refused_watch_raises_a_stated_error_and_leaves_nothing_attached(daemon, address, monkeypatch):
+    """The daemon refuses the optimizer's Watch (here: its token is wrong): the user sees the client's
+    StatedError, not a grpc.RpcError, and the session Attach made is detached at once."""
+    from stated_client.connection import Connection
+
+    hold = Connection.hold
+
+    def hold_with_a_wrong_token(self, method, request):
+        if method == "Watch":
+            request.session.token = b"not the session's token"
+        return hold(self, method, request)
+
+    job = unique("watch-refused")
+    before = set(daemon.segments())
+    monkeypatch.setattr(Connection, "hold", hold_with_a_wrong_token)
+    with pytest.raises(stated.PermissionDeniedError) as info:
+        stated.AdamW(small_model().parameters(), address=address, job=job, rank=0)
+    assert not isinstance(info.value, grpc.RpcError) and "session.token" in str(info.value)
+    assert [s for s in live_sessions(daemon).values() if s.job == job] == []
+    assert set(daemon.segments()) == before
+    monkeypatch.undo()
+    # Nothing is left attached under that job and rank: attaching again is not refused as ALREADY_EXISTS.
+    opt = stated.AdamW(small_model().parameters(), address=address, job=job, rank=0)
+    opt.close()
+
+
 def test_close_detaches_and_frees_the_sessions_arenas(daemon, address):
     before = set(daemon.segments())
     model = small_model()

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import stated
-from stated.server.step_channel import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, STOP_SECONDS, frame
+from stated.server.step_channel import STOP_SECONDS
+from stated_client.protocol import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, frame, parse_error
 from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas
 
-from test_bad_input import attach, hp, registered, specs, step, stub  # noqa: F401 (fixture)
+from test_bad_input import attach, errors_counted, hp, registered, specs, step, stub  # noqa: F401 (fixture)
 
 
 class Raw:
@@ -66,8 +67,7 @@ def hello(daemon, session) -> Raw:
 def error_of(raw: Raw) -> tuple[str, str]:
     kind, payload = raw.receive()
     assert kind == ERROR, f"expected an error frame, got {payload!r}"
-    code, _, message = payload.decode().partition("\n")
-    return code, message
+    return parse_error(payload)
 
 
 def test_steps_over_the_channel_and_grpc_interleave(daemon, stub):  # noqa: F811
@@ -83,23 +83,27 @@ def test_steps_over_the_channel_and_grpc_interleave(daemon, stub):  # noqa: F811
 
 def test_wrong_token_is_refused_and_closed(daemon, stub):  # noqa: F811
     session = registered(stub)
+    before = errors_counted(daemon, "PERMISSION_DENIED")
     raw = Raw(daemon.socket + ".step")
     raw.send(frame(MESSAGE, pb.SessionRef(id=session.id, token=b"\0" * 16).SerializeToString()))
     code, message = error_of(raw)
     assert code == "PERMISSION_DENIED" and "token" in message
     assert raw.closed()
+    assert errors_counted(daemon, "PERMISSION_DENIED") == before + 1  # counted as a gRPC refusal is
     step(stub, session, 1)
 
 
 def test_refused_step_keeps_the_channel(daemon, stub):  # noqa: F811
     session = registered(stub)
     raw = hello(daemon, session)
+    before = errors_counted(daemon, "INVALID_ARGUMENT")
     raw.send(frame(MESSAGE, step_request(5).SerializeToString()))
     code, message = error_of(raw)
     assert code == "INVALID_ARGUMENT" and "step is 5" in message
     raw.send(frame(MESSAGE, step_request(1, tensors=1).SerializeToString()))
     code, message = error_of(raw)
     assert code == "INVALID_ARGUMENT" and "has_grad" in message
+    assert errors_counted(daemon, "INVALID_ARGUMENT") == before + 2
     raw.send(frame(MESSAGE, step_request(1).SerializeToString()))
     assert raw.receive()[0] == MESSAGE
 

@@ -1,0 +1,64 @@
+"""What client and daemon agree on beside the protobuf messages, written once, on the client's side of
+the wire: the gRPC service name and message limits, the step channel's socket and framing, and the names
+of shared-memory segments. The daemon imports these from here (the client imports nothing of the daemon).
+
+It loads neither torch nor grpc: the daemon's start-up and `stated status` import it too.
+
+The step channel (served by stated.server.step_channel, used by stated_client.step_line). Every integer
+is little-endian. A frame is a 4-byte length, a 1-byte kind and a payload:
+
+    kind 0  a protobuf message: the client sends SessionRef first (the channel's session, checked as a
+            gRPC call's would be), then StepRequests (their `session` is ignored: the channel is bound);
+            the daemon answers the SessionRef with an empty kind-0 frame and each StepRequest with a
+            StepResponse
+    kind 1  an error, from the daemon: "<gRPC status name>\\n<message>"; after a refused SessionRef or a
+            malformed frame the daemon closes the connection, after a refused step it goes on
+"""
+
+from __future__ import annotations
+
+import struct
+
+# --- gRPC ------------------------------------------------------------------------------------------
+
+SERVICE_NAME = "stated.v1.StateService"
+MAX_MESSAGE_BYTES = 8 << 20
+# Options for grpc.insecure_channel and grpc.aio.server alike.
+MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+
+# --- the step channel ------------------------------------------------------------------------------
+
+HEADER = struct.Struct("<IB")
+MESSAGE, ERROR = 0, 1
+# has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
+MAX_FRAME_BYTES = 64 << 20
+STEP_SUFFIX = ".step"
+# sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def channel_path(grpc_socket: str) -> str:
+    """The step channel's socket beside the daemon's gRPC socket."""
+    return grpc_socket + STEP_SUFFIX
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return HEADER.pack(len(payload), kind) + payload
+
+
+def error_frame(status: str, message: str) -> bytes:
+    return frame(ERROR, f"{status}\n{message}".encode())
+
+
+def parse_error(payload: bytes) -> tuple[str, str]:
+    """The status name and the message of an error frame's payload."""
+    status, _, message = payload.decode(errors="replace").partition("\n")
+    return status, message
+
+
+# --- shared memory ---------------------------------------------------------------------------------
+
+SHM_DIR = "/dev/shm"
+# The daemon names every segment with this prefix; the client maps no other name.
+PREFIX = "stated-"
