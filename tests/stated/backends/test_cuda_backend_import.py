@@ -98,7 +98,7 @@ PAGE = 8192  # AdamW fp32: 1024 elements a page, so the model spans 10 pages
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "gpu"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "gpu"))
     try:
         import fake_cupy
     finally:
