@@ -257,19 +257,26 @@ class CudaBackend(Backend):
     def begin_step(self, session, groups: list[Hyperparameters], active: Sequence[int]) -> None:
         self._state(session).begin_step(groups, active)
 
-    def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
-                 has_grad: bytes | None) -> tuple[Any, float]:
-        return self._state(session).run_page(page, pass_index, has_grad)
+    def lend_host_pages(self, session, host) -> None:
+        state = self._states.get(session.id)
+        if state is not None:
+            state.host = host
+
+    def run_page(self, session, page: int, bound, groups: list[Hyperparameters], pass_index: int,
+                 has_grad: bytes | None) -> Any:
+        return self._state(session).run_page(page, bound, pass_index, has_grad)
 
     def host_pages(self, session, order: list[int]) -> list[int]:
+        """Leaves out the pages in the GPU cache and those without state (nothing to copy)."""
         state = self._states.get(session.id)
-        if state is None or not state.cached:
+        if state is None:
             return order
-        return [page for page in order if page not in state.cached]
+        table = session.table
+        wanted = [page for page in order if page not in state.cached and table[page].page.extent]
+        return order if len(wanted) == len(order) else wanted
 
-    def retire(self, ticket: Any) -> None:
-        if ticket is not None:
-            ticket.owner.retire(ticket)
+    def retire(self, ticket: Any) -> bool:
+        return ticket.owner.retire(ticket)
 
     def between_passes(self, session, groups: list[Hyperparameters], active: Sequence[int],
                        pass_index: int) -> None:

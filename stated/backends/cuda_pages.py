@@ -11,8 +11,8 @@ Note [page pipeline]: three streams per session. For a page that is not in the G
     kernel stream:  wait(copied_in)   -> the page's launches                  -> event used
     d2h stream:     wait(used)        -> copy the staging buffer back         -> event copied_out
 
-`retire(ticket)` waits for copied_out on the host and hands the page back to the pager, which is
-the only point where the host waits for a page. Up to `staging_pages` pages are in flight, one per
+`retire(ticket)` waits for copied_out on the host, after which the engine gives the page back to the
+pager: the only point where the host waits for a page. Up to `staging_pages` pages are in flight, one per
 staging buffer, so the copy in of page k+1, the kernels of page k and the copy out of page k-1
 overlap. A page in the GPU cache only takes the kernel stream.
 
@@ -24,10 +24,13 @@ into the victim's buffer (which would serialise copy out, copy in and kernel): i
 staging buffer, which becomes its cache slot, and the victim's buffer takes that place in the ring
 once its copy out is ordered (Note [capacity and staging] in stated.paging.residency, on the device).
 
-Note [host pages in flight]: every pager.get is matched by exactly one pager.done. A page evicted
-from the GPU cache while the ticket that fetched it is still in flight is copied back into that
-ticket's host buffer and the ticket becomes dirty; otherwise the eviction fetches the host page and a
-write-back ticket rides on the current page's ticket, retired with it.
+Note [host pages in flight]: every host page is given back exactly once: the engine's pages when
+their tickets retire, and those borrowed from the engine's HostPages (Note [host pages lent to a
+backend] in stated.engine) by the ticket that borrowed them. A page evicted from the GPU cache while
+the ticket that brought it is still in flight is copied back into that ticket's host buffer and the
+ticket becomes dirty; otherwise the eviction borrows the host page and a write-back ticket rides on
+the current page's ticket, retired with it. The cache's residency is recorded here (`cached`), not in
+the page table: the pager's tiers stay below it, and a cached page keeps its host-tier entry.
 """
 
 from __future__ import annotations
@@ -54,14 +57,15 @@ D2D = cp.cuda.runtime.memcpyDeviceToDevice
 
 @dataclasses.dataclass(eq=False)
 class Ticket:
-    """A page the engine has in flight: the host buffer the pager lent, and what to wait for before
-    giving it back (Note [host pages in flight])."""
+    """A page in flight: its host buffer, and what to wait for before it is given back (Note [host
+    pages in flight])."""
 
     owner: DeviceSession
     page: int
     host: torch.Tensor
     event: Any = None  # a CuPy event: the last copy that reads or writes `host`
     dirty: bool = False  # the host buffer was written
+    borrowed: bool = False  # from HostPages (given back here), not from the engine (given back there)
     writebacks: list[Ticket] = dataclasses.field(default_factory=list)
 
 
@@ -105,7 +109,8 @@ class DeviceSession:
         self.cached: dict[int, PageBuffer] = {}
         self.dirty: set[int] = set()  # cached pages newer than their host copy
         self.cached_bytes = 0
-        self.holding: dict[int, Ticket] = {}  # pages fetched from the pager and not yet handed back
+        self.holding: dict[int, Ticket] = {}  # host pages in flight, not yet given back
+        self.host = None  # the engine's HostPages (stated.engine), lent before each step and flush
         self.small: dict[int, cuda_small.DeviceSmall] = {}
         self.table = None  # the host tensor table (cuda_sources.TENSOR_DTYPE)
         self.tensors_dev = None
@@ -215,23 +220,24 @@ class DeviceSession:
 
     # --- pages ----------------------------------------------------------------------------------
 
-    def run_page(self, page: int, pass_index: int, has_grad: bytes | None) -> tuple[Ticket | None, float]:
-        """Note [page pipeline]; returns (ticket or None when nothing is owed to the pager, seconds
-        the pager made us wait)."""
+    def run_page(self, page: int, bound, pass_index: int, has_grad: bytes | None) -> Ticket | None:
+        """Note [page pipeline]; returns the ticket, or None when no host page is in flight. `bound`
+        is the page on its host buffer, None for a page the cache held when the pass began."""
         nbytes = self.session.table[page].page.extent
         with self.device:
             if nbytes == 0:  # no state (SGD without momentum): only the parameters change
                 self._launch(page, None, pass_index, has_grad)
-                return None, 0.0
+                return None
             buffer = self.cached.get(page)
             if buffer is not None:
                 self.policy.access(page)
                 self._launch(page, buffer, pass_index, has_grad)
                 self.dirty.add(page)
-                return None, 0.0
+                return None
             self.metrics.page_faults.labels("gpu").inc()
-            host, waited = self.session.pager.get(page)
-            ticket = Ticket(self, page, host)
+            borrowed = bound is None  # evicted since the pass began: the engine did not get it
+            host = (self.host.borrow(page) if borrowed else bound).buffer
+            ticket = Ticket(self, page, host, borrowed=borrowed)
             self.holding[page] = ticket
             buffer, admitted = self._place(page, ticket)
             self._copy_in(buffer, host, nbytes)
@@ -244,19 +250,22 @@ class DeviceSession:
             else:
                 ticket.event = self._copy_out(buffer, host, nbytes)
                 ticket.dirty = True
-            return ticket, waited
+            return ticket
 
-    def retire(self, ticket: Ticket) -> None:
+    def retire(self, ticket: Ticket) -> bool:
+        """Waits for the ticket's copies; True when its host page was written."""
         self._finish(ticket)
         for writeback in ticket.writebacks:
             self._finish(writeback)
+        return ticket.dirty
 
     def _finish(self, ticket: Ticket) -> None:
         if ticket.event is not None:
             ticket.event.synchronize()
         if self.holding.get(ticket.page) is ticket:
             del self.holding[ticket.page]
-        self.session.pager.done(ticket.page, dirty=ticket.dirty)
+        if ticket.borrowed:
+            self.host.give_back(ticket.page, ticket.dirty)
 
     def _staging_index(self) -> int:
         if not self.staging:
@@ -296,9 +305,8 @@ class DeviceSession:
             owner.event = self._copy_out(buffer, owner.host, nbytes)
             owner.dirty = True
             return buffer
-        host, _ = self.session.pager.get(victim)
-        writeback = Ticket(self, victim, host, dirty=True)
-        writeback.event = self._copy_out(buffer, host, nbytes)
+        writeback = Ticket(self, victim, self.host.borrow(victim).buffer, dirty=True, borrowed=True)
+        writeback.event = self._copy_out(buffer, writeback.host, nbytes)
         if ticket is None:  # outside a pass: back at once
             self._finish(writeback)
         else:
@@ -413,9 +421,11 @@ class DeviceSession:
             for index, device_small in self.small.items():
                 self.runner.copy_small_to_host(device_small, session.small[index])
             for page in sorted(self.dirty):
-                host, _ = session.pager.get(page)
-                self._copy_out(self.cached[page], host, session.table[page].page.extent).synchronize()
-                session.pager.done(page, dirty=True)
+                host = self.host.borrow(page).buffer
+                try:
+                    self._copy_out(self.cached[page], host, session.table[page].page.extent).synchronize()
+                finally:
+                    self.host.give_back(page, True)
             self.dirty.clear()
 
     def invalidate(self) -> None:
@@ -432,15 +442,12 @@ class DeviceSession:
         self.tensors_dev = None
 
     def _recover(self) -> None:
-        """A step that failed half-way left pages fetched: hand them back (their state is what the
-        failed step left)."""
-        log.warning("session %s: a failed step left %d pages in flight; handing them back", self.session.id,
-                    len(self.holding))
+        """A step that failed half-way left tickets unretired: the engine gave their host pages back
+        (their state is what the failed step left); forget the tickets once the streams are idle."""
+        log.warning("session %s: a failed step left %d pages in flight", self.session.id, len(self.holding))
         with self.device:
             self._sync()
-        for page, ticket in list(self.holding.items()):
-            del self.holding[page]
-            self.session.pager.done(page, dirty=True)
+        self.holding.clear()
 
     def close(self) -> None:
         try:
