@@ -1,7 +1,7 @@
 """Paged step time of stated.AdamW at several host budgets, against the disk's measured ceiling.
 
 In one run: the O_DIRECT sequential read and write bandwidth of the file system that holds the state
-files (stated.paging.state_file.measure_bandwidth), then for each budget (100%, 50%, 25%, 10% of the state) a daemon
+files (stated.paging.disk_bandwidth.measure_bandwidth), then for each budget (100%, 50%, 25%, 10% of the state) a daemon
 with that --host-memory, a few steps of a model, and the bytes its pager moved (GetStats). Reported per
 budget: the step time, the disk bandwidth achieved (bytes moved / step time) over the ceiling
 (bytes moved at the rate measured for reads and writes in flight together), and the step time over the lower bound
@@ -110,7 +110,7 @@ def main() -> int:
     args = parser.parse_args()
     import tempfile
 
-    from stated.paging.state_file import measure_bandwidth
+    from stated.paging.disk_bandwidth import measure_bandwidth
 
     n = parse_count(args.params)
     state_dir = args.state_dir or tempfile.mkdtemp(prefix="stated-paging-bench-", dir="/var/tmp")

@@ -1,9 +1,17 @@
 """The loop that applies one step: pre-pass over gradients, then pipelined passes over pages.
 
 DESIGN.md "One step", Note [step order] in stated_kernels.spec for the calls an algorithm gets, and
-stated.backends.base for the calls a backend gets. The engine only asks: the session which pages hold
-tensors with gradients, the backend to check gradients, run the pre-pass and run each page (which
-brings it in through the pager), and when to retire pages in flight. It never depends on CPU or CUDA.
+stated.backends.base for the calls a backend gets. The engine is the only caller of a session's pager
+(stated.paging.pager): per pass it tells the pager the pages the backend needs in the host tier, gets
+each one, hands the backend the page bound to its host buffer (a `Binding`), retires it once `depth`
+pages are in flight, and gives it back to the pager. It never depends on CPU or CUDA.
+
+Note [host pages lent to a backend]
+-----------------------------------
+A backend with pages of its own (the GPU cache) needs host buffers outside the engine's order: to
+write an evicted page back, or to flush before an export. It borrows them from the session's
+`HostPages`, which the engine hands it before each step and each flush: a desk over the pager that binds
+the page, counts what is out, and gives back whatever a failed step left out.
 """
 
 from __future__ import annotations
@@ -11,8 +19,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
+from collections.abc import Callable, Iterable
 
-from stated.session import Session
+from stated.session import Binding, Session
 from stated_kernels.spec import Hyperparameters
 
 
@@ -26,6 +35,32 @@ class StepResult:
     found_inf: bool = False
 
 
+class HostPages:
+    """Host pages a backend borrows beyond the page it runs (Note [host pages lent to a backend])."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.out: collections.Counter[int] = collections.Counter()
+
+    def borrow(self, page: int) -> Binding:
+        """The page bound to its host buffer, which stays put until `give_back(page)`."""
+        buffer, _waited = self.session.pager.get(page)
+        self.out[page] += 1
+        return self.session.bind(self.session.table[page], buffer)
+
+    def give_back(self, page: int, dirty: bool) -> None:
+        self.out[page] -= 1
+        if not self.out[page]:
+            del self.out[page]
+        self.session.pager.done(page, dirty)
+
+    def give_back_all(self) -> None:
+        """After a failed step: every page still out goes back, as the failure left it."""
+        for page, count in list(self.out.items()):
+            for _ in range(count):
+                self.give_back(page, True)
+
+
 class Engine:
     def step(self, session: Session, groups: list[Hyperparameters], has_grad: bytes,
              grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
@@ -33,7 +68,9 @@ class Engine:
         has one byte per tensor, `grad_scale` and `max_grad_norm` are finite and >= 0 (0: unused).
         A step whose gradients hold inf or nan changes nothing and is not counted."""
         start = time.perf_counter()
-        backend = session.backend
+        backend, pager = session.backend, session.pager
+        host = HostPages(session)
+        backend.lend_host_pages(session, host)
         everyone = has_grad.count(0) == 0
         active = [t.info.index for t in session.tensors if has_grad[t.info.index]]
 
@@ -44,26 +81,12 @@ class Engine:
         backend.begin_step(session, groups, active)
 
         stall = 0.0
-        faults_before = session.pager.faults
+        faults_before = pager.faults
         mask = None if everyone else has_grad
         order = [e.page.index for e in session.table
                  if everyone or any(has_grad[s.tensor] for s in e.page.segments)]
         for pass_index in range(session.algorithm.passes):
-            session.pager.begin_pass(backend.host_pages(session, order))
-            in_flight: collections.deque = collections.deque()
-            try:
-                for page in order:
-                    ticket, waited = backend.run_page(session, page, groups, pass_index, mask)
-                    stall += waited
-                    in_flight.append(ticket)
-                    if len(in_flight) >= backend.depth:
-                        backend.retire(in_flight.popleft())
-                while in_flight:
-                    backend.retire(in_flight.popleft())
-            except BaseException:
-                _drain(backend, in_flight)
-                raise
-            stall += session.pager.end_pass()
+            stall += self._pass(session, order, groups, pass_index, mask, host)
             if pass_index + 1 < session.algorithm.passes:
                 backend.between_passes(session, groups, active, pass_index)
         backend.end_step(session)
@@ -71,14 +94,102 @@ class Engine:
         seconds = time.perf_counter() - start
         session.step_seconds += seconds
         session.stall_seconds += stall
-        return StepResult(seconds, stall, session.pager.faults - faults_before, len(active), check.norm)
+        return StepResult(seconds, stall, pager.faults - faults_before, len(active), check.norm)
 
-
-def _drain(backend, in_flight: collections.deque) -> None:
-    """After a failed page: waits for the pages still in flight, so that no kernel or copy goes on
-    writing into the session's memory after the step has reported its error."""
-    while in_flight:
+    @staticmethod
+    def _pass(session: Session, order: list[int], groups: list[Hyperparameters], pass_index: int,
+              mask: bytes | None, host: HostPages) -> float:
+        """One pass over `order` with up to `backend.depth` pages in flight; returns the seconds stalled.
+        Every page got from the pager is given back exactly once, after the backend retired it."""
+        backend, pager, table, bind = session.backend, session.pager, session.table, session.bind
+        wanted = backend.host_pages(session, order)
+        needs_host = None if wanted is order else set(wanted)  # None: every page of the pass
+        pager.begin_pass(wanted)
+        stall = 0.0
+        in_flight: collections.deque = collections.deque()  # (page got from the pager or None, ticket)
+        taken = None  # a page got from the pager and not yet in flight or given back
         try:
-            backend.retire(in_flight.popleft())
-        except Exception:  # noqa: BLE001 - the first error is the one reported
+            for page in order:
+                bound = None
+                if needs_host is None or page in needs_host:
+                    buffer, waited = pager.get(page)
+                    taken = page
+                    stall += waited
+                    bound = bind(table[page], buffer)
+                ticket = backend.run_page(session, page, bound, groups, pass_index, mask)
+                if ticket is None:  # finished already: nothing to retire
+                    if taken is not None:
+                        taken = None
+                        pager.done(page)
+                    continue
+                in_flight.append((taken, ticket))
+                taken = None
+                if len(in_flight) >= backend.depth:
+                    _retire(session, in_flight)
+            while in_flight:
+                _retire(session, in_flight)
+        except BaseException:
+            if taken is not None:
+                in_flight.append((taken, None))
+            _drain(session, in_flight, host)
+            raise
+        return stall + pager.end_pass()
+
+    @staticmethod
+    def visit_pages(session: Session, pages: Iterable[int], visit: Callable[[Binding], None],
+                    dirty: bool) -> None:
+        """Calls `visit` with each page bound to its host buffer, between steps (state_dict export and
+        import); `dirty` when `visit` writes the page."""
+        pager = session.pager
+        for page in pages:
+            buffer, _waited = pager.get(page)
+            try:
+                visit(session.bind(session.table[page], buffer))
+            finally:
+                pager.done(page, dirty)
+
+    @staticmethod
+    def flush(session: Session) -> None:
+        """Before an export: state the backend holds on a device comes back to the host tier."""
+        host = HostPages(session)
+        session.backend.lend_host_pages(session, host)
+        session.backend.flush(session)
+
+    @staticmethod
+    def reset_pages(session: Session) -> None:
+        """Every page back to fresh (zero) state, as before the first step."""
+        for entry in session.table:
+            session.pager.reset(entry.page.index)
+
+
+def _retire(session: Session, in_flight: collections.deque) -> None:
+    """Retires the oldest page in flight and gives it back (it stays in flight if retiring fails)."""
+    page, ticket = in_flight[0]
+    dirty = session.backend.retire(ticket)
+    in_flight.popleft()
+    if page is not None:
+        session.pager.done(page, dirty)
+
+
+def _drain(session: Session, in_flight: collections.deque, host: HostPages) -> None:
+    """After a failed page: waits for the pages still in flight, so that no kernel or copy goes on
+    writing into the session's memory after the step has reported its error, then gives every page
+    back to the pager (the first error is the one reported)."""
+    backend = session.backend
+    taken = []
+    while in_flight:
+        page, ticket = in_flight.popleft()
+        try:
+            if ticket is not None:
+                backend.retire(ticket)
+        except Exception:  # noqa: BLE001
             pass
+        if page is not None:
+            taken.append(page)
+    try:
+        backend.end_step(session)
+    except Exception:  # noqa: BLE001
+        pass
+    for page in taken:
+        session.pager.done(page, True)
+    host.give_back_all()

@@ -3,7 +3,8 @@
 A session owns the shared-memory arenas it created for its tensors (one param and one grad arena per
 Register call, a "region"; a region on a CUDA device has no arenas here: the client shares its device
 buffers with the session's CUDA backend), the resident per-tensor state of the algorithm, and its page table. The
-pager decides where pages live; the engine runs steps over them.
+pager decides where pages live and moves them; the engine runs steps over them, binding each page it
+gets from the pager to that buffer for the backend.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from stated import layout, shm
 from stated.errors import InvalidArgument
 from stated.layout import Page, TensorPlace
 from stated.paging.page_table import PageEntry, PageTable
+from stated.paging.pager import Pager
 from stated_kernels.spec import Algorithm, FieldSpec, Hyperparameters, Segment, TensorInfo
 
 # Note [master weights]: with master_weights, the arenas hold bf16/fp16 parameters and gradients while
 # every page also holds an fp32 copy of its parameters (this field). The algorithm sees only fp32: its
-# segments' `param` is the master copy and the engine hands it fp32 gradients; after each update the
-# engine writes the rounded parameters back into the arena. The master copy is taken from the arena when
+# segments' `param` is the master copy and the backend hands it fp32 gradients; after each update the
+# backend writes the rounded parameters back into the arena. The master copy is taken from the arena when
 # a page is first touched, and travels in state_dict as "master_param".
 MASTER = FieldSpec("master", torch.float32)
 MASTER_KEY = "master_param"
@@ -44,8 +46,11 @@ class Region:
 
 @dataclasses.dataclass
 class Binding:
-    """A page's segments bound to one buffer, grouped by param group for the kernel calls."""
+    """A page's segments bound to one buffer, grouped by param group for the kernel calls: what the
+    engine hands a backend for each page it got from the pager."""
 
+    page: int
+    buffer: torch.Tensor
     buffer_ptr: int
     segments: list[Segment]
     by_group: dict[int, list[Segment]]
@@ -54,6 +59,8 @@ class Binding:
 
 
 class Session:
+    pager: Pager  # set by the store at Attach, before any other use (stated.paging.daemon_paging)
+
     def __init__(self, session_id: str, token: bytes, job: str, rank: int, pid: int,
                  algorithm: Algorithm, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
                  master_weights: bool = False):
@@ -88,7 +95,6 @@ class Session:
         self.stall_seconds = 0.0
         self.dtype: torch.dtype | None = None
         self.closed = False
-        self.pager = None  # set by the store
         # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.
         self.master_pending: set[int] = set()
         # The backend that runs this session's steps (set by the store: CPU, or CUDA once it registers
@@ -207,7 +213,7 @@ class Session:
                         self.small[seg.tensor])
             segments.append(s)
             by_group.setdefault(place.info.group, []).append(s)
-        binding = Binding(ptr, segments, by_group)
+        binding = Binding(entry.page.index, buffer, ptr, segments, by_group)
         self.bindings[entry.page.index] = binding
         return binding
 

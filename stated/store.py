@@ -93,8 +93,6 @@ class Store:
             return
         self.by_job_rank.pop((session.job, session.rank), None)
         session.backend.close(session)
-        if session.pager is not None:
-            session.pager.close()
         self.paging.removed(session)
         session.close()
 
@@ -155,7 +153,7 @@ class Store:
             raise
         if device and session.backend is not self._cuda:
             session.backend = self._cuda
-            session.pager.pool.pinner = self._cuda  # host pages feed the GPU: page-lock them
+            self.paging.feed_device(session, self._cuda)
         return region, infos, first_group, sum(p.nbytes for p in pages)
 
     def _check_device(self, session: Session, device: str) -> str:
@@ -230,7 +228,7 @@ class Store:
 
     def begin_export(self, session: Session) -> None:
         """Before export_tensor calls: state held on a device comes back to the host tier."""
-        session.backend.flush(session)
+        self.engine.flush(session)
 
     def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
         """The tensor's state_dict entry with the reference's keys, or None if it has no state."""
@@ -238,14 +236,16 @@ class Store:
         if not session.algorithm.has_state(small):
             return None
         flat = {f.name: torch.empty(f.count(place.info.numel), dtype=f.dtype) for f in place.fields}
-        for page, position in session.tensor_pages.get(index, []):
-            host, _ = session.pager.get(page)
-            seg = session.bind(session.table[page], host).segments[position]
+        positions = dict(session.tensor_pages.get(index, []))
+
+        def read(bound) -> None:
+            seg = bound.segments[positions[bound.page]]
             for f in place.fields:
                 begin = seg.start // f.per
                 view = seg.fields[f.name]
                 flat[f.name][begin: begin + view.numel()].copy_(view)
-            session.pager.done(page, dirty=False)
+
+        self.engine.visit_pages(session, positions, read, dirty=False)
         master = flat.pop(MASTER.name, None)
         entry = session.algorithm.export_state(place.info, small, flat)
         if master is not None:
@@ -259,8 +259,7 @@ class Store:
             session.small[place.info.index] = session.algorithm.init_small_state(
                 place.info, session.groups[place.info.group])
         session.bindings.clear()  # they hold the old small-state dicts
-        for entry in session.table:
-            session.pager.reset(entry.page.index)
+        self.engine.reset_pages(session)
 
     def import_state(self, session: Session, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[int, int]:
         """Loads state_dict entries all or nothing: every entry is checked before any state changes, then
@@ -304,15 +303,17 @@ class Store:
     def _write_fields(self, session: Session, index: int, flat: dict[str, torch.Tensor]) -> int:
         place = session.tensors[index]
         per = {f.name: f.per for f in place.fields}
-        for page, position in session.tensor_pages.get(index, []):
-            host, _ = session.pager.get(page)
-            seg = session.bind(session.table[page], host).segments[position]
+        positions = dict(session.tensor_pages.get(index, []))
+
+        def write(bound) -> None:
+            seg = bound.segments[positions[bound.page]]
             if session.master and MASTER.name not in flat:
-                session.master_pending.add(page)
+                session.master_pending.add(bound.page)
             for name, view in seg.fields.items():
                 if name not in flat:
                     continue
                 begin = seg.start // per[name]
                 view.copy_(flat[name][begin: begin + view.numel()])
-            session.pager.done(page)
+
+        self.engine.visit_pages(session, positions, write, dirty=True)
         return sum(t.numel() * t.element_size() for t in flat.values())

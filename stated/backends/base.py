@@ -5,18 +5,23 @@ The engine never asks whether it runs on CPU or CUDA. For one step it asks the b
 1. `check_gradients`: the norm of the (unscaled) gradients and whether any is inf or nan, for
    clipping and mixed precision (Note [gradient checks]);
 2. `begin_step`: step counters and the algorithm's pre-pass reductions over whole tensors;
-3. per page pass, per page: `run_page` makes the page's state usable by a kernel (on CPU the host
-   buffer itself; on CUDA an asynchronous copy into a staging slot, or a page already in the GPU
-   cache), runs the algorithm's update on the page's segments and starts bringing changed state back
-   to the host tier. It returns a ticket; `retire(ticket)` waits until the host buffer holds the page's
-   result. The engine keeps at most `depth` pages in flight before it retires the oldest, so copies,
-   kernels and write-back overlap;
+3. per page pass, `host_pages`: which pages of the pass it needs in the host tier; then per page:
+   `run_page` gets the page bound to its host buffer (the engine got it from the pager; None for a
+   page the backend holds itself), makes its state usable by a kernel (on CPU the host buffer itself;
+   on CUDA an asynchronous copy into a staging slot, or a page already in the GPU cache), runs the
+   algorithm's update on the page's segments and starts bringing changed state back to the host tier.
+   It returns a ticket, or None when the page is finished; `retire(ticket)` waits until the host
+   buffer holds the page's result and says whether it changed, and the engine then gives the page
+   back to the pager. The engine keeps at most `depth` pages in flight before it retires the oldest,
+   so copies, kernels and write-back overlap;
 4. `between_passes`, after every pass but the last;
 5. `end_step`: waits for everything the backend has in flight. It is called once per step, never per
    page.
 
 `flush` and `invalidate` keep a device-side copy of pages (the GPU cache) coherent with the host tier
-around state_dict export and import.
+around state_dict export and import. A backend never calls the pager: the host pages it needs beyond
+the page it runs it borrows from the engine's `HostPages`, handed over by `lend_host_pages` (Note
+[host pages lent to a backend] in stated.engine).
 
 Note [gradient checks]: torch's recipe is `scaler.unscale_(opt)`, `clip_grad_norm_(params, max_norm)`,
 `scaler.step(opt)`: gradients are divided by the loss scale, their global L2 norm is taken, and they are
@@ -31,9 +36,13 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stated_kernels.spec import Hyperparameters
+
+if TYPE_CHECKING:
+    from stated.engine import HostPages
+    from stated.session import Binding
 
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing.
 CLIP_EPSILON = 1e-6
@@ -80,19 +89,26 @@ class Backend(abc.ABC):
     def begin_step(self, session, groups: list[Hyperparameters], active: Sequence[int]) -> None:
         """Step counters and the algorithm's pre-pass for tensors `active`."""
 
+    def lend_host_pages(self, session, host: HostPages) -> None:
+        """Where the backend borrows host pages until the next call (before each step and flush); a
+        backend without pages of its own needs none."""
+
     @abc.abstractmethod
-    def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
-                 has_grad: bytes | None) -> tuple[Any, float]:
+    def run_page(self, session, page: int, bound: Binding | None, groups: list[Hyperparameters],
+                 pass_index: int, has_grad: bytes | None) -> Any:
         """Runs pass `pass_index` of the update over one page (only tensors whose has_grad byte is
-        set; None means all). Returns (ticket, seconds spent waiting for the page to be resident)."""
+        set; None means all), `bound` to its host buffer (None for a page `host_pages` left out).
+        Returns a ticket for `retire`, or None when the page is finished and its buffer is free."""
 
     def host_pages(self, session, order: list[int]) -> list[int]:
-        """The pages of `order` that this pass will need in the host tier, in order: what the pager
-        reads ahead. A device cache leaves out the pages it holds."""
+        """The pages of `order` that this pass will need in the host tier, in order: what the engine
+        gets from the pager (return `order` itself for all of them). A device cache leaves out the
+        pages it holds."""
         return order
 
-    def retire(self, ticket: Any) -> None:
-        """Waits until the page of `ticket` is back in its host buffer and tells the pager."""
+    def retire(self, ticket: Any) -> bool:
+        """Waits until the page of `ticket` is back in its host buffer; True when the buffer changed."""
+        return True
 
     def between_passes(self, session, groups: list[Hyperparameters], active: Sequence[int],
                        pass_index: int) -> None:

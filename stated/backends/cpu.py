@@ -19,6 +19,7 @@ import torch
 
 from stated.backends.base import Backend, GradientCheck
 from stated.backends.cpu_workers import CpuWorkers, Ticket, cut
+from stated.session import Binding
 from stated_kernels.spec import Algorithm, Hyperparameters, Segment
 
 # Pages of fewer elements than two of the largest pieces run on the step's thread when they have at
@@ -28,13 +29,6 @@ INLINE_SEGMENTS = 4
 
 def _overrides(algorithm: Algorithm, method: str) -> bool:
     return getattr(type(algorithm), method) is not getattr(Algorithm, method)
-
-
-@dataclasses.dataclass
-class PageTicket:
-    session: object
-    page: int
-    pieces: Ticket
 
 
 class CpuBackend(Backend):
@@ -81,26 +75,19 @@ class CpuBackend(Backend):
                 algorithm.prepass(info, session.param_views[index].view(info.shape),
                                   session.grad_views[index].view(info.shape), session.small[index], hp)
 
-    def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
-                 has_grad: bytes | None) -> tuple[PageTicket | None, float]:
-        host, waited = session.pager.get(page)
-        binding = session.bind(session.table[page], host)
+    def run_page(self, session, page: int, bound: Binding, groups: list[Hyperparameters], pass_index: int,
+                 has_grad: bytes | None) -> Ticket | None:
+        """The page's pieces handed to the workers (their ticket), or its update run here (None)."""
         if self.workers is not None and session.algorithm.independent_segments:
-            tasks = self._tasks(session, binding, groups, pass_index, has_grad)
+            tasks = self._tasks(session, bound, groups, pass_index, has_grad)
             if tasks is not None:
-                return PageTicket(session, page, self.workers.submit(tasks)), waited
-        try:
-            self.update(session, binding, groups, pass_index, has_grad)
-        finally:
-            session.pager.done(page)
-        return None, waited
+                return self.workers.submit(tasks)
+        self.update(session, bound, groups, pass_index, has_grad)
+        return None
 
-    def retire(self, ticket: PageTicket | None) -> None:
-        if ticket is not None:
-            try:
-                ticket.pieces.wait()
-            finally:
-                ticket.session.pager.done(ticket.page)
+    def retire(self, ticket: Ticket) -> bool:
+        ticket.wait()
+        return True
 
     def _tasks(self, session, binding, groups: list[Hyperparameters], pass_index: int, has_grad: bytes | None):
         """The page's update as pieces for the workers, or None when it is too small to share out: a page

@@ -11,7 +11,7 @@ What lives where (DESIGN.md "Pages, tiers, eviction, prefetch"):
   opened once at ShareDeviceBuffers (stated.backends.cuda_memory, Note [IPC handles are opened once]);
 - small state (per-tensor statistics and scratch): resident on the device for the session's life, with
   step counters kept on the host, as the CPU backend counts them;
-- pages: in the host tier (page-locked: this backend is the host pools' `pinner`), copied through a
+- pages: in the host tier (page-locked: this backend is the host pools' `Pinner`), copied through a
   ring of staging buffers every step, or kept in the GPU cache (stated.backends.cuda_pages).
 
 A step, in the engine's order (stated.backends.base): `check_gradients` (one small device-to-host
@@ -87,7 +87,7 @@ class CudaBackend(Backend):
             raise ValueError(f"staging_pages must be at least 2 (one page copies while another computes), "
                              f"got {staging_pages}")
         try:
-            self._ordinals = cuda_memory.device_ordinals()
+            self._ordinals = self._device_ordinals()
         except self.cp.cuda.runtime.CUDARuntimeError as exc:
             raise RuntimeError(f"CuPy finds no usable CUDA device: {exc}") from None
         if not self._ordinals:
@@ -108,6 +108,12 @@ class CudaBackend(Backend):
         self._pinned: set[int] = set()
         log.info("CUDA backend: %d device(s), staging %d pages of %d bytes per session, GPU cache %d pages per "
                  "device", len(self._ordinals), staging_pages, page_bytes, self.cache_pages)
+
+    def _device_ordinals(self) -> dict[str, int]:
+        """UUID key -> CUDA device ordinal, for every device this process can see."""
+        runtime = self.cp.cuda.runtime
+        return {uuid_key(runtime.getDeviceProperties(ordinal)["uuid"]): ordinal
+                for ordinal in range(runtime.getDeviceCount())}
 
     # --- the host pools' pinner (stated.paging.host_pool) -------------------------------------------------
 
@@ -257,19 +263,26 @@ class CudaBackend(Backend):
     def begin_step(self, session, groups: list[Hyperparameters], active: Sequence[int]) -> None:
         self._state(session).begin_step(groups, active)
 
-    def run_page(self, session, page: int, groups: list[Hyperparameters], pass_index: int,
-                 has_grad: bytes | None) -> tuple[Any, float]:
-        return self._state(session).run_page(page, pass_index, has_grad)
+    def lend_host_pages(self, session, host) -> None:
+        state = self._states.get(session.id)
+        if state is not None:
+            state.host = host
+
+    def run_page(self, session, page: int, bound, groups: list[Hyperparameters], pass_index: int,
+                 has_grad: bytes | None) -> Any:
+        return self._state(session).run_page(page, bound, pass_index, has_grad)
 
     def host_pages(self, session, order: list[int]) -> list[int]:
+        """Leaves out the pages in the GPU cache and those without state (nothing to copy)."""
         state = self._states.get(session.id)
-        if state is None or not state.cached:
+        if state is None:
             return order
-        return [page for page in order if page not in state.cached]
+        table = session.table
+        wanted = [page for page in order if page not in state.cached and table[page].page.extent]
+        return order if len(wanted) == len(order) else wanted
 
-    def retire(self, ticket: Any) -> None:
-        if ticket is not None:
-            ticket.owner.retire(ticket)
+    def retire(self, ticket: Any) -> bool:
+        return ticket.owner.retire(ticket)
 
     def between_passes(self, session, groups: list[Hyperparameters], active: Sequence[int],
                        pass_index: int) -> None:

@@ -1,4 +1,4 @@
-"""Device memory of the CUDA backend: which GPU a UUID names, the trainers' buffers opened over CUDA IPC,
+"""Device memory of the CUDA backend: the trainers' buffers opened over CUDA IPC,
 page buffers with the events that order their copies and kernels, and the GPU cache's slot pool.
 
 Imported only by stated.backends.cuda, after it has loaded CuPy (this module imports CuPy at the top).
@@ -26,7 +26,6 @@ import threading
 
 import cupy as cp
 
-from stated.backends.cuda import uuid_key
 from stated.errors import InvalidArgument
 
 log = logging.getLogger("stated.cuda")
@@ -35,14 +34,6 @@ log = logging.getLogger("stated.cuda")
 HOST_REGISTER_PORTABLE = 1
 # cudaErrorMemoryAllocation: cudaMalloc found no room.
 CUDA_ERROR_MEMORY_ALLOCATION = 2
-
-
-def device_ordinals() -> dict[str, int]:
-    """UUID key -> CUDA device ordinal, for every device this process can see."""
-    found = {}
-    for ordinal in range(cp.cuda.runtime.getDeviceCount()):
-        found[uuid_key(cp.cuda.runtime.getDeviceProperties(ordinal)["uuid"])] = ordinal
-    return found
 
 
 def _cuda_driver():

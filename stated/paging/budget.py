@@ -1,8 +1,8 @@
 """How one host-memory budget is shared between the jobs of a daemon, in whole pages per job.
 
 A pure object: the budget (bytes) and each job's state size and page size in, each job's page
-capacity out. It allocates nothing; the engine applies the capacities to each job's residency
-policy (`ResidencyPolicy.resize`) and pool. Jobs are keyed by any hashable name.
+capacity out. It allocates nothing; the daemon's Paging hands the capacities to the jobs' disk pagers,
+which apply them to their residency policy (`ResidencyPolicy.resize`) and pool. Jobs are keyed by any hashable name.
 
 Note [max-min budget sharing]
 -----------------------------
@@ -27,11 +27,11 @@ its share flows back to the others. Jobs that are short end up within about a pa
 An equal split rather than one weighted by state size: a weighted split lets the largest job take
 most of the memory and turns every other job's steady state into faults, which is exactly what the
 rule must prevent. A budget smaller than one page per job gives some jobs capacity 0; the residency
-policy and the engine handle that (every access then faults), so the rule does not need a floor.
+policy and the disk pager handle that (every access then faults), so the rule does not need a floor.
 
 Note [apply shrinks first]
 --------------------------
-Every change returns the capacities that changed, shrinking jobs first: the engine evicts those pages
+Every change returns the capacities that changed, shrinking jobs first: their pagers evict those pages
 and frees their slots before growing jobs allocate, so the total held never exceeds the budget.
 """
 

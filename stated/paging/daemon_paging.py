@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from stated.paging.budget import Demand, HostBudget, share_budget
-from stated.paging.state_file import StateFile, align_up
-from stated.paging.disk_pager import DiskPager
 from stated.metrics import Metrics
+from stated.paging.budget import Demand, HostBudget, share_budget
+from stated.paging.disk_pager import DiskPager
+from stated.paging.host_pool import Pinner
+from stated.paging.pager import Pager
 from stated.paging.resident_pager import ResidentPager
+from stated.paging.state_file import StateFile, align_up
 from stated.session import Session
 
 log = logging.getLogger("stated.paging.daemon_paging")
@@ -44,9 +46,15 @@ class Paging:
     def limited(self) -> bool:
         return self.budget is not None
 
-    def new_pager(self, session: Session):
-        """The pager a session starts with (before it has pages)."""
-        return ResidentPager(session) if self.budget is None else None
+    def new_pager(self, session: Session) -> Pager:
+        """The pager a session keeps for its life, made at Attach (before it has pages)."""
+        if self.budget is None:
+            return ResidentPager(session)
+        return DiskPager(session, depth=self.depth, metrics=self.metrics)
+
+    def feed_device(self, session: Session, pinner: Pinner) -> None:
+        """The session's pages feed a GPU from now on: its host pages are page-locked by `pinner`."""
+        session.pager.pin_host_pages(pinner)
 
     def added_pages(self, session: Session, pages: int) -> None:
         """After a Register: reserve the new pages in the job's state file (so a full disk is reported
@@ -62,18 +70,17 @@ class Paging:
             job.file.grow(job.next_page + pages)
         first = job.next_page
         job.next_page += pages
-        if session.pager is None:
-            session.pager = DiskPager(session, job.file, first, capacity=0, depth=self.depth,
-                                      metrics=self.metrics)
+        members = self.sessions.setdefault(session.job, [])
+        if session not in members:
             job.sessions += 1
-            self.sessions.setdefault(session.job, []).append(session)
-        else:
-            session.pager.extend(first)
+            members.append(session)
+        _disk_pager(session).extend(job.file, first)
         job_bytes = sum(len(s.table) for s in self.sessions[session.job]) * slot
         self._apply(self.budget.set_job(session.job, job_bytes, slot))
 
     def removed(self, session: Session) -> None:
-        """After a session detached: its job's file goes with the job's last session."""
+        """After a session detached: its pager closes, its job's file goes with the job's last session."""
+        session.pager.close()
         if self.budget is None or session.job not in self.sessions:
             return
         members = self.sessions[session.job]
@@ -102,10 +109,17 @@ class Paging:
         demands = {s.id: Demand(len(s.table) * slot, slot) for s in members}
         shares = share_budget(capacity * slot, demands)
         for s in members:
-            s.pager.request_capacity(shares[s.id])
+            _disk_pager(s).request_capacity(shares[s.id])
 
     def close(self) -> None:
         for job in self.files.values():
             job.file.remove()
         self.files.clear()
 
+
+def _disk_pager(session: Session) -> DiskPager:
+    """The pager of a session under a host budget (new_pager made it)."""
+    pager = session.pager
+    if not isinstance(pager, DiskPager):
+        raise TypeError(f"session {session.id} has a {type(pager).__name__}, not the budget's DiskPager")
+    return pager

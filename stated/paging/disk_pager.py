@@ -1,7 +1,7 @@
 """The pager for a host-memory budget smaller than the state: a fixed resident set, the rest streamed
 through staging buffers from and to the job's state file.
 
-Driven by the engine exactly like `ResidentPager` (begin_pass, get, done, end_pass). The residency policy
+Driven by the engine exactly like `ResidentPager` (stated.paging.pager). The residency policy
 decides which pages stay (Note [cyclic scan eviction] in stated.paging.residency); the mover reads the pages
 that will fault ahead of the cursor and writes evicted dirty pages behind it, so disk transfers overlap
 the kernels (Note [capacity and staging]).
@@ -29,21 +29,23 @@ from stated.paging.state_file import StateFile
 from stated.paging.host_pool import HostPool
 from stated.metrics import Metrics
 from stated.paging.page_table import PageEntry, Tier
+from stated.paging.pager import Pager
 from stated.paging.residency import ResidencyPolicy
 from stated.paging.transfers import Mover
 
-log = logging.getLogger("stated.paging.resident_pager")
+log = logging.getLogger("stated.paging.disk_pager")
 
 MIN_STAGING = 2
 # How far ahead of the cursor the policy is asked which pages will fault.
 PLAN_WINDOW = 16
 
 
-class DiskPager:
-    def __init__(self, session, state_file: StateFile, first_file_page: int, capacity: int, depth: int,
-                 metrics: Metrics):
+class DiskPager(Pager):
+    """Made before the session has pages; `extend` gives it the state file and pages of each Register."""
+
+    def __init__(self, session, depth: int, metrics: Metrics):
         self.session = session
-        self.file = state_file
+        self.file: StateFile | None = None  # the job's, from the first Register on
         # File page of each session page (several sessions of one job share one file).
         self.file_pages: list[int] = []
         self.depth = depth
@@ -68,14 +70,13 @@ class DiskPager:
         self.faults = 0
         self.bytes_read = 0
         self.bytes_written = 0
-        self._wanted: int | None = None
-        self.extend(first_file_page)
-        self._wanted = capacity
+        self._wanted: int | None = 0  # no share until the daemon's Paging gives one
 
     # --- growth and budget ----------------------------------------------------------------------
 
-    def extend(self, first_file_page: int) -> None:
-        """Maps the session's new pages (a Register) to consecutive pages of the state file."""
+    def extend(self, state_file: StateFile, first_file_page: int) -> None:
+        """Maps the session's new pages (a Register) to consecutive pages of the job's state file."""
+        self.file = state_file
         added = len(self.session.table) - len(self.file_pages)
         self.file_pages.extend(range(first_file_page, first_file_page + added))
         if self._wanted is None and self.capacity >= 0:
@@ -111,7 +112,7 @@ class DiskPager:
         self.capacity, self.staging = capacity, staging
         self.pool.resize(resident + staging)
 
-    # --- the engine's calls -----------------------------------------------------------------------
+    # --- the engine's calls (stated.paging.pager) ----------------------------------------------
 
     def begin_pass(self, order: list[int]) -> None:
         self._apply_wanted()
@@ -182,12 +183,16 @@ class DiskPager:
         if page in self.policy:
             self.policy.remove(page)
             self._release(entry.slot)
-        entry.tier, entry.slot, entry.dirty, entry.checksum, entry.initialised = Tier.NONE, None, False, None, False
+        entry.tier, entry.slot, entry.dirty, entry.checksum = Tier.NONE, None, False, None
         self.session.forget_binding(page)
 
     @property
     def resident_bytes(self) -> int:
         return sum(self.session.table[p].page.nbytes for p in self.policy.resident())
+
+    @property
+    def resident_pages(self) -> int:
+        return len(self.policy.resident())
 
     @property
     def disk_bytes(self) -> int:
@@ -199,7 +204,7 @@ class DiskPager:
         except Exception:  # the session is going away; its state with it
             pass
         self.mover.close()
-        self.pool.close()
+        super().close()
 
     # --- moving pages ---------------------------------------------------------------------------
 
@@ -208,7 +213,7 @@ class DiskPager:
         if entry.tier == Tier.NONE:
             binding = self.session.bind(entry, self.pool.buffer(slot))
             self.session.init_page(binding, entry.page.index)
-            entry.initialised, entry.dirty = True, True
+            entry.dirty = True
             return
         self.file.read(self.file_pages[entry.page.index], self.pool.buffer(slot), entry.checksum)
         self.metrics.transfer_bytes.labels("disk_to_host").inc(self.file.page_bytes)

@@ -4,25 +4,34 @@ Every slot is its own anonymous mapping, so it is page-aligned (O_DIRECT needs 4
 and can be given back to the system when a budget shrinks. The pool only hands out and takes back
 slots; which page sits in which slot is the page table's business.
 
-When a session's pages feed a GPU, its backend becomes the pool's `pinner`: every slot is page-locked
-(cudaHostRegister) as it is created, so that copies to and from the device run asynchronously at the
-link's full speed. The pool never imports a CUDA library itself.
+When a session's pages feed a GPU, its pager hands the pool the backend as `pinner`
+(Pager.pin_host_pages): every slot is page-locked (cudaHostRegister), those that exist at once and the
+rest as they are created, so that copies to and from the device run asynchronously at the link's full
+speed. The pool never imports a CUDA library itself.
 """
 
 from __future__ import annotations
 
 import mmap
+from typing import Protocol
 
 import torch
 
 from stated.paging.state_file import DIRECT_ALIGN, align_up
 
 
+class Pinner(Protocol):
+    """Page-locks host memory for a device (the CUDA backend)."""
+
+    def pin_host(self, address: int, nbytes: int) -> None: ...
+
+    def unpin_host(self, address: int) -> None: ...
+
+
 class HostPool:
-    def __init__(self, slot_bytes: int, capacity: int, pinner=None):
+    def __init__(self, slot_bytes: int, capacity: int, pinner: Pinner | None = None):
         self.slot_bytes = align_up(max(slot_bytes, 1), DIRECT_ALIGN)
         self.capacity = capacity
-        # An object with pin_host(address, nbytes) and unpin_host(address), or None.
         self.pinner = pinner
         self._pinned: set[int] = set()
         self._buffers: dict[int, torch.Tensor] = {}
@@ -47,13 +56,21 @@ class HostPool:
         slot = self._next
         self._next += 1
         mm = mmap.mmap(-1, self.slot_bytes)
-        buf = torch.frombuffer(mm, dtype=torch.uint8)
-        if self.pinner is not None:
-            self.pinner.pin_host(buf.data_ptr(), self.slot_bytes)
-            self._pinned.add(slot)
         self._maps[slot] = mm
-        self._buffers[slot] = buf
+        self._buffers[slot] = torch.frombuffer(mm, dtype=torch.uint8)
+        self._pin(slot)
         return slot
+
+    def set_pinner(self, pinner: Pinner) -> None:
+        """Page-locks every slot with `pinner`, those made so far and those to come."""
+        self.pinner = pinner
+        for slot in self._buffers:
+            self._pin(slot)
+
+    def _pin(self, slot: int) -> None:
+        if self.pinner is not None and slot not in self._pinned:
+            self.pinner.pin_host(self._buffers[slot].data_ptr(), self.slot_bytes)
+            self._pinned.add(slot)
 
     def release(self, slot: int) -> None:
         self._free.append(slot)

@@ -1,8 +1,8 @@
 """The page table: metadata for every page of a session, never buffers (STYLE.md, the vLLM anchor).
 
 An entry says which tier the page is in, which slot of that tier's pool holds it, whether it is dirty
-(changed since it was last written to disk), the checksum of its last written copy, and whether it was
-ever initialised. The pools hold the bytes; the pager moves them; the engine asks the table.
+(changed since it was last written to disk) and the checksum of its last written copy. The pools hold
+the bytes; the pager moves them and keeps the table.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from stated.layout import Page
 
 
 class Tier(enum.IntEnum):
+    """The pager's tiers. A page in the GPU cache keeps its entry here: that cache sits above the host
+    tier, and its backend records which pages it holds (Note [GPU cache residency] in
+    stated.backends.cuda_pages)."""
+
     NONE = 0  # never touched: its state is all zeros, nothing stored anywhere yet
     HOST = 1
     DISK = 2
-    GPU = 3
-
-
-TIER_NAMES = {Tier.HOST: "host", Tier.DISK: "disk", Tier.GPU: "gpu"}
 
 
 @dataclasses.dataclass
@@ -31,8 +31,6 @@ class PageEntry:
     dirty: bool = False
     # Checksum of the copy on disk; None while the page has never been written there.
     checksum: int | None = None
-    # True once its fields hold initialised state (zeros, or loaded state).
-    initialised: bool = False
 
 
 class PageTable:
@@ -53,9 +51,6 @@ class PageTable:
 
     def __iter__(self):
         return iter(self.entries)
-
-    def in_tier(self, tier: Tier) -> list[PageEntry]:
-        return [e for e in self.entries if e.tier == tier]
 
     def state_bytes(self) -> int:
         return sum(e.page.nbytes for e in self.entries)

@@ -1,8 +1,9 @@
 """Which pages of a session stay resident in a tier, and which one leaves when another must come in.
 
 A pure object (STYLE.md, the vLLM anchor): page ids and a capacity in, hit/fault decisions, evictions
-and prefetch plans out. It holds no buffers and does no I/O; the engine owns the slots and the moves,
-and asks this object what to do. Page ids are any hashable values (the engine uses page numbers).
+and prefetch plans out. It holds no buffers and does no I/O; its user (the disk pager for the host
+tier, the CUDA backend for the GPU cache) owns the slots and the moves, and asks this object what to
+do. Page ids are any hashable values (both use page numbers).
 
 Note [cyclic scan eviction]
 ---------------------------
@@ -19,18 +20,18 @@ backwards by about one page per step because the page before the first fault is 
 fault needs room. Tests compare the eviction sequence with a Belady oracle.
 
 The order does not have to be cyclic for the policy to be correct (every decision is still valid);
-it is only optimal for cyclic scans, which is what the engine produces.
+it is only optimal for cyclic scans, which is what the engine's passes produce.
 
 Note [capacity and staging]
 ---------------------------
 `capacity` counts resident pages only. A read that a prefetcher starts early needs a buffer of its
 own while the page it will replace is still in use (on a fault the victim is the page the kernel
-has just finished, Note [cyclic scan eviction]), so an engine with S slots and D reads in flight gives
+has just finished, Note [cyclic scan eviction]), so a pager with S slots and D reads in flight gives
 this policy capacity S - D and uses the rest as staging buffers: the fault's staging buffer becomes
 the page's resident slot, and the victim's slot becomes a staging buffer once it is written back.
 
 Capacity 0 is allowed (a budget too small for a job): every access faults and nothing is admitted,
-so the engine must work on the page in a staging buffer and write it back at once.
+so the pager must hold the page in a staging buffer and write it back at once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ Page = Hashable
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Decision:
-    """What `access(page)` found and what the engine must do about it."""
+    """What `access(page)` found and what the policy's user must do about it."""
 
     page: Page
     hit: bool  # resident already: nothing to read
@@ -145,7 +146,7 @@ class ResidencyPolicy:
         return faults
 
     def remove(self, page: Page) -> bool:
-        """Forgets `page` (dropped by its job, or moved out by the engine); False if it was not resident."""
+        """Forgets `page` (dropped by its job, or moved out by the policy's user); False if it was not resident."""
         if page in self._pages:
             del self._pages[page]
             return True

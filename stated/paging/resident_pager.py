@@ -1,9 +1,7 @@
-"""Moves pages between tiers so that the engine finds each page resident when it needs it.
+"""The pager without a host budget: every page lives in host memory (stated.paging.pager for the calls).
 
-The engine drives the pager in scan order: `begin_pass(order)` before a pass over the pages, `get(page)`
-for each page (returns the host buffer and how long the engine waited for it), `done(page)` after
-its kernel ran, `end_pass()` when the pass is over. This pager keeps every page in host memory; the
-paging issue's pager keeps a fixed budget and spills the rest to state files behind the same calls.
+A page gets its slot and fresh state at its first `get`; nothing ever moves, so `get` never waits. With
+--host-memory the daemon uses `DiskPager` instead, behind the same interface.
 """
 
 from __future__ import annotations
@@ -12,9 +10,10 @@ import torch
 
 from stated.paging.host_pool import HostPool
 from stated.paging.page_table import PageEntry, Tier
+from stated.paging.pager import Pager
 
 
-class ResidentPager:
+class ResidentPager(Pager):
     """Every page of the session lives in host memory for the session's lifetime."""
 
     def __init__(self, session):
@@ -57,12 +56,12 @@ class ResidentPager:
     def _initialise(self, entry: PageEntry) -> None:
         binding = self.session.bind(entry, self.pool.buffer(entry.slot))
         self.session.init_page(binding, entry.page.index)
-        entry.initialised = True
         entry.dirty = True
 
     @property
     def resident_bytes(self) -> int:
         return sum(e.page.nbytes for e in self.session.table if e.tier == Tier.HOST)
 
-    def close(self) -> None:
-        self.pool.close()
+    @property
+    def resident_pages(self) -> int:
+        return len(self.session.table)

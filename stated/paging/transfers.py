@@ -1,21 +1,22 @@
-"""Moves pages between tiers in background threads, ahead of the engine's cursor and behind it.
+"""Moves pages between tiers in background threads, ahead of the pager's cursor and behind it.
 
-The engine walks its pages in a known order (DESIGN.md, "One step"). It asks the residency policy
+The engine walks its pages in a known order (DESIGN.md, "One step") and tells the disk pager that
+order at the start of each pass; the pager asks the residency policy
 which pages ahead will fault (`ResidencyPolicy.plan`), starts their reads here, and hands the pages it
 evicts back here to be written. The mover knows nothing about disks or tiers: a transfer is any
 callable, e.g. `StateFile.read` with its buffer and checksum. The callables release the GIL
 (os.preadv and os.pwritev, zlib.crc32, torch copies), so the threads overlap with the kernels.
 
 - Reads are bounded: at most `depth` reads are in flight, counting each from `submit_read` until the
-  engine has `wait`ed for it, because each holds a staging buffer until then (Note [capacity and
+  pager has `wait`ed for it, because each holds a staging buffer until then (Note [capacity and
   staging] in stated.paging.residency). `submit_read` returns None when there is no room; that is not an
-  error, the engine tries again after its next `wait`.
-- Writes are not bounded here: each holds the slot of the page being written, so the engine's slots
+  error, the pager tries again after its next `wait`.
+- Writes are not bounded here: each holds the slot of the page being written, so the pager's slots
   bound them. Their errors come back from `drain`, which a step calls before it replies.
-- Reads and writes have separate pools, so a burst of write-back never delays a read the engine
+- Reads and writes have separate pools, so a burst of write-back never delays a read the pager
   is about to wait for.
 
-At each page the engine tops up its reads from the plan (a page already being read is not read twice,
+At each page the pager tops up its reads from the plan (a page already being read is not read twice,
 so the same plan can be submitted again at every step of the cursor):
 
     for page in policy.plan(itertools.islice(cycle_from_cursor, window), mover.depth):
@@ -30,7 +31,7 @@ worker. That cannot deadlock: a transfer only waits for one submitted before it,
 first in first out, so the transfer waited for has already been taken by a worker (or is done), and
 a chain of waits always ends at one that is running. When a write fails, the page's copy on disk is
 in doubt: later transfers of that page, submitted before or after the failure, fail with TransferError
-instead of running, until `drain` has reported the error (the engine then still holds the page in
+instead of running, until `drain` has reported the error (the pager then still holds the page in
 memory and decides what to do). A failed read changes nothing on disk and blocks nothing.
 """
 
@@ -107,7 +108,7 @@ class Mover:
         return future
 
     def wait(self, page: Page) -> float:
-        """Waits for the read of `page`; returns the seconds spent waiting (the engine's stall).
+        """Waits for the read of `page`; returns the seconds spent waiting (the step's stall).
 
         Raises what the read raised (e.g. PageCorruptError); the read no longer counts as in flight.
         """

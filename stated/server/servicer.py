@@ -92,9 +92,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         for name in ALGORITHMS:
             state, params = by_algorithm.get(name, (0, 0))
             self.metrics.bytes_per_parameter.labels(name).set(state / params if params else 0.0)
-        pagers = [s.pager for s in sessions if s.pager is not None]
+        pagers = [s.pager for s in sessions]
         self.metrics.resident_bytes.labels("host").set(sum(p.resident_bytes for p in pagers))
-        self.metrics.resident_bytes.labels("disk").set(sum(getattr(p, "disk_bytes", 0) for p in pagers))
+        self.metrics.resident_bytes.labels("disk").set(sum(p.disk_bytes for p in pagers))
 
     # --- sessions ---------------------------------------------------------------------------------
 
@@ -274,15 +274,13 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 id=s.id, job=s.job, rank=s.rank, algorithm=s.algorithm.name, pid=s.pid, tensors=len(s.tensors),
                 parameters=params, state_bytes=s.state_bytes, steps=s.steps,
                 state_bytes_per_parameter=s.state_bytes / params if params else 0.0, pages=len(s.table),
-                resident_capacity=len(s.pager.policy.resident()) if hasattr(s.pager, "policy") else len(s.table),
-                page_faults=s.pager.faults if s.pager is not None else 0,
-                bytes_read=s.pager.bytes_read if s.pager is not None else 0,
-                bytes_written=s.pager.bytes_written if s.pager is not None else 0,
+                resident_capacity=s.pager.resident_pages, page_faults=s.pager.faults,
+                bytes_read=s.pager.bytes_read, bytes_written=s.pager.bytes_written,
                 stall_seconds=s.stall_seconds, step_seconds=s.step_seconds))
         return pb.GetStatsResponse(
             daemon_version=__version__, sessions=sessions,
             state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
-            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values() if s.pager is not None),
+            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values()),
             page_bytes=self.store.page_bytes)
 
     def close(self) -> None:

@@ -103,7 +103,7 @@ def fake_cuda(monkeypatch):
     fake_cupy = import_from("tests/gpu", "fake_cupy")
     cp = fake_cupy.make_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    stale = ("stated.backends.cuda_memory", "stated.backends.cuda_pages")
+    stale = ("stated.backends.cuda_memory", "stated.backends.cuda_launches", "stated.backends.cuda_pages")
     for name in stale:
         monkeypatch.delitem(sys.modules, name, raising=False)
     fake_cupy.patch_runner(monkeypatch)

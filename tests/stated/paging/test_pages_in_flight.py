@@ -31,20 +31,20 @@ class DeferredBackend(CpuBackend):
         self.in_flight = 0
         self.most_in_flight = 0
 
-    def run_page(self, session, page, groups, pass_index, has_grad):
-        host, waited = session.pager.get(page)
+    def run_page(self, session, page, bound, groups, pass_index, has_grad):
+        host = bound.buffer
         staged = host.clone()  # the "device" copy
         self.update(session, session.bind(session.table[page], staged), groups, pass_index, has_grad)
         session.forget_binding(page)  # bound to the staged copy, which goes away at retire
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        return (session, page, staged, host), waited
+        return staged, host
 
-    def retire(self, ticket) -> None:
-        session, page, staged, host = ticket
-        host.copy_(staged)  # the "copy back": the host buffer stays the page's until done()
-        session.pager.done(page)
+    def retire(self, ticket) -> bool:
+        staged, host = ticket
+        host.copy_(staged)  # the "copy back": the host buffer stays the page's until the engine's done()
         self.in_flight -= 1
+        return True
 
 
 def run(backend, paging, algorithm: str, hp: dict, master: bool):

@@ -25,9 +25,9 @@ from stated.paging.state_file import (
     StateDirError,
     StateFile,
     allocate_aligned,
-    measure_bandwidth,
     state_path,
 )
+from stated.paging.disk_bandwidth import measure_bandwidth
 from stated.errors import AlreadyExists, DataLoss
 
 PAGE = 3 * 4096 + 100  # not a multiple of the alignment: slots are 16 KiB
