@@ -87,25 +87,22 @@ __device__ __forceinline__ double step_scale(const StTensor& t, double alpha, do
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_rows(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                      const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_rows(ST_LIST_PARAMS(P)) {
     factored_stat<true, S, Variance<S>>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_cols(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                      const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_cols(ST_LIST_PARAMS(P)) {
     factored_stat<false, S, Variance<S>>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_row_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                          const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_row_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
     const StTensor& t = list_tensor(ids, tensors);
-    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, 3)[threadIdx.x] = 0.0;
+    zero_stats(t, 3);
     if (t.kind != 1) return;
     float* rmean = small_ptr<float>(t, 2);
     row_means(t, small_ptr<const S>(t, 0), scratch,
@@ -114,8 +111,7 @@ stated_adafactor_row_mean(const int* __restrict__ ids, int nids, const StTensor*
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_norms(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                       const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_norms(ST_LIST_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     const StTensor& t = list_tensor(ids, tensors);
     const P* th = param_arena + t.param;
@@ -137,9 +133,7 @@ stated_adafactor_norms(const int* __restrict__ ids, int nids, const StTensor* __
 }
 
 template <typename P, typename S>
-__global__ void stated_adafactor_finish(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                        const P* __restrict__ param_arena, const P* __restrict__ grad_arena,
-                                        unsigned flags) {
+__global__ void stated_adafactor_finish(ST_LIST_PARAMS(P)) {
     if (!first_thread()) return;
     const StTensor& t = list_tensor(ids, tensors);
     double* stats = small_ptr<double>(t, 3);
@@ -151,9 +145,7 @@ __global__ void stated_adafactor_finish(const int* __restrict__ ids, int nids, c
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                       P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                       unsigned flags) {
+stated_adafactor_page0(ST_PAGE_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
@@ -169,9 +161,7 @@ stated_adafactor_page0(const StSegment* __restrict__ segs, int nseg, const StTen
 }
 
 template <typename P, typename S>
-__global__ void stated_adafactor_between(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                         const P* __restrict__ param_arena, const P* __restrict__ grad_arena,
-                                         unsigned flags) {
+__global__ void stated_adafactor_between(ST_LIST_PARAMS(P)) {
     if (!first_thread()) return;
     const StTensor& t = list_tensor(ids, tensors);
     if (t.kind == 1) return;
@@ -181,9 +171,7 @@ __global__ void stated_adafactor_between(const int* __restrict__ ids, int nids, 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_page1(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                       P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                       unsigned flags) {
+stated_adafactor_page1(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         const bool factored = t.kind == 1;

@@ -33,9 +33,7 @@ using namespace stated;
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-             P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-             unsigned flags) {
+stated_adamw(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     const bool amsgrad = flags & ST_AMSGRAD;
     const bool decoupled = flags & ST_DECOUPLED;

@@ -97,25 +97,22 @@ __device__ __forceinline__ float apply(const StTensor& t, float th, float update
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_rows(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                 const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_rows(ST_LIST_PARAMS(P)) {
     factored_stat<true, S, SquareMean>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_cols(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                 const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_cols(ST_LIST_PARAMS(P)) {
     factored_stat<false, S, SquareMean>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_row_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                     const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_row_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
     const StTensor& t = list_tensor(ids, tensors);
-    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, 6)[threadIdx.x] = 0.0;
+    zero_stats(t, 6);
     if (t.kind != 1) return;
     double* sums = small_ptr<double>(t, 5);
     grid_stride(t.lead * (t.rows + t.cols), [&](long long k) { sums[k] = 0.0; });
@@ -124,8 +121,7 @@ stated_came_row_mean(const int* __restrict__ ids, int nids, const StTensor* __re
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_norms(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                  const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_norms(ST_LIST_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;  // an unfactored tensor's ||U|| needs the new paged V: pass 0
@@ -139,8 +135,7 @@ stated_came_norms(const int* __restrict__ ids, int nids, const StTensor* __restr
 }
 
 template <typename P, typename S>
-__global__ void stated_came_finish(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                   const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+__global__ void stated_came_finish(ST_LIST_PARAMS(P)) {
     if (!first_thread()) return;
     const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;
@@ -150,9 +145,7 @@ __global__ void stated_came_finish(const int* __restrict__ ids, int nids, const 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                  P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                  unsigned flags) {
+stated_came_page0(ST_PAGE_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         PageItems<P> it(seg, param_arena, grad_arena, page);
@@ -197,8 +190,7 @@ stated_came_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_between(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                    const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_between(ST_LIST_PARAMS(P)) {
     const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;
     S* res_row = small_ptr<S>(t, 2);
@@ -220,8 +212,7 @@ stated_came_between(const int* __restrict__ ids, int nids, const StTensor* __res
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_between_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                         const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_between_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
     const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) {
@@ -236,9 +227,7 @@ stated_came_between_mean(const int* __restrict__ ids, int nids, const StTensor* 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_page1(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                  P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                  unsigned flags) {
+stated_came_page1(ST_PAGE_PARAMS(P)) {
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         const bool factored = t.kind == 1;
         PageItems<P> it(seg, param_arena, grad_arena, page, 2);

@@ -27,9 +27,7 @@ __device__ __forceinline__ float lion_sign(float c) {
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_lion(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-            P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-            unsigned flags) {
+stated_lion(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         PageItems<P> it(seg, param_arena, grad_arena, page, 1);

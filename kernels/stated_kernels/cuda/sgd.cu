@@ -29,9 +29,7 @@ using namespace stated;
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_sgd(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-           P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-           unsigned flags) {
+stated_sgd(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     const bool nesterov = flags & ST_NESTEROV;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {

@@ -84,6 +84,16 @@ struct StTensor {                   // 256 bytes
 static_assert(sizeof(StSegment) == 128, "StSegment must stay 128 bytes");
 static_assert(sizeof(StTensor) == 256, "StTensor must stay 256 bytes");
 
+// The two parameter lists of Note [kernel ABI], spelled once: a page kernel is declared
+// `name(ST_PAGE_PARAMS(P))`, a tensor-list kernel `name(ST_LIST_PARAMS(P))`.
+#define ST_PAGE_PARAMS(P)                                                                             \
+    const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,               \
+        P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page, \
+        unsigned flags
+#define ST_LIST_PARAMS(P)                                                                \
+    const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,         \
+        const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags
+
 // Flags shared by several kernels (a kernel reads only the ones it documents).
 constexpr unsigned ST_MAXIMIZE = 1u << 0;
 constexpr unsigned ST_AMSGRAD = 1u << 1;
@@ -329,6 +339,11 @@ struct PageItems {
 // The tensor of this block's row of the launch.
 __device__ __forceinline__ const StTensor& list_tensor(const int* ids, const StTensor* tensors) {
     return tensors[ids[blockIdx.y]];
+}
+
+// Zeroes a tensor's float64 stats scratch (double[4] in small[slot]) in the step's first kernel.
+__device__ __forceinline__ void zero_stats(const StTensor& t, int slot) {
+    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, slot)[threadIdx.x] = 0.0;
 }
 
 // Thread 0 of the row's block 0: where the one-thread work of a tensor-list kernel runs.
