@@ -42,13 +42,13 @@ namespace {
 
 __device__ __forceinline__ double hp_double(const StTensor& t, int k) { return (double)t.hp[k] + (double)t.hp[k + 1]; }
 
-// U at row q, column slot col, leading index l of a factored tensor.
+// U at the element `w` of a factored tensor.
 template <typename S>
-__device__ __forceinline__ float factored_u(const StTensor& t, float g, long long q, long long col, long long l) {
+__device__ __forceinline__ float factored_u(const StTensor& t, float g, const Walk& w) {
     const S* row_var = small_ptr<const S>(t, 0);
     const S* col_var = small_ptr<const S>(t, 1);
     const float* rmean = small_ptr<const float>(t, 2);
-    const float vhat = round_to<S>(rn_div(round_to<S>(rn_mul(to_float(row_var[q]), to_float(col_var[col]))), rmean[l]));
+    const float vhat = round_to<S>(rn_div(round_to<S>(rn_mul(to_float(row_var[w.q]), to_float(col_var[w.col(t)]))), rmean[w.l]));
     return round_to<S>(rn_mul(round_to<S>(rsqrt_exact(clamp_min(vhat, t.hp[2]))), g));
 }
 
@@ -67,6 +67,17 @@ template <typename S> __device__ __forceinline__ double norm_of(double sum_squar
     return (double)round_to<S>((float)sqrt(sum_squares));
 }
 
+// Row and column variance (factored_stat): lerp(R, ||g[l,i,:]||^2 / m, w), likewise C.
+template <typename S> struct Variance {
+    static __device__ __forceinline__ float square(const StTensor&, float g) {
+        const float x = round_to<S>(g);
+        return rn_mul(x, x);
+    }
+    static __device__ __forceinline__ float update(const StTensor& t, float old, float sum, float count) {
+        return lerp_aten(old, mean_square<S>(sum, count), t.hp[0]);
+    }
+};
+
 // scale = -alpha / max(1, ||U|| / (sqrt(numel) d)).
 __device__ __forceinline__ double step_scale(const StTensor& t, double alpha, double norm_u) {
     return -alpha / fmax(1.0, norm_u / (sqrt((double)t.numel) * hp_double(t, 9)));
@@ -76,87 +87,55 @@ __device__ __forceinline__ double step_scale(const StTensor& t, double alpha, do
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_rows(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                      const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (t.kind != 1) return;
-    const P* g = grad_arena + t.grad;
-    S* row_var = small_ptr<S>(t, 0);
-    const float w = t.hp[0], m = (float)t.cols;
-    reduce_mid(t.lead * t.rows, t.cols, 1,
-               [&](long long i) { const float x = round_to<S>(grad_at(g, i, t, false)); return rn_mul(x, x); },
-               [&](long long q, float sum) {
-                   row_var[q] = from_float<S>(lerp_aten(to_float(row_var[q]), mean_square<S>(sum, m), w));
-               });
+stated_adafactor_rows(ST_LIST_PARAMS(P)) {
+    factored_stat<true, S, Variance<S>>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_cols(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                      const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (t.kind != 1) return;
-    const P* g = grad_arena + t.grad;
-    S* col_var = small_ptr<S>(t, 1);
-    const float w = t.hp[0], n = (float)t.rows;
-    reduce_mid(t.lead, t.rows, t.cols,
-               [&](long long i) { const float x = round_to<S>(grad_at(g, i, t, false)); return rn_mul(x, x); },
-               [&](long long c, float sum) {
-                   col_var[c] = from_float<S>(lerp_aten(to_float(col_var[c]), mean_square<S>(sum, n), w));
-               });
+stated_adafactor_cols(ST_LIST_PARAMS(P)) {
+    factored_stat<false, S, Variance<S>>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_row_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                          const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_row_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, 3)[threadIdx.x] = 0.0;
+    const StTensor& t = list_tensor(ids, tensors);
+    zero_stats(t, 3);
     if (t.kind != 1) return;
-    const S* row_var = small_ptr<const S>(t, 0);
     float* rmean = small_ptr<float>(t, 2);
-    for (long long l = blockIdx.x; l < t.lead; l += gridDim.x) {
-        float s = 0.0f;
-        for (long long i = threadIdx.x; i < t.rows; i += ST_THREADS) s += to_float(row_var[l * t.rows + i]);
-        s = block_sum(s, scratch);
-        if (threadIdx.x == 0) rmean[l] = round_to<S>(clamp_min(round_to<S>(rn_div(s, (float)t.rows)), t.hp[1]));
-    }
+    row_means(t, small_ptr<const S>(t, 0), scratch,
+              [&](long long l, float mean) { rmean[l] = round_to<S>(clamp_min(round_to<S>(mean), t.hp[1])); });
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_norms(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                       const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_adafactor_norms(ST_LIST_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
-    const StTensor& t = tensors[ids[blockIdx.y]];
+    const StTensor& t = list_tensor(ids, tensors);
     const P* th = param_arena + t.param;
     const P* g = grad_arena + t.grad;
     double* stats = small_ptr<double>(t, 3);
     const bool factored = t.kind == 1;
-    const long long stride = (long long)gridDim.x * ST_THREADS;
     double sum_theta = 0.0, sum_u = 0.0;
-    for (long long e = (long long)blockIdx.x * ST_THREADS + threadIdx.x; e < t.numel; e += stride) {
+    grid_stride(t.numel, [&](long long e) {
         const double p = round_to<S>(to_float(th[e]));
         sum_theta += p * p;
         if (factored) {
-            Walk w;
-            w.start(t, e);
-            const double u = factored_u<S>(t, round_to<S>(grad_at(g, e, t, false)), w.q, w.col(t), w.l);
+            const double u = factored_u<S>(t, round_to<S>(grad_at(g, e, t, false)), Walk::at(t, e));
             sum_u += u * u;
         }
-    }
+    });
     // Every block of the tensor's row reaches both reductions (no early exit above).
     block_accumulate(sum_theta, &stats[0], scratch);
     if (factored) block_accumulate(sum_u, &stats[1], scratch);
 }
 
 template <typename P, typename S>
-__global__ void stated_adafactor_finish(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                        const P* __restrict__ param_arena, const P* __restrict__ grad_arena,
-                                        unsigned flags) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const StTensor& t = tensors[ids[blockIdx.y]];
+__global__ void stated_adafactor_finish(ST_LIST_PARAMS(P)) {
+    if (!first_thread()) return;
+    const StTensor& t = list_tensor(ids, tensors);
     double* stats = small_ptr<double>(t, 3);
     const double rms = norm_of<S>(stats[0]) / sqrt((double)t.numel);
     const double alpha = fmax(hp_double(t, 7), rms) * hp_double(t, 5);
@@ -166,42 +145,25 @@ __global__ void stated_adafactor_finish(const int* __restrict__ ids, int nids, c
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                       P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                       unsigned flags) {
+stated_adafactor_page0(ST_PAGE_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         if (t.kind == 1) return;  // the whole block leaves: a tile belongs to one tensor
-        const P* grad = grad_arena + seg.grad;
-        S* variance = field_ptr<S>(page, seg, 0);
-        const bool vec = aligned16(grad) && aligned16(variance);
-        long long e0;
-        const int n = thread_items(seg, first, e0);  // no early return: the block sums below
-        float g[ST_ITEMS], v[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        load_items(variance + e0, n, vec, v);
-        double sum_u = 0.0;
-#pragma unroll
-        for (int k = 0; k < ST_ITEMS; ++k) {
-            if (k < n) {
-                const float gk = round_to<S>(grad_value(g[k], t, maximize));
-                v[k] = round_to<S>(lerp_aten(v[k], round_to<S>(rn_mul(gk, gk)), t.hp[0]));
-                const double u = unfactored_u<S>(t, gk, v[k]);
-                sum_u += u * u;
-            }
-        }
-        store_items(variance + e0, n, vec, v);
-        block_accumulate(sum_u, &small_ptr<double>(t, 3)[1], scratch);
+        PageItems<P> it(seg, param_arena, grad_arena, page);
+        it.start(seg, first);  // no early return: the block sums below
+        paged_moment(it, field_ptr<S>(page, seg, 0), &small_ptr<double>(t, 3)[1], scratch, [&](float graw, float& v) {
+            const float gk = round_to<S>(grad_value(graw, t, maximize));
+            v = round_to<S>(lerp_aten(v, round_to<S>(rn_mul(gk, gk)), t.hp[0]));
+            return unfactored_u<S>(t, gk, v);
+        });
     });
 }
 
 template <typename P, typename S>
-__global__ void stated_adafactor_between(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                         const P* __restrict__ param_arena, const P* __restrict__ grad_arena,
-                                         unsigned flags) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const StTensor& t = tensors[ids[blockIdx.y]];
+__global__ void stated_adafactor_between(ST_LIST_PARAMS(P)) {
+    if (!first_thread()) return;
+    const StTensor& t = list_tensor(ids, tensors);
     if (t.kind == 1) return;
     double* stats = small_ptr<double>(t, 3);
     stats[2] = step_scale(t, stats[3], sqrt(stats[1]));  // the CPU module's math.sqrt of its float64 fold
@@ -209,38 +171,32 @@ __global__ void stated_adafactor_between(const int* __restrict__ ids, int nids, 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adafactor_page1(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                       P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                       unsigned flags) {
+stated_adafactor_page1(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         const bool factored = t.kind == 1;
-        P* param = param_arena + seg.param;
-        const P* grad = grad_arena + seg.grad;
+        PageItems<P> it(seg, param_arena, grad_arena, page, 1);
         const S* variance = factored ? nullptr : field_ptr<const S>(page, seg, 0);
-        float* master = field_ptr<float>(page, seg, 1);
-        const bool vec = aligned16(param) && aligned16(grad) && aligned16(variance) && aligned16(master);
-        long long e0;
-        const int n = thread_items(seg, first, e0);
-        if (n == 0) return;
+        it.vec = it.aligned_with(variance);
+        if (it.start(seg, first) == 0) return;
         // ATen rounds add's alpha to a 16-bit tensor's type.
         const float scale = round_to<S>((float)small_ptr<const double>(t, 3)[2]);
         const bool decay = t.hp[4] != 0.0f;
 
         float g[ST_ITEMS], th[ST_ITEMS], v[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
-        if (!factored) load_items(variance + e0, n, vec, v);
+        it.load(it.grad, g);
+        it.load_theta(th);
+        if (!factored) it.load(variance, v);
 
         Walk w{0, 0, 0, 0};
-        if (factored) w.start(t, seg.start + e0);
+        if (factored) w.start(t, seg.start + it.e0);
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
-            if (k < n) {
+            if (k < it.n) {
                 const float gk = round_to<S>(grad_value(g[k], t, maximize));
                 float u;
                 if (factored) {
-                    u = factored_u<S>(t, gk, w.q, w.col(t), w.l);
+                    u = factored_u<S>(t, gk, w);
                     w.next(t);
                 } else {
                     u = unfactored_u<S>(t, gk, v[k]);
@@ -250,7 +206,6 @@ stated_adafactor_page1(const StSegment* __restrict__ segs, int nseg, const StTen
                 th[k] = fmaf(u, scale, th[k]);
             }
         }
-        if (master) store_items(master + e0, n, vec, th);
-        store_items(param + e0, n, vec, th);
+        it.store_theta(th);
     });
 }

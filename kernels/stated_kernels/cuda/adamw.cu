@@ -33,34 +33,27 @@ using namespace stated;
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-             P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-             unsigned flags) {
+stated_adamw(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     const bool amsgrad = flags & ST_AMSGRAD;
     const bool decoupled = flags & ST_DECOUPLED;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
-        P* param = param_arena + seg.param;
-        const P* grad = grad_arena + seg.grad;
+        PageItems<P> it(seg, param_arena, grad_arena, page, 3);
         S* exp_avg = field_ptr<S>(page, seg, 0);
         S* exp_avg_sq = field_ptr<S>(page, seg, 1);
         S* max_exp_avg_sq = amsgrad ? field_ptr<S>(page, seg, 2) : nullptr;
-        float* master = field_ptr<float>(page, seg, 3);
-        const bool vec = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(exp_avg_sq) &&
-                         aligned16(max_exp_avg_sq) && aligned16(master);
-        long long e0;
-        const int n = thread_items(seg, first, e0);
-        if (n == 0) return;
+        it.vec = it.aligned_with(exp_avg, exp_avg_sq, max_exp_avg_sq);
+        if (it.start(seg, first) == 0) return;
 
         const float w1 = t.hp[0], beta2 = t.hp[1], c2 = t.hp[2], eps = t.hp[3];
         const float wd = t.hp[4], decay = t.hp[5], neg_step = t.hp[6], bc2_sqrt = t.hp[7];
 
         float g[ST_ITEMS], th[ST_ITEMS], m[ST_ITEMS], v[ST_ITEMS], vm[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
-        load_items(exp_avg + e0, n, vec, m);
-        load_items(exp_avg_sq + e0, n, vec, v);
-        if (amsgrad) load_items(max_exp_avg_sq + e0, n, vec, vm);
+        it.load(it.grad, g);
+        it.load_theta(th);
+        it.load(exp_avg, m);
+        it.load(exp_avg_sq, v);
+        if (amsgrad) it.load(max_exp_avg_sq, vm);
 
         // The fused CPU kernel's roundings (Note [rounding like the CPU]): its L2 term and its v are
         // fused multiply-adds, the rest is rounded operation by operation.
@@ -79,10 +72,9 @@ stated_adamw(const StSegment* __restrict__ segs, int nseg, const StTensor* __res
             th[k] = rn_add(th[k], rn_div(rn_mul(neg_step, m[k]), denom));
         }
 
-        store_items(exp_avg + e0, n, vec, m);
-        store_items(exp_avg_sq + e0, n, vec, v);
-        if (amsgrad) store_items(max_exp_avg_sq + e0, n, vec, vm);
-        if (master) store_items(master + e0, n, vec, th);
-        store_items(param + e0, n, vec, th);
+        it.store(exp_avg, m);
+        it.store(exp_avg_sq, v);
+        if (amsgrad) it.store(max_exp_avg_sq, vm);
+        it.store_theta(th);
     });
 }

@@ -78,9 +78,7 @@ __device__ __forceinline__ float lerp_rounded(float a, float b, float w, bool se
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_adamw8bit(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                 P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                 unsigned flags, const float* __restrict__ qmaps) {
+stated_adamw8bit(ST_PAGE_PARAMS(P), const float* __restrict__ qmaps) {
     __shared__ float qsigned[256], qunsigned[256];
     qsigned[threadIdx.x] = qmaps[threadIdx.x];
     qunsigned[threadIdx.x] = qmaps[256 + threadIdx.x];

@@ -57,11 +57,19 @@ __device__ __forceinline__ float factor(float row, float mean, float col) {
 
 // U before clipping of a factored tensor.
 template <typename S>
-__device__ __forceinline__ float factored_u(const StTensor& t, float g, long long q, long long col, long long l) {
-    const float f = factor(to_float(small_ptr<const S>(t, 0)[q]), small_ptr<const float>(t, 4)[l],
-                           to_float(small_ptr<const S>(t, 1)[col]));
+__device__ __forceinline__ float factored_u(const StTensor& t, float g, const Walk& w) {
+    const float f = factor(to_float(small_ptr<const S>(t, 0)[w.q]), small_ptr<const float>(t, 4)[w.l],
+                           to_float(small_ptr<const S>(t, 1)[w.col(t)]));
     return rn_mul(f, g);
 }
+
+// R and C (factored_stat): EMA_beta2(R, mean_j (g * g + eps1)), likewise C.
+struct SquareMean {
+    static __device__ __forceinline__ float square(const StTensor& t, float g) { return rn_add(rn_mul(g, g), t.hp[6]); }
+    static __device__ __forceinline__ float update(const StTensor& t, float old, float sum, float count) {
+        return ema(old, rn_div(sum, count), t.hp[2], t.hp[3]);
+    }
+};
 
 // The CPU module's divisor: (norm / sqrt(numel) / clip).clamp(min=1) in float32, norm = fl32(sqrt(sum)).
 __device__ __forceinline__ double divisor(const StTensor& t, double sum_squares) {
@@ -71,13 +79,8 @@ __device__ __forceinline__ double divisor(const StTensor& t, double sum_squares)
 
 // Mean over i of a [L, n] row statistic into out[l] (one block per l).
 template <typename S>
-__device__ __forceinline__ void row_means(const StTensor& t, const S* row, float* out, float* scratch) {
-    for (long long l = blockIdx.x; l < t.lead; l += gridDim.x) {
-        float s = 0.0f;
-        for (long long i = threadIdx.x; i < t.rows; i += ST_THREADS) s += to_float(row[l * t.rows + i]);
-        s = block_sum(s, scratch);
-        if (threadIdx.x == 0) out[l] = rn_div(s, (float)t.rows);
-    }
+__device__ __forceinline__ void row_means_into(const StTensor& t, const S* row, float* out, float* scratch) {
+    row_means(t, row, scratch, [&](long long l, float mean) { out[l] = mean; });
 }
 
 // theta after the update (decay first, as the CPU module's _apply). Without master weights theta
@@ -94,76 +97,47 @@ __device__ __forceinline__ float apply(const StTensor& t, float th, float update
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_rows(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                 const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (t.kind != 1) return;
-    const P* g = grad_arena + t.grad;
-    S* row = small_ptr<S>(t, 0);
-    const float eps1 = t.hp[6], m = (float)t.cols;
-    reduce_mid(t.lead * t.rows, t.cols, 1,
-               [&](long long i) { const float x = grad_at(g, i, t, false); return rn_add(rn_mul(x, x), eps1); },
-               [&](long long q, float sum) {
-                   row[q] = from_float<S>(ema(to_float(row[q]), rn_div(sum, m), t.hp[2], t.hp[3]));
-               });
+stated_came_rows(ST_LIST_PARAMS(P)) {
+    factored_stat<true, S, SquareMean>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_cols(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                 const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (t.kind != 1) return;
-    const P* g = grad_arena + t.grad;
-    S* col = small_ptr<S>(t, 1);
-    const float eps1 = t.hp[6], n = (float)t.rows;
-    reduce_mid(t.lead, t.rows, t.cols,
-               [&](long long i) { const float x = grad_at(g, i, t, false); return rn_add(rn_mul(x, x), eps1); },
-               [&](long long c, float sum) {
-                   col[c] = from_float<S>(ema(to_float(col[c]), rn_div(sum, n), t.hp[2], t.hp[3]));
-               });
+stated_came_cols(ST_LIST_PARAMS(P)) {
+    factored_stat<false, S, SquareMean>(list_tensor(ids, tensors), grad_arena);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_row_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                     const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_row_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
-    const StTensor& t = tensors[ids[blockIdx.y]];
-    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, 6)[threadIdx.x] = 0.0;
+    const StTensor& t = list_tensor(ids, tensors);
+    zero_stats(t, 6);
     if (t.kind != 1) return;
     double* sums = small_ptr<double>(t, 5);
-    const long long nsums = t.lead * (t.rows + t.cols);
-    for (long long k = (long long)blockIdx.x * ST_THREADS + threadIdx.x; k < nsums; k += (long long)gridDim.x * ST_THREADS) {
-        sums[k] = 0.0;
-    }
-    row_means(t, small_ptr<const S>(t, 0), small_ptr<float>(t, 4), scratch);
+    grid_stride(t.lead * (t.rows + t.cols), [&](long long k) { sums[k] = 0.0; });
+    row_means_into(t, small_ptr<const S>(t, 0), small_ptr<float>(t, 4), scratch);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_norms(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                  const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_norms(ST_LIST_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
-    const StTensor& t = tensors[ids[blockIdx.y]];
+    const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;  // an unfactored tensor's ||U|| needs the new paged V: pass 0
     const P* g = grad_arena + t.grad;
-    const long long stride = (long long)gridDim.x * ST_THREADS;
     double sum_u = 0.0;
-    for (long long e = (long long)blockIdx.x * ST_THREADS + threadIdx.x; e < t.numel; e += stride) {
-        Walk w;
-        w.start(t, e);
-        const double u = factored_u<S>(t, grad_at(g, e, t, false), w.q, w.col(t), w.l);
+    grid_stride(t.numel, [&](long long e) {
+        const double u = factored_u<S>(t, grad_at(g, e, t, false), Walk::at(t, e));
         sum_u += u * u;
-    }
+    });
     block_accumulate(sum_u, &small_ptr<double>(t, 6)[0], scratch);
 }
 
 template <typename P, typename S>
-__global__ void stated_came_finish(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                                   const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    const StTensor& t = tensors[ids[blockIdx.y]];
+__global__ void stated_came_finish(ST_LIST_PARAMS(P)) {
+    if (!first_thread()) return;
+    const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;
     double* stats = small_ptr<double>(t, 6);
     stats[1] = divisor(t, stats[0]);
@@ -171,48 +145,35 @@ __global__ void stated_came_finish(const int* __restrict__ ids, int nids, const 
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                  P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                  unsigned flags) {
+stated_came_page0(ST_PAGE_PARAMS(P)) {
     __shared__ double scratch[ST_WARPS];
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
-        const P* grad = grad_arena + seg.grad;
-        const bool factored = t.kind == 1;
-        // Factored: M (field 0) changes; unfactored: V (field 1).
-        S* state = field_ptr<S>(page, seg, factored ? 0 : 1);
-        const bool vec = aligned16(grad) && aligned16(state);
-        long long e0;
-        const int n = thread_items(seg, first, e0);  // no early return: the block sums below
-        float g[ST_ITEMS], x[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        load_items(state + e0, n, vec, x);
-        if (!factored) {
-            double sum_u = 0.0;
-#pragma unroll
-            for (int k = 0; k < ST_ITEMS; ++k) {
-                if (k < n) {
-                    const float gk = grad_value(g[k], t, false);
-                    x[k] = ema(x[k], rn_add(rn_mul(gk, gk), t.hp[6]), t.hp[2], t.hp[3]);
-                    const double u = rn_mul(rsqrt_exact(x[k]), gk);
-                    sum_u += u * u;
-                }
-            }
-            store_items(state + e0, n, vec, x);
-            block_accumulate(sum_u, &small_ptr<double>(t, 6)[0], scratch);
+        PageItems<P> it(seg, param_arena, grad_arena, page);
+        const int n = it.start(seg, first);
+        if (t.kind != 1) {  // V (field 1) changes; no early return: the block sums
+            paged_moment(it, field_ptr<S>(page, seg, 1), &small_ptr<double>(t, 6)[0], scratch, [&](float graw, float& v) {
+                const float gk = grad_value(graw, t, false);
+                v = ema(v, rn_add(rn_mul(gk, gk), t.hp[6]), t.hp[2], t.hp[3]);
+                return rn_mul(rsqrt_exact(v), gk);
+            });
             return;
         }
-        if (n == 0) return;  // factored tiles need no block-wide step
+        if (n == 0) return;  // factored tiles need no block-wide step; M (field 0) changes
+        S* exp_avg = field_ptr<S>(page, seg, 0);
+        it.vec = aligned16(it.grad) && aligned16(exp_avg);
+        float g[ST_ITEMS], x[ST_ITEMS];
+        it.load(it.grad, g);
+        it.load(exp_avg, x);
         const float div = (float)small_ptr<const double>(t, 6)[1];
         double* row_sums = small_ptr<double>(t, 5);
         double* col_sums = row_sums + t.lead * t.rows;
-        Walk w;
-        w.start(t, seg.start + e0);
+        Walk w = Walk::at(t, seg.start + it.e0);
         double run = 0.0;
         long long run_row = w.q;
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
             if (k < n) {
-                const float u = rn_div(factored_u<S>(t, grad_value(g[k], t, false), w.q, w.col(t), w.l), div);
+                const float u = rn_div(factored_u<S>(t, grad_value(g[k], t, false), w), div);
                 x[k] = ema(x[k], u, t.hp[0], t.hp[1]);
                 const float d = rn_sub(u, x[k]);
                 const double res = rn_add(rn_mul(d, d), t.hp[7]);
@@ -223,21 +184,20 @@ stated_came_page0(const StSegment* __restrict__ segs, int nseg, const StTensor* 
             }
         }
         atomicAdd(&row_sums[run_row], run);
-        store_items(state + e0, n, vec, x);
+        it.store(exp_avg, x);
     });
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_between(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                    const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
-    const StTensor& t = tensors[ids[blockIdx.y]];
+stated_came_between(ST_LIST_PARAMS(P)) {
+    const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) return;
     S* res_row = small_ptr<S>(t, 2);
     S* res_col = small_ptr<S>(t, 3);
     const double* sums = small_ptr<const double>(t, 5);
-    const long long nrows = t.lead * t.rows, total = nrows + t.lead * t.cols;
-    for (long long k = (long long)blockIdx.x * ST_THREADS + threadIdx.x; k < total; k += (long long)gridDim.x * ST_THREADS) {
+    const long long nrows = t.lead * t.rows;
+    grid_stride(nrows + t.lead * t.cols, [&](long long k) {
         // The CPU module's (sum / count).float(): a float64 quotient rounded once.
         if (k < nrows) {
             const float mean = (float)(sums[k] / (double)t.cols);
@@ -247,74 +207,65 @@ stated_came_between(const int* __restrict__ ids, int nids, const StTensor* __res
             const float mean = (float)(sums[k] / (double)t.rows);
             res_col[c] = from_float<S>(ema(to_float(res_col[c]), mean, t.hp[4], t.hp[5]));
         }
-    }
+    });
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_between_mean(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                         const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_came_between_mean(ST_LIST_PARAMS(P)) {
     __shared__ float scratch[ST_WARPS];
-    const StTensor& t = tensors[ids[blockIdx.y]];
+    const StTensor& t = list_tensor(ids, tensors);
     if (t.kind != 1) {
-        if (blockIdx.x == 0 && threadIdx.x == 0) {
+        if (first_thread()) {
             double* stats = small_ptr<double>(t, 6);
             stats[1] = divisor(t, stats[0]);
         }
         return;
     }
-    row_means(t, small_ptr<const S>(t, 2), small_ptr<float>(t, 4) + t.lead, scratch);
+    row_means_into(t, small_ptr<const S>(t, 2), small_ptr<float>(t, 4) + t.lead, scratch);
 }
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_came_page1(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                  P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                  unsigned flags) {
+stated_came_page1(ST_PAGE_PARAMS(P)) {
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         const bool factored = t.kind == 1;
-        P* param = param_arena + seg.param;
-        const P* grad = grad_arena + seg.grad;
+        PageItems<P> it(seg, param_arena, grad_arena, page, 2);
         S* exp_avg = field_ptr<S>(page, seg, 0);
         const S* exp_avg_sq = factored ? nullptr : field_ptr<const S>(page, seg, 1);
-        float* master = field_ptr<float>(page, seg, 2);
-        const bool vec = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(exp_avg_sq) &&
-                         aligned16(master);
-        long long e0;
-        const int n = thread_items(seg, first, e0);
-        if (n == 0) return;
+        it.vec = it.aligned_with(exp_avg, exp_avg_sq);
+        if (it.start(seg, first) == 0) return;
+        const bool master = it.master != nullptr;
 
         float m[ST_ITEMS], th[ST_ITEMS];
-        load_items(exp_avg + e0, n, vec, m);
-        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
+        it.load(exp_avg, m);
+        it.load_theta(th);
         if (factored) {
             const S* res_row = small_ptr<const S>(t, 2);
             const S* res_col = small_ptr<const S>(t, 3);
             const float* res_mean = small_ptr<const float>(t, 4) + t.lead;
-            Walk w;
-            w.start(t, seg.start + e0);
+            Walk w = Walk::at(t, seg.start + it.e0);
 #pragma unroll
             for (int k = 0; k < ST_ITEMS; ++k) {
-                if (k < n) {
+                if (k < it.n) {
                     const float f = factor(to_float(res_row[w.q]), res_mean[w.l], to_float(res_col[w.col(t)]));
-                    th[k] = apply<P>(t, th[k], rn_mul(f, m[k]), master != nullptr);
+                    th[k] = apply<P>(t, th[k], rn_mul(f, m[k]), master);
                     w.next(t);
                 }
             }
         } else {
             float g[ST_ITEMS], v[ST_ITEMS];
-            load_items(grad + e0, n, vec, g);
-            load_items(exp_avg_sq + e0, n, vec, v);
+            it.load(it.grad, g);
+            it.load(exp_avg_sq, v);
             const float div = (float)small_ptr<const double>(t, 6)[1];
 #pragma unroll
             for (int k = 0; k < ST_ITEMS; ++k) {
                 const float u = rn_div(rn_mul(rsqrt_exact(v[k]), grad_value(g[k], t, false)), div);
                 m[k] = ema(m[k], u, t.hp[0], t.hp[1]);
-                th[k] = apply<P>(t, th[k], m[k], master != nullptr);
+                th[k] = apply<P>(t, th[k], m[k], master);
             }
-            store_items(exp_avg + e0, n, vec, m);
+            it.store(exp_avg, m);
         }
-        if (master) store_items(master + e0, n, vec, th);
-        store_items(param + e0, n, vec, th);
+        it.store_theta(th);
     });
 }

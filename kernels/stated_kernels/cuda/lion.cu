@@ -27,26 +27,20 @@ __device__ __forceinline__ float lion_sign(float c) {
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_lion(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-            P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-            unsigned flags) {
+stated_lion(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
-        P* param = param_arena + seg.param;
-        const P* grad = grad_arena + seg.grad;
+        PageItems<P> it(seg, param_arena, grad_arena, page, 1);
         S* exp_avg = field_ptr<S>(page, seg, 0);
-        float* master = field_ptr<float>(page, seg, 1);
-        const bool vec = aligned16(param) && aligned16(grad) && aligned16(exp_avg) && aligned16(master);
-        long long e0;
-        const int n = thread_items(seg, first, e0);
-        if (n == 0) return;
+        it.vec = it.aligned_with(exp_avg);
+        if (it.start(seg, first) == 0) return;
         const float decay = t.hp[0], beta1 = t.hp[1], c1 = t.hp[2], beta2 = t.hp[3], c2 = t.hp[4];
         const float neg_lr = t.hp[5];
 
         float g[ST_ITEMS], th[ST_ITEMS], m[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
-        load_items(exp_avg + e0, n, vec, m);
+        it.load(it.grad, g);
+        it.load_theta(th);
+        it.load(exp_avg, m);
 
 #pragma unroll
         for (int k = 0; k < ST_ITEMS; ++k) {
@@ -59,8 +53,7 @@ stated_lion(const StSegment* __restrict__ segs, int nseg, const StTensor* __rest
             m[k] = fmaf(gk, c2, round_to<S>(rn_mul(m[k], beta2)));
         }
 
-        store_items(exp_avg + e0, n, vec, m);
-        if (master) store_items(master + e0, n, vec, th);
-        store_items(param + e0, n, vec, th);
+        it.store(exp_avg, m);
+        it.store_theta(th);
     });
 }

@@ -29,27 +29,21 @@ using namespace stated;
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_sgd(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-           P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-           unsigned flags) {
+stated_sgd(ST_PAGE_PARAMS(P)) {
     const bool maximize = flags & ST_MAXIMIZE;
     const bool nesterov = flags & ST_NESTEROV;
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
-        P* param = param_arena + seg.param;
-        const P* grad = grad_arena + seg.grad;
+        PageItems<P> it(seg, param_arena, grad_arena, page, 1);
         const float neg_lr = t.hp[0], mu = t.hp[1], damp = t.hp[2], wd = t.hp[3];
         const bool fresh = t.hp[4] != 0.0f;
         S* buf = mu != 0.0f ? field_ptr<S>(page, seg, 0) : nullptr;
-        float* master = field_ptr<float>(page, seg, 1);
-        const bool vec = aligned16(param) && aligned16(grad) && aligned16(buf) && aligned16(master);
-        long long e0;
-        const int n = thread_items(seg, first, e0);
-        if (n == 0) return;
+        it.vec = it.aligned_with(buf);
+        if (it.start(seg, first) == 0) return;
 
         float g[ST_ITEMS], th[ST_ITEMS], b[ST_ITEMS];
-        load_items(grad + e0, n, vec, g);
-        if (master) load_items(master + e0, n, vec, th); else load_items(param + e0, n, vec, th);
-        if (buf && !fresh) load_items(buf + e0, n, vec, b);
+        it.load(it.grad, g);
+        it.load_theta(th);
+        if (buf && !fresh) it.load(buf, b);
 
         // Gradients, buffers and theta all have type S on the CPU (P, or float with master weights),
         // and its foreach operations round each result to it.
@@ -65,8 +59,7 @@ stated_sgd(const StSegment* __restrict__ segs, int nseg, const StTensor* __restr
             th[k] = fmaf(d, neg_lr, th[k]);
         }
 
-        if (buf) store_items(buf + e0, n, vec, b);
-        if (master) store_items(master + e0, n, vec, th);
-        store_items(param + e0, n, vec, th);
+        if (buf) it.store(buf, b);
+        it.store_theta(th);
     });
 }

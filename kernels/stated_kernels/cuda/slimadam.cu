@@ -94,8 +94,7 @@ __device__ __forceinline__ void nu_update(S* nu, long long c, float sum, float c
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_slimadam_reduce(const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,
-                       const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags) {
+stated_slimadam_reduce(ST_LIST_PARAMS(P)) {
     const StTensor& t = tensors[ids[blockIdx.y]];
     if (t.kind == 0) return;
     const P* g = grad_arena + t.grad;
@@ -120,9 +119,7 @@ stated_slimadam_reduce(const int* __restrict__ ids, int nids, const StTensor* __
 
 template <typename P, typename S>
 __global__ void __launch_bounds__(ST_THREADS)
-stated_slimadam_page(const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,
-                     P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page,
-                     unsigned flags) {
+stated_slimadam_page(ST_PAGE_PARAMS(P)) {
     for_each_tile(segs, nseg, tensors, [&](const StSegment& seg, const StTensor& t, long long first) {
         const bool compressed = t.kind != 0;
         P* param = param_arena + seg.param;

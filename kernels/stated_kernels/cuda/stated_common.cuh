@@ -84,6 +84,16 @@ struct StTensor {                   // 256 bytes
 static_assert(sizeof(StSegment) == 128, "StSegment must stay 128 bytes");
 static_assert(sizeof(StTensor) == 256, "StTensor must stay 256 bytes");
 
+// The two parameter lists of Note [kernel ABI], spelled once: a page kernel is declared
+// `name(ST_PAGE_PARAMS(P))`, a tensor-list kernel `name(ST_LIST_PARAMS(P))`.
+#define ST_PAGE_PARAMS(P)                                                                             \
+    const StSegment* __restrict__ segs, int nseg, const StTensor* __restrict__ tensors,               \
+        P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned char* __restrict__ page, \
+        unsigned flags
+#define ST_LIST_PARAMS(P)                                                                \
+    const int* __restrict__ ids, int nids, const StTensor* __restrict__ tensors,         \
+        const P* __restrict__ param_arena, const P* __restrict__ grad_arena, unsigned flags
+
 // Flags shared by several kernels (a kernel reads only the ones it documents).
 constexpr unsigned ST_MAXIMIZE = 1u << 0;
 constexpr unsigned ST_AMSGRAD = 1u << 1;
@@ -282,6 +292,71 @@ __device__ __forceinline__ int thread_items(const StSegment& seg, long long firs
     return left <= 0 ? 0 : (left >= ST_ITEMS ? ST_ITEMS : (int)left);
 }
 
+// One thread's items of a page tile, [e0, e0 + n) of the segment (after `start`; n = 0 past its end), with the
+// segment's parameter and gradient. Note [theta's home]: with master weights (the page field
+// `master_field` present) theta is read from and written to the float master copy and the parameter
+// receives it rounded to P; without, theta is the parameter. `vec` is the kernel's to set: whether
+// every pointer it moves is 16-byte aligned (load_items).
+template <typename P>
+struct PageItems {
+    P* param;
+    const P* grad;
+    float* master;  // nullptr without master weights
+    long long e0;
+    int n;
+    bool vec;
+
+    __device__ __forceinline__ PageItems(const StSegment& seg, P* param_arena, const P* grad_arena,
+                                         unsigned char* page, int master_field = -1)
+        : param(param_arena + seg.param), grad(grad_arena + seg.grad),
+          master(master_field < 0 ? nullptr : field_ptr<float>(page, seg, master_field)), e0(0), n(0), vec(false) {}
+
+    // This thread's items of the tile that starts at segment element `first`; returns n.
+    __device__ __forceinline__ int start(const StSegment& seg, long long first) { return n = thread_items(seg, first, e0); }
+
+    // Parameter, gradient, the given state fields (nullptr: absent, counts as aligned) and master.
+    __device__ __forceinline__ bool aligned_with(const void* a = nullptr, const void* b = nullptr,
+                                                 const void* c = nullptr) const {
+        return aligned16(param) && aligned16(grad) && aligned16(a) && aligned16(b) && aligned16(c) && aligned16(master);
+    }
+    template <typename T> __device__ __forceinline__ void load(const T* field, float (&x)[ST_ITEMS]) const {
+        load_items(field + e0, n, vec, x);
+    }
+    template <typename T> __device__ __forceinline__ void store(T* field, const float (&x)[ST_ITEMS]) const {
+        store_items(field + e0, n, vec, x);
+    }
+    __device__ __forceinline__ void load_theta(float (&th)[ST_ITEMS]) const {
+        if (master) load(master, th); else load(param, th);
+    }
+    __device__ __forceinline__ void store_theta(const float (&th)[ST_ITEMS]) const {
+        if (master) store(master, th);
+        store(param, th);
+    }
+};
+
+// ---- tensor-list kernels -----------------------------------------------------------------------
+
+// The tensor of this block's row of the launch.
+__device__ __forceinline__ const StTensor& list_tensor(const int* ids, const StTensor* tensors) {
+    return tensors[ids[blockIdx.y]];
+}
+
+// Zeroes a tensor's float64 stats scratch (double[4] in small[slot]) in the step's first kernel.
+__device__ __forceinline__ void zero_stats(const StTensor& t, int slot) {
+    if (blockIdx.x == 0 && threadIdx.x < 4) small_ptr<double>(t, slot)[threadIdx.x] = 0.0;
+}
+
+// Thread 0 of the row's block 0: where the one-thread work of a tensor-list kernel runs.
+__device__ __forceinline__ bool first_thread() { return blockIdx.x == 0 && threadIdx.x == 0; }
+
+// Calls body(k) for the k in [0, count) this thread owns in its row of the launch: every thread of
+// every block x, then strides of the whole row.
+template <class Body> __device__ __forceinline__ void grid_stride(long long count, Body body) {
+    for (long long k = (long long)blockIdx.x * ST_THREADS + threadIdx.x; k < count; k += (long long)gridDim.x * ST_THREADS) {
+        body(k);
+    }
+}
+
 // ---- float helpers -----------------------------------------------------------------------------
 //
 // Note [rounding like the CPU]: NVRTC contracts `a * b + c` into one fused multiply-add unless told
@@ -369,6 +444,11 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
 // Indices of tensor element e of a factored tensor (Adafactor, CAME): row q = l * n + i, column slot l * m + j.
 struct Walk {
     long long q, j, i, l;
+    static __device__ __forceinline__ Walk at(const StTensor& t, long long e) {
+        Walk w;
+        w.start(t, e);
+        return w;
+    }
     __device__ __forceinline__ void start(const StTensor& t, long long e) {
         q = e / t.cols; j = e - q * t.cols; l = q / t.rows; i = q - l * t.rows;
     }
@@ -418,6 +498,32 @@ __device__ __forceinline__ void reduce_mid(long long outer, long long mid, long 
     }
 }
 
+// The row (ROWS) or column statistic of a factored tensor (kind 1; Adafactor and CAME keep it in
+// small[0], [L, n], and small[1], [L, m]): stat <- Stat::update(t, stat, sum, count), the sum over
+// the row's m (the column's n) elements of Stat::square(t, g), count = m (n). Other tensors: nothing.
+template <bool ROWS, typename S, class Stat, typename P>
+__device__ __forceinline__ void factored_stat(const StTensor& t, const P* grad_arena) {
+    if (t.kind != 1) return;
+    const P* g = grad_arena + t.grad;
+    S* stat = small_ptr<S>(t, ROWS ? 0 : 1);
+    const float count = (float)(ROWS ? t.cols : t.rows);
+    reduce_mid(ROWS ? t.lead * t.rows : t.lead, ROWS ? t.cols : t.rows, ROWS ? 1 : t.cols,
+               [&](long long i) { return Stat::square(t, grad_at(g, i, t, false)); },
+               [&](long long k, float sum) { stat[k] = from_float<S>(Stat::update(t, to_float(stat[k]), sum, count)); });
+}
+
+// done(l, mean over i of row[l * n + i]) for each l < L of a factored tensor's [L, n] row statistic,
+// one block per l, called by thread 0. Every thread of the block must call it.
+template <typename S, class Done>
+__device__ __forceinline__ void row_means(const StTensor& t, const S* row, float* scratch, Done done) {
+    for (long long l = blockIdx.x; l < t.lead; l += gridDim.x) {
+        float s = 0.0f;
+        for (long long i = threadIdx.x; i < t.rows; i += ST_THREADS) s += to_float(row[l * t.rows + i]);
+        s = block_sum(s, scratch);
+        if (threadIdx.x == 0) done(l, rn_div(s, (float)t.rows));
+    }
+}
+
 __device__ __forceinline__ double warp_sum(double x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -435,6 +541,27 @@ __device__ __forceinline__ double block_sum(double x, double* scratch) {
 __device__ __forceinline__ void block_accumulate(double partial, double* target, double* scratch) {
     const double total = block_sum(partial, scratch);
     if (threadIdx.x == 0) atomicAdd(target, total);
+}
+
+// Page pass 0 of an unfactored tensor of Adafactor or CAME: the paged second moment, v <- step(g, v)
+// for each of this thread's items (the raw gradient value; step returns the item's U), and the
+// block's float64 sum of U^2 added to *norm_u. Every thread of the block must call it.
+template <typename S, typename P, class Step>
+__device__ __forceinline__ void paged_moment(PageItems<P> it, S* moment, double* norm_u, double* scratch, Step step) {
+    it.vec = aligned16(it.grad) && aligned16(moment);
+    float g[ST_ITEMS], v[ST_ITEMS];
+    it.load(it.grad, g);
+    it.load(moment, v);
+    double sum_u = 0.0;
+#pragma unroll
+    for (int k = 0; k < ST_ITEMS; ++k) {
+        if (k < it.n) {
+            const double u = step(g[k], v[k]);
+            sum_u += u * u;
+        }
+    }
+    it.store(moment, v);
+    block_accumulate(sum_u, norm_u, scratch);
 }
 
 }  // namespace stated
