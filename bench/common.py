@@ -17,14 +17,19 @@ import time
 class BenchDaemon:
     """`stated serve` in a temporary directory, as a separate process (as in production)."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, tree: str | None = None):
+        """`tree`: run the daemon from another checkout of the repository (a baseline), not this one."""
+        env = dict(os.environ)
+        if tree is not None:
+            tree = os.path.abspath(tree)
+            env["PYTHONPATH"] = os.pathsep.join([tree, os.path.join(tree, "client"), os.path.join(tree, "kernels")])
         self.directory = tempfile.mkdtemp(prefix="stated-bench-")
         self.socket = os.path.join(self.directory, "stated.sock")
         self.log = open(os.path.join(self.directory, "daemon.log"), "wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "none",
              "--state-dir", os.path.join(self.directory, "state"), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.socket):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -43,18 +48,22 @@ class BenchDaemon:
 
 def interleaved(candidate, baseline, samples: int, warmup: int = 2) -> tuple[list[float], list[float]]:
     """Times candidate() and baseline() alternately; returns both lists of seconds."""
-    for _ in range(warmup):
-        candidate()
-        baseline()
-    a, b = [], []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        candidate()
-        a.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        baseline()
-        b.append(time.perf_counter() - t0)
+    a, b = rotated([candidate, baseline], samples, warmup)
     return a, b
+
+
+def rotated(functions, samples: int, warmup: int = 2) -> list[list[float]]:
+    """Times each function in turn (A, B, C, A, B, C, ...); returns one list of seconds per function."""
+    for _ in range(warmup):
+        for f in functions:
+            f()
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(samples):
+        for f, seconds in zip(functions, times):
+            t0 = time.perf_counter()
+            f()
+            seconds.append(time.perf_counter() - t0)
+    return times
 
 
 def ratios(a: list[float], b: list[float]) -> tuple[float, float, float]:

@@ -5,7 +5,11 @@ For each model size the two optimizers step the same parameters' worth of work, 
 zero_grad(set_to_none=False), so the figure is the cost of the step itself: one step-channel round
 trip plus the daemon's page pass, against torch's fused kernel in the training process.
 
-    python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9]
+    python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9] [--baseline-tree DIR]
+
+With --baseline-tree, a second daemon runs from another checkout (an older commit: `git worktree add
+DIR REV`) and its stated.AdamW steps in the same rotation, so a change is measured against the code
+before it in one run: the last lines then also give this tree's step time over the baseline tree's.
 
 Targets (issue 2): ratio at most 1.10 from 50M up; at most 1 ms added per step at 1M.
 """
@@ -21,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from common import BenchDaemon, human, interleaved, ratios  # noqa: E402
+from common import BenchDaemon, human, interleaved, ratios, rotated  # noqa: E402
 
 TENSOR_ELEMENTS = 4 << 20  # a model's large matrices: 4M elements each, the rest in one smaller tensor
 
@@ -54,35 +58,51 @@ def main() -> int:
                         help="the daemon's --cpu-threads (default: its own default; 0: torch's OpenMP threads only)")
     parser.add_argument("--algorithms-at", default=None, metavar="COUNT",
                         help="instead: each algorithm's step time over stated.AdamW's at this size (e.g. 50M)")
+    parser.add_argument("--baseline-tree", default=None, metavar="DIR",
+                        help="also step a stated.AdamW on a daemon run from this checkout of the repository, in the "
+                             "same rotation, and report this tree's step time over it")
     args = parser.parse_args()
     if args.algorithms_at:
         return compare_algorithms(parse_count(args.algorithms_at), args.samples)
     import stated
 
-    daemon = BenchDaemon(*(["--page-size", args.page_size] if args.page_size else []),
-                         *(["--cpu-threads", args.cpu_threads] if args.cpu_threads is not None else []))
-    results = []
+    flags = [*(["--page-size", args.page_size] if args.page_size else []),
+             *(["--cpu-threads", args.cpu_threads] if args.cpu_threads is not None else [])]
+    daemons = [BenchDaemon(*flags)]
+    if args.baseline_tree:
+        daemons.append(BenchDaemon(*flags, tree=args.baseline_tree))
+    results, against_tree = [], []
     try:
         print(f"{'params':>8s} {'stated ms':>10s} {'torch ms':>10s} {'added ms':>9s} {'ratio':>6s} "
-              f"{'min':>6s} {'max':>6s}", flush=True)
+              f"{'min':>6s} {'max':>6s}" + ("  baseline-tree ms  ratio" if args.baseline_tree else ""), flush=True)
         for text in args.sizes.split(","):
             n = parse_count(text)
-            ours_params, ref_params = make_params(n, args.tensor_elements), make_params(n, args.tensor_elements)
-            ours = stated.AdamW(ours_params, lr=1e-3, address=daemon.address, job=f"bench-{text}")
-            ref = torch.optim.AdamW(ref_params, lr=1e-3, fused=True)
-            a, b = interleaved(ours.step, ref.step, args.samples)
+            ref = torch.optim.AdamW(make_params(n, args.tensor_elements), lr=1e-3, fused=True)
+            ours = [stated.AdamW(make_params(n, args.tensor_elements), lr=1e-3, address=d.address,
+                                 job=f"bench-{text}") for d in daemons]
+            times = rotated([*(o.step for o in ours), ref.step], args.samples)
+            a, b = times[0], times[-1]
             median, low, high = ratios(a, b)
             added = (statistics.median(a) - statistics.median(b)) * 1e3
             results.append((n, median, low, high, added))
-            print(f"{human(n):>8s} {statistics.median(a) * 1e3:10.3f} {statistics.median(b) * 1e3:10.3f} "
-                  f"{added:9.3f} {median:6.3f} {low:6.3f} {high:6.3f}", flush=True)
-            ours.close()
-            del ours, ref, ours_params, ref_params
+            line = (f"{human(n):>8s} {statistics.median(a) * 1e3:10.3f} {statistics.median(b) * 1e3:10.3f} "
+                    f"{added:9.3f} {median:6.3f} {low:6.3f} {high:6.3f}")
+            if args.baseline_tree:
+                against_tree.append((n, *ratios(a, times[1])))
+                line += f"  {statistics.median(times[1]) * 1e3:16.3f} {against_tree[-1][1]:6.3f}"
+            print(line, flush=True)
+            for o in ours:
+                o.close()
+            del ours, ref
     finally:
-        daemon.stop()
+        for d in daemons:
+            d.stop()
     for n, median, low, high, added in results:
         print(f"adamw cpu {human(n)} params: stated/torch-fused step time {median:.2f} "
               f"(min {low:.2f}, max {high:.2f}), added {added:.3f} ms")
+    for n, median, low, high in against_tree:
+        print(f"adamw cpu {human(n)} params: this tree/baseline tree step time {median:.2f} "
+              f"(min {low:.2f}, max {high:.2f})")
     return 0
 
 
