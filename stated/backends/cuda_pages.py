@@ -43,7 +43,7 @@ from stated.backends.cuda_memory import PageBuffer
 from stated.paging.residency import ResidencyPolicy
 from stated.session import MASTER
 from stated_kernels import cuda_runner, cuda_small
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_tables as cs
 
 log = logging.getLogger("stated.cuda")
 
@@ -107,7 +107,7 @@ class DeviceSession:
         self.cached_bytes = 0
         self.holding: dict[int, Ticket] = {}  # pages fetched from the pager and not yet handed back
         self.small: dict[int, cuda_small.DeviceSmall] = {}
-        self.table = None  # the host tensor table (cuda_sources.TENSOR_DTYPE)
+        self.table = None  # the host tensor table (cuda_tables.TENSOR_DTYPE)
         self.tensors_dev = None
         self.page_launches: dict[int, list[_Launch]] = {}
         self._lists_key: tuple[int, ...] | None = None
