@@ -94,8 +94,8 @@ class SlimAdam(Algorithm):
     independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", None, check=non_negative),
-        HyperSpec("beta1", None, check=unit_interval),
-        HyperSpec("beta2", None, check=unit_interval),
+        HyperSpec("beta1", None, check=unit_interval, key="betas", index=0),
+        HyperSpec("beta2", None, check=unit_interval, key="betas", index=1),
         HyperSpec("eps", None, check=non_negative),
         weight_decay(None),
     )
