@@ -67,7 +67,7 @@ class StatedKernel:
 
     def __init__(self, sizes: list[int], dtype: torch.dtype):
         from stated_kernels import cuda_runner
-        from stated_kernels import cuda_sources as cs
+        from stated_kernels import cuda_tables as cs
         from stated_kernels.adamw import AdamW
         from stated_kernels.spec import TensorInfo
 

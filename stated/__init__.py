@@ -2,16 +2,13 @@
 
 Users import the client optimizers from here (`opt = stated.AdamW(model.parameters(), lr=3e-4)`);
 the rest of the package is the daemon (`stated serve`). The client names are imported lazily, so that
-`stated serve` can configure OpenMP before torch loads (Note [idle OpenMP threads] in stated.cli).
+`stated serve` can configure OpenMP before torch loads (Note [idle OpenMP threads] in stated.cli);
+their list is stated_client's (importing that package loads no submodule).
 """
 
-__version__ = "0.1.0"
+from stated_client import __all__ as _CLIENT_NAMES
 
-_CLIENT_NAMES = {
-    "AdamW", "Adam", "SGD", "AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam", "StatedOptimizer", "StatedError", "InvalidArgumentError", "NotFoundError",
-    "PermissionDeniedError", "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
-    "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError",
-}
+__version__ = "0.1.0"
 
 __all__ = sorted(_CLIENT_NAMES) + ["__version__"]
 

@@ -2,32 +2,24 @@
 embedded daemon). Users normally import the same names from `stated`. Names load lazily so that
 importing a submodule (the daemon uses `stated_client.protocol` and `.address`) does not load torch."""
 
-_ERRORS = {
-    "StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError", "AlreadyAttachedError",
-    "FailedPreconditionError", "ResourceExhaustedError", "StateCorruptError", "DaemonUnavailableError",
-    "InternalError", "NotCopyableError",
-}
-_OPTIMIZERS = {"AdamW", "Adam", "SGD"}
-_LEAN = {"AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam"}
+import importlib
 
-__all__ = sorted(_ERRORS | _OPTIMIZERS | _LEAN | {"StatedOptimizer"})
+# Every public name and the submodule that defines it: the one list `stated_client` and `stated`
+# export (a new optimizer class is one entry here).
+_NAMES = {
+    **dict.fromkeys(("StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError",
+                     "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
+                     "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError"), "errors"),
+    "StatedOptimizer": "optimizer",
+    **dict.fromkeys(("AdamW", "Adam", "SGD"), "optimizers"),
+    **dict.fromkeys(("AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam"), "lean"),
+}
+
+__all__ = sorted(_NAMES)
 
 
 def __getattr__(name: str):
-    if name in _ERRORS:
-        from stated_client import errors
-
-        return getattr(errors, name)
-    if name in _OPTIMIZERS:
-        from stated_client import optimizers
-
-        return getattr(optimizers, name)
-    if name in _LEAN:
-        from stated_client import lean
-
-        return getattr(lean, name)
-    if name == "StatedOptimizer":
-        from stated_client.optimizer import StatedOptimizer
-
-        return StatedOptimizer
-    raise AttributeError(f"module 'stated_client' has no attribute {name!r}")
+    module = _NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stated_client' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stated_client.{module}"), name)

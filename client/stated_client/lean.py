@@ -14,19 +14,11 @@ from typing import Any
 
 import torch
 
-from stated.v1 import state_service_pb2 as pb
 from stated_client.errors import InvalidArgumentError
-from stated_client.optimizer import StatedOptimizer
-from stated_client.optimizers import _float
+from stated_client.hyperparameters import SpecOptimizer, as_float
 
 
-def _pair(value, name: str, size: int = 2) -> tuple:
-    if not isinstance(value, (tuple, list)) or len(value) != size:
-        raise InvalidArgumentError(f"{name} must be a tuple of {size} numbers, got {value!r}")
-    return tuple(value)
-
-
-class AdamW8bit(StatedOptimizer):
+class AdamW8bit(SpecOptimizer):
     """AdamW with blockwise 8-bit moments (torchao's AdamW8bit math on the bitsandbytes map).
 
     State is 2 bytes per parameter plus one float per 256-element block for tensors of 4096 elements or
@@ -49,15 +41,8 @@ class AdamW8bit(StatedOptimizer):
         super().__init__(params, defaults, address=address, job=job, rank=rank,
                          master_weights=master_weights, max_grad_norm=max_grad_norm)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        beta1, beta2 = _pair(group["betas"], "betas")
-        return pb.GroupHyperparameters(
-            scalars={"lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2),
-                     "eps": _float(group["eps"]), "weight_decay": _float(group["weight_decay"])},
-            flags={"amsgrad": bool(group["amsgrad"])})
 
-
-class Adafactor(StatedOptimizer):
+class Adafactor(SpecOptimizer):
     """torch.optim.Adafactor: factored second moment, no first moment."""
 
     algorithm = "adafactor"
@@ -72,17 +57,8 @@ class Adafactor(StatedOptimizer):
         super().__init__(params, defaults, address=address, job=job, rank=rank,
                          master_weights=master_weights, max_grad_norm=max_grad_norm)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        eps1, eps2 = _pair(group["eps"], "eps")
-        return pb.GroupHyperparameters(
-            scalars={"lr": _float(group["lr"]), "beta2_decay": _float(group["beta2_decay"]),
-                     # None means finfo(dtype).eps in torch; the wire says so with a negative value.
-                     "eps1": -1.0 if eps1 is None else _float(eps1), "eps2": _float(eps2),
-                     "d": _float(group["d"]), "weight_decay": _float(group["weight_decay"])},
-            flags={"maximize": bool(group["maximize"])})
 
-
-class CAME(StatedOptimizer):
+class CAME(SpecOptimizer):
     """CAME (came-pytorch): confidence-guided factored Adam. `lr` is required, as in the reference."""
 
     algorithm = "came"
@@ -97,16 +73,8 @@ class CAME(StatedOptimizer):
         super().__init__(params, defaults, address=address, job=job, rank=rank,
                          master_weights=master_weights, max_grad_norm=max_grad_norm)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        eps1, eps2 = _pair(group["eps"], "eps")
-        beta1, beta2, beta3 = _pair(group["betas"], "betas", 3)
-        return pb.GroupHyperparameters(scalars={
-            "lr": _float(group["lr"]), "eps1": _float(eps1), "eps2": _float(eps2),
-            "clip_threshold": _float(group["clip_threshold"]), "beta1": _float(beta1), "beta2": _float(beta2),
-            "beta3": _float(beta3), "weight_decay": _float(group["weight_decay"])})
 
-
-class Lion(StatedOptimizer):
+class Lion(SpecOptimizer):
     """Lion (lion-pytorch): sign of an interpolated momentum; 4 bytes of state per parameter."""
 
     algorithm = "lion"
@@ -116,25 +84,21 @@ class Lion(StatedOptimizer):
                  job: str | None = None, rank: int | None = None,
                  master_weights: bool = False, max_grad_norm: float | None = None):
         # lion-pytorch divides decoupled decay by the lr the optimizer was built with.
-        self._init_lr = _float(lr)
+        self._init_lr = as_float(lr)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay)
         self._decoupled = bool(decoupled_weight_decay)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
                          master_weights=master_weights, max_grad_norm=max_grad_norm)
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        beta1, beta2 = _pair(group["betas"], "betas")
-        return pb.GroupHyperparameters(
-            scalars={"lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2),
-                     "weight_decay": _float(group["weight_decay"]), "init_lr": self._init_lr},
-            flags={"decoupled_weight_decay": self._decoupled})
+    def _fixed_hyperparameters(self) -> dict[str, Any]:
+        return {"init_lr": self._init_lr, "decoupled_weight_decay": self._decoupled}
 
     def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         entry.pop("step", None)  # lion-pytorch keeps no step count
         return entry
 
 
-class SlimAdam(StatedOptimizer):
+class SlimAdam(SpecOptimizer):
     """SlimAdamW (low-memory-adam): AdamW whose second moment is averaged over some dims of a tensor.
 
     Pass `model.named_parameters()` so the static rules can match layer names (q/k/v/o projections, MLP,
@@ -165,8 +129,3 @@ class SlimAdam(StatedOptimizer):
         dims = self._rules.get(key)
         return f"{name}|compress_dims={'none' if dims is None else ','.join(str(int(d)) for d in dims)}"
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        beta1, beta2 = _pair(group["betas"], "betas")
-        return pb.GroupHyperparameters(scalars={
-            "lr": _float(group["lr"]), "beta1": _float(beta1), "beta2": _float(beta2), "eps": _float(group["eps"]),
-            "weight_decay": _float(group["weight_decay"])})

@@ -11,15 +11,10 @@ from typing import Any
 
 import torch
 
-from stated.v1 import state_service_pb2 as pb
-from stated_client.optimizer import StatedOptimizer
+from stated_client.hyperparameters import SpecOptimizer
 
 
-def _float(value) -> float:
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
-
-
-class AdamW(StatedOptimizer):
+class AdamW(SpecOptimizer):
     """torch.optim.AdamW with its state in the stated daemon (decoupled weight decay)."""
 
     algorithm = "adamw"
@@ -40,16 +35,8 @@ class AdamW(StatedOptimizer):
         # torch.optim.AdamW is Adam with decoupled decay; its state_dict records that.
         defaults["decoupled_weight_decay"] = True
 
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            from stated_client.errors import InvalidArgumentError
-
-            raise InvalidArgumentError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        return pb.GroupHyperparameters(
-            scalars={"lr": _float(group["lr"]), "beta1": _float(betas[0]), "beta2": _float(betas[1]),
-                     "eps": _float(group["eps"]), "weight_decay": _float(group["weight_decay"])},
-            flags={"amsgrad": bool(group["amsgrad"]), "maximize": bool(group["maximize"])})
+    def _bad_tuple(self, key: str, size: int, value: Any) -> str:
+        return f"betas must be a pair (beta1, beta2), got {value!r}"
 
 
 class Adam(AdamW):
@@ -74,7 +61,7 @@ class Adam(AdamW):
         defaults["decoupled_weight_decay"] = self._decoupled
 
 
-class SGD(StatedOptimizer):
+class SGD(SpecOptimizer):
     """torch.optim.SGD with its momentum buffers in the stated daemon."""
 
     algorithm = "sgd"
@@ -88,12 +75,6 @@ class SGD(StatedOptimizer):
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
                          master_weights=master_weights, max_grad_norm=max_grad_norm)
-
-    def _hyperparameters(self, group: dict[str, Any]) -> pb.GroupHyperparameters:
-        return pb.GroupHyperparameters(
-            scalars={"lr": _float(group["lr"]), "momentum": _float(group["momentum"]),
-                     "dampening": _float(group["dampening"]), "weight_decay": _float(group["weight_decay"])},
-            flags={"nesterov": bool(group["nesterov"]), "maximize": bool(group["maximize"])})
 
     def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         entry.pop("step", None)  # torch's SGD keeps no step count

@@ -1,19 +1,19 @@
-"""stated_kernels: one module per optimizer algorithm (state layout, hyperparameters, CPU update,
-CUDA source), and the registry the daemon looks algorithms up in."""
+"""stated_kernels: one module per optimizer algorithm (its `Algorithm` spec: state layout and formats,
+hyperparameters, CPU update, CUDA kernels, planning, state_dict), and the registry the daemon, the
+CUDA runner, the planner and the client look algorithms up in (docs/adding-an-algorithm.md)."""
 
 from __future__ import annotations
 
-from stated_kernels.adafactor import Adafactor
-from stated_kernels.adamw import Adam, AdamW
-from stated_kernels.adamw8bit import AdamW8bit
-from stated_kernels.came import CAME
-from stated_kernels.lion import Lion
-from stated_kernels.sgd import SGD
-from stated_kernels.slimadam import SlimAdam
+import importlib
+
 from stated_kernels.spec import Algorithm
 
-ALGORITHMS: dict[str, Algorithm] = {algo.name: algo for algo in (
-    AdamW(), Adam(), SGD(), AdamW8bit(), Adafactor(), CAME(), Lion(), SlimAdam())}
+# The algorithm modules, in the order `stated plan` shows them; each lists its specs in SPECS.
+# Registering an algorithm is adding its module here.
+MODULES = ("adamw", "adamw8bit", "adafactor", "came", "lion", "slimadam", "sgd")
+
+ALGORITHMS: dict[str, Algorithm] = {
+    algo.name: algo for module in MODULES for algo in importlib.import_module(f"stated_kernels.{module}").SPECS}
 
 
 def lookup(name: str) -> Algorithm | None:

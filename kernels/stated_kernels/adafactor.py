@@ -38,6 +38,9 @@ from typing import Any
 
 import torch
 
+from stated_kernels.cuda_small import SmallPlan, SmallSlot, checked, factored
+from stated_kernels.cuda_spec import MAXIMIZE, CudaSpec, Schedule, fields_slots
+from stated_kernels.cuda_tables import hi_lo
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -46,6 +49,7 @@ from stated_kernels.spec import (
     Segment,
     TensorInfo,
     non_negative,
+    weight_decay,
 )
 
 
@@ -102,6 +106,16 @@ def col_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return (*shape[:-2], 1, shape[-1])
 
 
+def factored_bytes(shape: Sequence[int]) -> int:
+    """fp32 bytes of a factored second moment: a row and a column per leading index (1-D and 0-D
+    tensors: one value per element)."""
+    n = math.prod(shape)
+    if len(shape) < 2:
+        return 4 * n
+    rows, cols = shape[-2], shape[-1]
+    return 4 * (n // (rows * cols) if rows * cols else 0) * (rows + cols)
+
+
 def non_positive(value: float) -> str | None:
     return None if value <= 0 else f"must be <= 0, got {value}"
 
@@ -116,12 +130,21 @@ class Adafactor(Algorithm):
     hyperparameters = (
         HyperSpec("lr", 1e-2, check=non_negative),
         HyperSpec("beta2_decay", -0.8, check=non_positive),
-        HyperSpec("eps1", -1.0),  # negative: torch's None, finfo(dtype).eps
-        HyperSpec("eps2", 1e-3, check=non_negative),
+        HyperSpec("eps1", -1.0, key="eps", index=0, none_as=-1.0),  # negative: torch's None, finfo(dtype).eps
+        HyperSpec("eps2", 1e-3, check=non_negative, key="eps", index=1),
         HyperSpec("d", 1.0, check=at_least_one),
-        HyperSpec("weight_decay", 0.0, check=non_negative),
+        weight_decay(0.0),
         HyperSpec("maximize", False, is_flag=True),
     )
+
+    cuda = CudaSpec(
+        "adafactor.cu",
+        Schedule(("stated_adafactor_page0", "stated_adafactor_page1"),
+                 prepass=("stated_adafactor_rows", "stated_adafactor_cols", "stated_adafactor_row_mean",
+                          "stated_adafactor_norms", "stated_adafactor_finish"),
+                 between=(("stated_adafactor_between",),)),
+        fields_slots("variance"),
+        single_block=frozenset({"stated_adafactor_finish", "stated_adafactor_between"}))
 
     def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
         return () if is_factored(tensor) else (FieldSpec("variance", tensor.dtype),)
@@ -193,6 +216,31 @@ class Adafactor(Algorithm):
         if not is_factored(tensor):
             self._set_step_size(small, math.sqrt(float(small["_sum_u2"])), tensor.numel, hp)
 
+    # --- CUDA and planning ---------------------------------------------------------------------
+
+    def cuda_flags(self, hp: Hyperparameters) -> int:
+        return MAXIMIZE if hp.get("maximize") else 0
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        eps1 = float(hp.get("eps1", -1.0))
+        if eps1 < 0:  # torch's None: finfo(dtype).eps
+            eps1 = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}[dtype]
+        return [step ** float(hp.get("beta2_decay", -0.8)), eps1, eps1 * eps1, 1 - lr * wd, wd,
+                *hi_lo(min(lr, 1 / step ** 0.5)), *hi_lo(float(hp.get("eps2", 1e-3))), *hi_lo(float(hp.get("d", 1.0)))]
+
+    def cuda_small(self, tensor: TensorInfo, kernel_state: torch.dtype, small: dict[str, Any]) -> SmallPlan:
+        scratch = SmallSlot(3, None, torch.float64, 4)
+        if not is_factored(tensor):
+            return SmallPlan(slots=(scratch,))
+        n, m, lead = factored(tensor.shape)
+        slots = (SmallSlot(0, "row_var", kernel_state, lead * n), SmallSlot(1, "col_var", kernel_state, lead * m),
+                 SmallSlot(2, None, torch.float32, lead), scratch)
+        return checked(self.name, SmallPlan(1, n, m, lead, slots), tensor, small)
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        return factored_bytes(shape)
+
     # --- state_dict ---------------------------------------------------------------------------
 
     def export_state(self, tensor: TensorInfo, small: dict[str, Any],
@@ -216,3 +264,7 @@ class Adafactor(Algorithm):
             small["row_var"].copy_(entry["row_var"])
             small["col_var"].copy_(entry["col_var"])
         return super().import_state(tensor, small, entry, fields)
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (Adafactor(),)

@@ -17,7 +17,8 @@ bandwidth, where the single-tensor path is 6-9x slower (PERFORMANCE.md). Its res
 (it writes m as a multiply-add where the single-tensor path uses lerp).
 
 State: `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq` with amsgrad) in the parameter's dtype, paged;
-`step` a float32 scalar per tensor, resident.
+`step` a float32 scalar per tensor, resident. The moments' storage is a format
+(stated_kernels.formats): dense here; AdamW8bit keeps the same fields in 8-bit blockwise format.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from stated_kernels import formats
+from stated_kernels.cuda_spec import AMSGRAD, DECOUPLED, MAXIMIZE, CudaSpec, Schedule, fields_slots
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -33,9 +36,15 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
+    changed,
     non_negative,
     unit_interval,
+    weight_decay,
 )
+
+
+def moments(amsgrad: bool) -> tuple[str, ...]:
+    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
 
 class AdamW(Algorithm):
@@ -44,19 +53,23 @@ class AdamW(Algorithm):
     decoupled = True
     hyperparameters = (
         HyperSpec("lr", 1e-3, check=non_negative),
-        HyperSpec("beta1", 0.9, check=unit_interval),
-        HyperSpec("beta2", 0.999, check=unit_interval),
+        HyperSpec("beta1", 0.9, check=unit_interval, key="betas", index=0),
+        HyperSpec("beta2", 0.999, check=unit_interval, key="betas", index=1),
         HyperSpec("eps", 1e-8, check=non_negative),
-        HyperSpec("weight_decay", 1e-2, check=non_negative),
+        weight_decay(1e-2),
         HyperSpec("amsgrad", False, is_flag=True),
         HyperSpec("maximize", False, is_flag=True),
     )
 
+    cuda = CudaSpec("adamw.cu", Schedule(("stated_adamw",)), fields_slots("exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+
+    def moment_format(self, tensor: TensorInfo, name: str) -> formats.FieldFormat:
+        """How moment `name` of this tensor is stored."""
+        return formats.Dense(tensor.dtype)
+
     def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
-        fields = (FieldSpec("exp_avg", tensor.dtype), FieldSpec("exp_avg_sq", tensor.dtype))
-        if hp.get("amsgrad", False):
-            fields += (FieldSpec("max_exp_avg_sq", tensor.dtype),)
-        return fields
+        names = moments(bool(hp.get("amsgrad", False)))
+        return formats.page_fields({n: self.moment_format(tensor, n) for n in names})
 
     def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
         amsgrad = bool(hp["amsgrad"])
@@ -78,12 +91,24 @@ class AdamW(Algorithm):
         )
 
 
+    def cuda_flags(self, hp: Hyperparameters) -> int:
+        return ((MAXIMIZE if hp.get("maximize") else 0) | (AMSGRAD if hp.get("amsgrad") else 0)
+                | (DECOUPLED if self.decoupled else 0))
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        return [1 - b1, b2, 1 - b2, hp["eps"], wd, 1 - lr * wd, -(lr / (1 - b1 ** step)), (1 - b2 ** step) ** 0.5]
+
+
 class Adam(AdamW):
     """Adam: the same kernel with L2 weight decay (default 0) instead of decoupled decay."""
 
     name = "adam"
     decoupled = False
-    hyperparameters = tuple(
-        HyperSpec("weight_decay", 0.0, check=non_negative) if h.name == "weight_decay" else h
-        for h in AdamW.hyperparameters
-    )
+    planned = False  # its state is AdamW's
+    hyperparameters = changed(AdamW.hyperparameters, weight_decay=0.0)
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (AdamW(), Adam())

@@ -37,41 +37,37 @@ ALGORITHMS.md 3.3 step 4 untested against it.) These are torchao's
 torchao's AdamW8bit) and `dequantize_state` / `quantize_state` convert to and from the float32
 `exp_avg`, `exp_avg_sq` that torch.optim.AdamW loads. `import_state` also takes float32 moments and
 quantizes them.
+
+The moments' storage is a format (stated_kernels.formats): `Blockwise8bit` for tensors that get 8-bit
+state, `Dense` otherwise; AdamW8bit is AdamW's fields and hyperparameters (its table, with its checks)
+in that format, with torchao's order of operations.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from stated_kernels import quant_maps
-from stated_kernels.spec import (
-    Algorithm,
-    FieldSpec,
-    HyperSpec,
-    Hyperparameters,
-    Segment,
-    TensorInfo,
-    non_negative,
-    unit_interval,
-)
+from stated_kernels import formats, quant_maps
+from stated_kernels.adamw import AdamW
+from stated_kernels.cuda_small import SmallPlan
+from stated_kernels.cuda_spec import AMSGRAD, MASTER_SLOT, CudaSpec, Schedule
+from stated_kernels.spec import FieldSpec, Hyperparameters, Segment, TensorInfo, changed
 
 MIN_8BIT_SIZE = 4096
 BLOCK = quant_maps.BLOCK
-# Moment name -> whether its map is signed.
-SIGNED = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+# Moment name -> its 8-bit format (the signed map for m, the unsigned one for v and vmax).
+EIGHT_BIT = {"exp_avg": formats.Blockwise8bit(True), "exp_avg_sq": formats.Blockwise8bit(False),
+             "max_exp_avg_sq": formats.Blockwise8bit(False)}
 
 
 def is_quantized(numel: int) -> bool:
     """torchao's rule: small tensors, and tensors that do not split into whole blocks, stay float."""
     return numel >= MIN_8BIT_SIZE and numel % BLOCK == 0
-
-
-def _moments(amsgrad: bool) -> tuple[str, ...]:
-    return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
 
 
 def _lerp(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
@@ -89,25 +85,26 @@ def _sqrt(x: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.sqrt(x.numpy()))
 
 
-class AdamW8bit(Algorithm):
-    name = "adamw8bit"
-    independent_segments = True  # blockwise; per-tensor state is only read
-    block_elements = BLOCK
-    hyperparameters = (
-        HyperSpec("lr", 1e-3, check=non_negative),
-        HyperSpec("beta1", 0.9, check=unit_interval),
-        HyperSpec("beta2", 0.999, check=unit_interval),
-        HyperSpec("eps", 1e-8, check=non_negative),
-        HyperSpec("weight_decay", 1e-2),
-        HyperSpec("amsgrad", False, is_flag=True),
-    )
+def _corrections(beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """bc1 and sqrt(bc2) exactly as the CPU update computes them: `1 - beta ** step` with step a
+    float32 tensor, and the IEEE float32 square root."""
+    t = torch.tensor(float(step), dtype=torch.float32)
+    bc2 = np.float32((1 - beta2**t).item())
+    return (1 - beta1**t).item(), float(np.sqrt(bc2))
 
-    def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
-        names = _moments(bool(hp.get("amsgrad", False)))
-        if not is_quantized(tensor.numel):
-            return tuple(FieldSpec(n, tensor.dtype) for n in names)
-        return (tuple(FieldSpec(n, torch.uint8) for n in names)
-                + tuple(FieldSpec(n + "_scale", torch.float32, per=BLOCK) for n in names))
+
+_EIGHT_BIT_SLOTS = tuple((n, ("uint8", "S")) for n in EIGHT_BIT) + tuple((n + "_scale", ("float32",)) for n in EIGHT_BIT)
+
+
+class AdamW8bit(AdamW):
+    name = "adamw8bit"
+    block_elements = BLOCK
+    hyperparameters = changed(AdamW.hyperparameters, drop=("maximize",))  # torchao has no maximize
+    cuda = CudaSpec("adamw8bit.cu", Schedule(("stated_adamw8bit",)), _EIGHT_BIT_SLOTS + (MASTER_SLOT,),
+                    quant_maps=True)
+
+    def moment_format(self, tensor: TensorInfo, name: str) -> formats.FieldFormat:
+        return EIGHT_BIT[name] if is_quantized(tensor.numel) else formats.Dense(tensor.dtype)
 
     def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
         lr = torch.tensor(hp["lr"], dtype=torch.float32)
@@ -115,6 +112,8 @@ class AdamW8bit(Algorithm):
         beta1, beta2, eps = float(hp["beta1"]), float(hp["beta2"]), float(hp["eps"])
         amsgrad = bool(hp["amsgrad"])
         for s in segments:
+            m_format = self.moment_format(s.tensor, "exp_avg")
+            v_format = self.moment_format(s.tensor, "exp_avg_sq")  # also max_exp_avg_sq's
             step = s.small["step"]
             bias_correction1 = 1 - beta1**step
             bias_correction2 = 1 - beta2**step
@@ -123,46 +122,49 @@ class AdamW8bit(Algorithm):
             p = s.param if s.param.dtype == torch.float32 else s.param.float()
             g = s.grad.float()
             p.sub_(p * lr_decay)
-            m = _lerp(self._load(s, "exp_avg"), g, 1 - beta1)
-            v = _lerp(self._load(s, "exp_avg_sq"), g.square(), 1 - beta2)
-            self._store(s, "exp_avg", m)
-            self._store(s, "exp_avg_sq", v)
+            m = _lerp(m_format.load(s.fields, "exp_avg"), g, 1 - beta1)
+            v = _lerp(v_format.load(s.fields, "exp_avg_sq"), g.square(), 1 - beta2)
+            m_format.store(s.fields, "exp_avg", m)
+            v_format.store(s.fields, "exp_avg_sq", v)
             if amsgrad:
-                v = torch.maximum(self._load(s, "max_exp_avg_sq"), v)
-                self._store(s, "max_exp_avg_sq", v)
+                v = torch.maximum(v_format.load(s.fields, "max_exp_avg_sq"), v)
+                v_format.store(s.fields, "max_exp_avg_sq", v)
             denom = _sqrt(v).div_(_sqrt(bias_correction2)).add_(eps)
             p.sub_((m / bias_correction1).mul_(lr).div_(denom))
             if p is not s.param:
                 s.param.copy_(p)
 
-    @staticmethod
-    def _load(s: Segment, name: str) -> torch.Tensor:
-        if s.fields[name].dtype != torch.uint8:
-            return s.fields[name].float()
-        return quant_maps.dequantize(s.fields[name], s.fields[name + "_scale"], SIGNED[name])
+    # --- CUDA -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _store(s: Segment, name: str, value: torch.Tensor) -> None:
-        if s.fields[name].dtype != torch.uint8:
-            s.fields[name].copy_(value)
-        else:
-            quant_maps.quantize(value, SIGNED[name], s.fields[name], s.fields[name + "_scale"])
+    def cuda_flags(self, hp: Hyperparameters) -> int:
+        return AMSGRAD if hp.get("amsgrad") else 0
 
-    # --- state_dict ---------------------------------------------------------------------------
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        bc1, bc2_sqrt = _corrections(b1, b2, step)
+        # torchao: lr is a float32 tensor, so lr * weight_decay is one float32 multiply.
+        return [lr, np.float32(lr) * np.float32(wd), 1 - b1, 1 - b2, hp["eps"], bc1, bc2_sqrt,
+                1.0 if abs(1 - b1) >= 0.5 else 0.0, 1.0 if abs(1 - b2) >= 0.5 else 0.0]
 
-    def export_state(self, tensor: TensorInfo, small: dict[str, Any],
-                     paged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        entry = {"step": small["step"].clone()}
-        for name, flat in paged.items():
-            entry[name] = flat if name.endswith("_scale") else flat.reshape(tensor.shape)
-        return entry
+    def cuda_small(self, tensor: TensorInfo, kernel_state: torch.dtype, small: dict[str, Any]) -> SmallPlan:
+        return SmallPlan(kind=1 if is_quantized(tensor.numel) else 0)
+
+    # --- planning and state_dict ------------------------------------------------------------------
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        """The planner counts bitsandbytes' rule (8-bit from min_8bit_size on, a partial last block
+        with its own absmax), an upper bound on torchao's for tensors that are not whole blocks."""
+        n = math.prod(shape)
+        fmt = EIGHT_BIT["exp_avg"] if n >= MIN_8BIT_SIZE else formats.Dense(torch.float32)
+        return 2 * fmt.nbytes(n)
 
     def import_state(self, tensor: TensorInfo, small: dict[str, Any], entry: dict[str, torch.Tensor],
                      fields: Sequence[FieldSpec]) -> dict[str, torch.Tensor]:
         if is_quantized(tensor.numel):
             entry = quantize_state(entry)
         else:
-            for name in SIGNED:
+            for name in EIGHT_BIT:
                 if name in entry and entry[name].dtype == torch.uint8:
                     raise ValueError(f"state {name!r} of tensor {tensor.index} holds 8-bit codes, but a tensor "
                                      f"of {tensor.numel} elements keeps float state")
@@ -172,16 +174,18 @@ class AdamW8bit(Algorithm):
 # --- conversions -------------------------------------------------------------------------------
 
 
+def _codes(entry: dict[str, Any], name: str) -> bool:
+    value = entry.get(name)
+    return value is not None and getattr(value, "dtype", None) == torch.uint8
+
+
 def dequantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """An AdamW8bit state_dict entry with float32 `exp_avg`, `exp_avg_sq` (and `max_exp_avg_sq`) in
     place of codes and scales, as torch.optim.AdamW loads it. Float entries pass through unchanged."""
     out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
-    for name, signed in SIGNED.items():
-        codes = entry.get(name)
-        if codes is not None and codes.dtype == torch.uint8:
-            scale = entry[name + "_scale"]
-            flat = quant_maps.dequantize(codes.reshape(-1), scale.reshape(-1), signed)
-            out[name] = flat.view(codes.shape)
+    for name, fmt in EIGHT_BIT.items():
+        if _codes(entry, name):
+            out[name] = fmt.decode(entry, name)
     return out
 
 
@@ -191,14 +195,11 @@ def quantize_state(entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     `dequantize_state`: the signed map has no -1, so a block whose largest magnitude is negative
     decodes to 0.993 of its scale and re-encodes with that smaller scale."""
     out = dict(entry)
-    for name, signed in SIGNED.items():
+    for name, fmt in EIGHT_BIT.items():
         value = entry.get(name)
         if value is None or value.dtype == torch.uint8 or not is_quantized(value.numel()):
             continue
-        codes = torch.empty(value.shape, dtype=torch.uint8)
-        scale = torch.empty(value.numel() // BLOCK, dtype=torch.float32)
-        quant_maps.quantize(value.detach().reshape(-1).float().contiguous(), signed, codes.view(-1), scale)
-        out[name], out[name + "_scale"] = codes, scale
+        out[name], out[name + "_scale"] = fmt.encode(value)
     return out
 
 
@@ -208,11 +209,10 @@ def to_torchao(entry: dict[str, torch.Tensor], dtype: torch.dtype = torch.float3
     from torchao.optim.subclass_8bit import OptimState8bit
 
     out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
-    for name, signed in SIGNED.items():
-        codes = entry.get(name)
-        if codes is not None and codes.dtype == torch.uint8:
-            out[name] = OptimState8bit(codes.clone(), entry[name + "_scale"].clone(), quant_maps.dynamic_map(signed),
-                                       signed, dtype=dtype)
+    for name, fmt in EIGHT_BIT.items():
+        if _codes(entry, name):
+            out[name] = OptimState8bit(entry[name].clone(), entry[name + "_scale"].clone(), fmt.qmap(), fmt.signed,
+                                       dtype=dtype)
     return out
 
 
@@ -225,3 +225,7 @@ def from_torchao(entry: dict[str, Any]) -> dict[str, torch.Tensor]:
         else:
             out[name] = value
     return out
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (AdamW8bit(),)

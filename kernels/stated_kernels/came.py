@@ -47,7 +47,17 @@ from typing import Any
 
 import torch
 
-from stated_kernels.adafactor import broadcast_index, col_shape, expand_slice, fold_into, is_factored, row_shape
+from stated_kernels.adafactor import (
+    broadcast_index,
+    col_shape,
+    expand_slice,
+    factored_bytes,
+    fold_into,
+    is_factored,
+    row_shape,
+)
+from stated_kernels.cuda_small import SmallPlan, SmallSlot, checked, factored
+from stated_kernels.cuda_spec import FLOAT_STATE_PAIRS, CudaSpec, Schedule, fields_slots
 from stated_kernels.lion import closed_unit_interval
 from stated_kernels.spec import (
     Algorithm,
@@ -58,6 +68,7 @@ from stated_kernels.spec import (
     TensorInfo,
     non_negative,
     positive,
+    weight_decay,
 )
 
 FACTORED_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_res_row", "exp_avg_res_col")
@@ -79,14 +90,23 @@ class CAME(Algorithm):
     passes = 2
     hyperparameters = (
         HyperSpec("lr", None, check=positive),
-        HyperSpec("eps1", 1e-30, check=non_negative),
-        HyperSpec("eps2", 1e-16, check=non_negative),
+        HyperSpec("eps1", 1e-30, check=non_negative, key="eps", index=0),
+        HyperSpec("eps2", 1e-16, check=non_negative, key="eps", index=1),
         HyperSpec("clip_threshold", 1.0, check=positive),
-        HyperSpec("beta1", 0.9, check=closed_unit_interval),
-        HyperSpec("beta2", 0.999, check=closed_unit_interval),
-        HyperSpec("beta3", 0.9999, check=closed_unit_interval),
-        HyperSpec("weight_decay", 0.0),
+        HyperSpec("beta1", 0.9, check=closed_unit_interval, key="betas", index=0),
+        HyperSpec("beta2", 0.999, check=closed_unit_interval, key="betas", index=1),
+        HyperSpec("beta3", 0.9999, check=closed_unit_interval, key="betas", index=2),
+        weight_decay(0.0),
     )
+    # CAME keeps float32 state whatever the parameter.
+    cuda = CudaSpec(
+        "came.cu",
+        Schedule(("stated_came_page0", "stated_came_page1"),
+                 prepass=("stated_came_rows", "stated_came_cols", "stated_came_row_mean", "stated_came_norms",
+                          "stated_came_finish"),
+                 between=(("stated_came_between", "stated_came_between_mean"),)),
+        fields_slots("exp_avg", "exp_avg_sq"),
+        pairs=FLOAT_STATE_PAIRS, single_block=frozenset({"stated_came_finish"}), float_state=True)
 
     def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
         fields = (FieldSpec("exp_avg", torch.float32),)
@@ -172,6 +192,29 @@ class CAME(Algorithm):
         small["exp_avg_res_col"].mul_(beta3).add_(col_mean, alpha=1.0 - beta3)
         small["_res_rows"], small["_res_cols"] = _factors(small["exp_avg_res_row"], small["exp_avg_res_col"])
 
+    # --- CUDA and planning ---------------------------------------------------------------------
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        b1, b2, b3 = float(hp["beta1"]), float(hp["beta2"]), float(hp["beta3"])
+        return [b1, 1 - b1, b2, 1 - b2, b3, 1 - b3, hp.get("eps1", 1e-30), hp.get("eps2", 1e-16),
+                hp.get("clip_threshold", 1.0), lr, -wd * lr, wd, numel ** 0.5]
+
+    def cuda_small(self, tensor: TensorInfo, kernel_state: torch.dtype, small: dict[str, Any]) -> SmallPlan:
+        scratch = SmallSlot(6, None, torch.float64, 4)
+        if not is_factored(tensor):
+            return SmallPlan(slots=(scratch,))
+        n, m, lead = factored(tensor.shape)
+        slots = tuple(SmallSlot(k, key, kernel_state, lead * (n if key.endswith("row") else m))
+                      for k, key in enumerate(FACTORED_KEYS))
+        slots += (SmallSlot(4, None, torch.float32, 2 * lead), SmallSlot(5, None, torch.float64, lead * (n + m)), scratch)
+        return checked(self.name, SmallPlan(1, n, m, lead, slots), tensor, small)
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        # exp_avg, plus row/column statistics of the second moment and of the instability term.
+        n = math.prod(shape)
+        return 4 * n + (2 * factored_bytes(shape) if len(shape) >= 2 else 4 * n)
+
     # --- state_dict ---------------------------------------------------------------------------
 
     def export_state(self, tensor: TensorInfo, small: dict[str, Any],
@@ -194,3 +237,7 @@ class CAME(Algorithm):
             for key in FACTORED_KEYS:
                 small[key].copy_(entry[key])
         return super().import_state(tensor, small, entry, fields)
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (CAME(),)

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Sequence
 
 from stated_kernels.cuda_sources import (
     HEADER,
-    KERNELS,
     header,
     include_dirs,
+    kernel_set,
+    kernel_sets,
     name_expressions,
     nvrtc_options,
-    resolve,
     source,
 )
 
@@ -86,8 +86,8 @@ def compile_source(algorithm: str, arch: str = "sm_80", extra_options: Sequence[
     """Compiles one algorithm's source with every name expression; never raises on a build error
     (the report says what failed), only when NVRTC itself is missing."""
     nvrtc = _nvrtc()
-    algorithm = resolve(algorithm)
-    filename = KERNELS[algorithm][0]
+    spec = kernel_set(algorithm)
+    algorithm, filename = spec.name, spec.source
     names = name_expressions(algorithm)
     started = time.perf_counter()
     text = source(algorithm, inline_header=False).encode()
@@ -138,7 +138,7 @@ def compile_archs(archs: Sequence[str], algorithms: Iterable[str] | None = None,
             raise ValueError(f"arch must look like sm_90 or compute_80, got {arch!r}")
     if not include_dirs():
         raise RuntimeError("cuda_bf16.h not found: install nvidia-cuda-runtime-cu12 or set CUDA_HOME")
-    chosen = [resolve(a) for a in (algorithms if algorithms is not None else KERNELS)]
+    chosen = [kernel_set(a).name for a in (algorithms if algorithms is not None else kernel_sets())]
     jobs = [(a, arch) for arch in archs for a in chosen]
     workers = workers or os.cpu_count() or 1
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:

@@ -52,73 +52,36 @@ knows the step's multiplier and uploaded again after.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from stated_kernels import cuda_small
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_tables as ct
+from stated_kernels.cuda_launch import (  # noqa: F401  (GradStats, tensor_list, upload: the backends' entry)
+    DTYPES,
+    GradStats,
+    TensorList,
+    cupy_module,
+    dtype_of,
+    function,
+    on_stream,
+    ptr,
+    tensor_list,
+    upload,
+)
 from stated_kernels.cuda_small import DeviceSmall, SmallPlan
+from stated_kernels.cuda_spec import dtype_name
 from stated_kernels.spec import Algorithm, FieldSpec, Hyperparameters, TensorInfo
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _RAW = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-_LOCK = threading.Lock()
-_MODULES: dict[tuple[str, str, str | None], Any] = {}
-_FUNCTIONS: dict[tuple[int, str, str], Any] = {}
-
-
-def _cupy():
-    import cupy
-
-    return cupy
-
-
-def _ptr(x: Any) -> int:
-    """A device address from an int or a CuPy array."""
-    data = getattr(x, "data", None)
-    return int(data.ptr) if data is not None and hasattr(data, "ptr") else int(x)
-
-
-def _dtype(value: object) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    return _DTYPES[str(value).removeprefix("torch.")]
-
-
-def _stream(stream: Any):
-    return stream if stream is not None else contextlib.nullcontext()
-
-
-def function(source: str, kernel: str, param: str, state: str | None, device_id: int):
-    """One compiled kernel: the source's module is built once per process and dtype pair (CuPy
-    loads it once per device)."""
-    cupy = _cupy()
-    key = (device_id, source, cs.kernel_name(kernel, param, state))
-    with _LOCK:
-        fn = _FUNCTIONS.get(key)
-        if fn is None:
-            module = _MODULES.get((source, param, state))
-            if module is None:
-                module = cupy.RawModule(code=cs.source(source), options=tuple(cs.nvrtc_options()),
-                                        name_expressions=cs.name_expressions(source, [(param, state)]))
-                _MODULES[(source, param, state)] = module
-            with cupy.cuda.Device(device_id):
-                fn = _FUNCTIONS[key] = module.get_function(key[2])
-    return fn
-
 
 # --- host copies ----------------------------------------------------------------------------------
 
 
 def _host_tensor(array: Any, dtype: torch.dtype) -> torch.Tensor:
-    flat = torch.from_numpy(_cupy().asnumpy(array).copy())
+    flat = torch.from_numpy(cupy_module().asnumpy(array).copy())
     return flat.view(dtype) if dtype in _RAW else flat
 
 
@@ -133,23 +96,26 @@ def _bits(tensor: torch.Tensor) -> np.ndarray:
 
 class CudaAlgorithm:
     def __init__(self, algorithm: Algorithm, param_dtype: object, state_dtype: object, device_id: int = 0):
+        if algorithm.cuda is None:
+            raise KeyError(f"no CUDA kernels for algorithm {algorithm.name!r}")
         self.algorithm = algorithm
         self.name = algorithm.name
-        self.source = cs.resolve(algorithm.name)
-        self.schedule = cs.SCHEDULES[self.source]
+        self.cuda = algorithm.cuda
+        self.source = self.cuda.name
+        self.schedule = self.cuda.schedule
         if self.schedule.passes != algorithm.passes:
             raise ValueError(f"{self.name}: the CUDA kernels take {self.schedule.passes} passes, the CPU "
                              f"module {algorithm.passes}")
-        self.param_dtype = _dtype(param_dtype)
-        self.state_dtype = _dtype(state_dtype)
+        self.param_dtype = dtype_of(param_dtype)
+        self.state_dtype = dtype_of(state_dtype)
         self.device_id = device_id
-        self.P = cs._dtype_name(self.param_dtype)
-        self.S = cs.kernel_state_dtype(self.source, self.state_dtype)
-        if (self.P, self.S) not in cs.dtype_pairs(self.source):
+        self.P = dtype_name(self.param_dtype)
+        self.S = self.cuda.state_dtype(dtype_name(self.state_dtype))
+        if (self.P, self.S) not in self.cuda.pairs:
             raise ValueError(f"{self.name}: no CUDA kernels for parameters {self.P} with state {self.S}; "
-                             f"pairs: {cs.dtype_pairs(self.source)}")
-        self.kernel_state = _DTYPES[self.S]
-        self._slots = {name: (k, allowed) for k, (name, allowed) in enumerate(cs.FIELD_SLOTS[self.source])}
+                             f"pairs: {self.cuda.pairs}")
+        self.kernel_state = DTYPES[self.S]
+        self._slots = {name: (k, allowed) for k, (name, allowed) in enumerate(self.cuda.slots)}
         self._slot_cache: dict[tuple[FieldSpec, ...], list[str | None]] = {}
         self._qmaps_dev = None
 
@@ -158,7 +124,7 @@ class CudaAlgorithm:
         return self.schedule.passes
 
     def flags(self, hp: Hyperparameters) -> int:
-        return cs.launch_flags(self.name, hp)
+        return self.algorithm.cuda_flags(hp)
 
     # --- page fields ------------------------------------------------------------------------------
 
@@ -175,7 +141,7 @@ class CudaAlgorithm:
                 raise ValueError(f"{self.name}: the CUDA kernels have no slot for page field {field.name!r}; "
                                  f"known: {', '.join(self._slots)}")
             k, allowed = self._slots[field.name]
-            dtypes = [self.kernel_state if a == "S" else _DTYPES.get(a, torch.uint8) for a in allowed]
+            dtypes = [self.kernel_state if a == "S" else DTYPES[a] for a in allowed]
             if field.dtype not in dtypes:
                 raise ValueError(f"{self.name}: page field {field.name!r} is {field.dtype}, the CUDA kernels "
                                  f"take {' or '.join(map(str, dtypes))}")
@@ -213,18 +179,18 @@ class CudaAlgorithm:
                 "tensor": seg.tensor if tensor_rows is None else tensor_rows[seg.tensor],
                 "fields": self.field_offsets(seg.fields),
             })
-        return cs.segment_table(entries)
+        return ct.segment_table(entries)
 
     # --- per-tensor rows --------------------------------------------------------------------------
 
     def small_plan(self, info: TensorInfo, small: Mapping[str, Any]) -> SmallPlan:
-        """The tensor's shape class and small buffers (stated_kernels.cuda_small)."""
-        return cuda_small.small_plan(self.source, self.kernel_state, info, small)
+        """The tensor's shape class and small buffers (the algorithm's `cuda_small`)."""
+        return self.algorithm.cuda_small(info, self.kernel_state, small)
 
     def tensor_row(self, row: np.void, info: TensorInfo, hp: Hyperparameters, step: float,
                    device_small: DeviceSmall, param_offset: int, grad_offset: int,
                    grad_multiplier: float = 1.0) -> None:
-        """Fills one StTensor row (a record of a cuda_sources.tensor_table) for one step: where the
+        """Fills one StTensor row (a record of a cuda_tables.tensor_table) for one step: where the
         tensor lies in the arenas (element offsets), its shape class and small buffers, and the hp
         scalars of `hp` at `step` (the CPU module's small "step" after this step's increment), with
         `grad_multiplier` in hp[31]."""
@@ -233,7 +199,7 @@ class CudaAlgorithm:
         row["kind"], row["rows"], row["cols"], row["lead"] = plan.kind, plan.rows, plan.cols, plan.lead
         row["reserved"] = 0
         row["small"][:] = device_small.pointers
-        values, _ = cs.host_scalars(self.name, hp, step, numel=info.numel, ndim=len(info.shape), dtype=info.dtype,
+        values, _ = ct.host_scalars(self.algorithm, hp, step, numel=info.numel, ndim=len(info.shape), dtype=info.dtype,
                                     grad_multiplier=grad_multiplier)
         row["hp"][:] = values
 
@@ -241,7 +207,7 @@ class CudaAlgorithm:
 
     def device_small(self, info: TensorInfo, small: Mapping[str, Any]) -> DeviceSmall:
         """Copies the tensor's small state to the device and allocates its scratch (synchronously)."""
-        cupy = _cupy()
+        cupy = cupy_module()
         plan = self.small_plan(info, small)
         arrays = {}
         with cupy.cuda.Device(self.device_id):
@@ -252,7 +218,7 @@ class CudaAlgorithm:
                     arrays[slot.slot] = cupy.asarray(np.asarray(slot.const, dtype=np.int64))
                 else:  # at least one byte, so that the address is never 0
                     arrays[slot.slot] = cupy.zeros(max(1, slot.count) * slot.dtype.itemsize, dtype=cupy.uint8)
-        pointers = [0] * cs.N_SMALL
+        pointers = [0] * ct.N_SMALL
         for k, array in arrays.items():
             pointers[k] = int(array.data.ptr)
         return DeviceSmall(plan, arrays, pointers)
@@ -260,7 +226,7 @@ class CudaAlgorithm:
     def copy_small_to_host(self, device_small: DeviceSmall, small: Mapping[str, Any]) -> None:
         """Writes the device copies of the small state into the CPU tensors of `small` (after the
         kernels that change them have finished: synchronize their stream first)."""
-        cupy = _cupy()
+        cupy = cupy_module()
         with cupy.cuda.Device(self.device_id):
             for slot in device_small.plan.slots:
                 if slot.key is not None:
@@ -269,7 +235,7 @@ class CudaAlgorithm:
 
     def copy_small_to_device(self, device_small: DeviceSmall, small: Mapping[str, Any]) -> None:
         """Overwrites the device copies with the CPU tensors of `small` (after an import)."""
-        cupy = _cupy()
+        cupy = cupy_module()
         with cupy.cuda.Device(self.device_id):
             for slot in device_small.plan.slots:
                 if slot.key is not None:
@@ -279,7 +245,7 @@ class CudaAlgorithm:
 
     def load(self) -> None:
         """Compiles (or finds compiled) every kernel of the algorithm for this device."""
-        for name in cs.KERNELS[self.source][1]:
+        for name in self.cuda.kernels:
             self._fn(name)
 
     def _fn(self, name: str):
@@ -287,7 +253,7 @@ class CudaAlgorithm:
 
     def _qmaps(self):
         if self._qmaps_dev is None:
-            cupy = _cupy()
+            cupy = cupy_module()
             from stated_kernels import quant_maps
 
             maps = torch.cat([quant_maps.dynamic_map(True), quant_maps.dynamic_map(False)]).numpy()
@@ -297,14 +263,14 @@ class CudaAlgorithm:
 
     def _list(self, names: Sequence[str], stream: Any, ids: TensorList, tensors_dev: Any, param_ptr: Any,
               grad_ptr: Any) -> None:
-        cupy = _cupy()
-        tensors, param, grad = np.uint64(_ptr(tensors_dev)), np.uint64(_ptr(param_ptr)), np.uint64(_ptr(grad_ptr))
-        with cupy.cuda.Device(self.device_id), _stream(stream):
+        cupy = cupy_module()
+        tensors, param, grad = np.uint64(ptr(tensors_dev)), np.uint64(ptr(param_ptr)), np.uint64(ptr(grad_ptr))
+        with cupy.cuda.Device(self.device_id), on_stream(stream):
             for name in names:
                 fn = self._fn(name)
-                x = 1 if name in cs.SINGLE_BLOCK else ids.grid_x
+                x = 1 if name in self.cuda.single_block else ids.grid_x
                 for start, count in ids.chunks():
-                    fn((x, count), (cs.THREADS,), (np.uint64(ids.pointer(start)), np.int32(count), tensors, param,
+                    fn((x, count), (ct.THREADS,), (np.uint64(ids.pointer(start)), np.int32(count), tensors, param,
                                                    grad, np.uint32(0)))
 
     def prepass(self, stream: Any, ids: TensorList, tensors_dev: Any, param_ptr: Any, grad_ptr: Any) -> None:
@@ -320,84 +286,16 @@ class CudaAlgorithm:
     def page(self, stream: Any, pass_index: int, segments_dev: Any, nseg: int, tiles: int, tensors_dev: Any,
              param_ptr: Any, grad_ptr: Any, page_ptr: Any, flags: int) -> None:
         """Page pass `pass_index` over one launch's segments (one page, one group): `tiles` is
-        cuda_sources.total_tiles of the segment table, the grid size."""
+        cuda_tables.total_tiles of the segment table, the grid size."""
         if nseg <= 0 or tiles <= 0:
             return
-        cupy = _cupy()
-        args = [np.uint64(_ptr(segments_dev)), np.int32(nseg), np.uint64(_ptr(tensors_dev)),
-                np.uint64(_ptr(param_ptr)), np.uint64(_ptr(grad_ptr)), np.uint64(_ptr(page_ptr)), np.uint32(flags)]
-        if self.source == "adamw8bit":
-            args.append(np.uint64(_ptr(self._qmaps())))
+        cupy = cupy_module()
+        args = [np.uint64(ptr(segments_dev)), np.int32(nseg), np.uint64(ptr(tensors_dev)),
+                np.uint64(ptr(param_ptr)), np.uint64(ptr(grad_ptr)), np.uint64(ptr(page_ptr)), np.uint32(flags)]
+        if self.cuda.quant_maps:
+            args.append(np.uint64(ptr(self._qmaps())))
         fn = self._fn(self.schedule.pages[pass_index])
-        with cupy.cuda.Device(self.device_id), _stream(stream):
-            fn((int(tiles),), (cs.THREADS,), tuple(args))
+        with cupy.cuda.Device(self.device_id), on_stream(stream):
+            fn((int(tiles),), (ct.THREADS,), tuple(args))
 
 
-# --- tensor lists, tables, gradient statistics -----------------------------------------------------
-
-
-@dataclasses.dataclass
-class TensorList:
-    """The tensor rows of a tensor-list launch (int32 on the device) and its grid x."""
-
-    array: Any
-    count: int
-    grid_x: int
-
-    def pointer(self, start: int) -> int:
-        return _ptr(self.array) + 4 * start
-
-    def chunks(self) -> list[tuple[int, int]]:
-        """(first, count) of each launch: grid y holds at most cs.MAX_LIST_TENSORS tensors."""
-        step = cs.MAX_LIST_TENSORS
-        return [(s, min(step, self.count - s)) for s in range(0, self.count, step)]
-
-
-def tensor_list(ids: Sequence[int], numels: Sequence[int], device_id: int = 0) -> TensorList:
-    """Uploads tensor rows `ids` (their elements counts `numels`, for the grid) for launches."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        array = cupy.asarray(np.asarray(list(ids), dtype=np.int32).reshape(-1))
-    return TensorList(array, len(ids), cs.list_blocks(max(numels, default=0)))
-
-
-def upload(table: np.ndarray, device_id: int = 0, stream: Any = None):
-    """A packed table (segment or tensor table) as a device uint8 array; the host table may be
-    reused once this returns."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id), _stream(stream):
-        return cupy.asarray(np.ascontiguousarray(table).view(np.uint8))
-
-
-class GradStats:
-    """Per-tensor float64 sum of squares of (g * inv_scale) and non-finite counts (gradstats.cu)."""
-
-    def __init__(self, param_dtype: object, device_id: int = 0):
-        self.P = cs._dtype_name(_dtype(param_dtype))
-        self.device_id = device_id
-
-    def load(self) -> None:
-        for name in cs.KERNELS["gradstats"][1]:
-            function("gradstats", name, self.P, None, self.device_id)
-
-    def gradstats(self, stream: Any, ids: TensorList, tensors_dev: Any, grad_ptr: Any,
-                  inv_scale: float) -> tuple[Any, Any]:
-        """(sumsq float64[count], nonfinite uint32[count]) as CuPy arrays, computed on `stream`."""
-        cupy = _cupy()
-        partial = function("gradstats", "stated_gradstats_partial", self.P, None, self.device_id)
-        finish = function("gradstats", "stated_gradstats_finish", self.P, None, self.device_id)
-        x = ids.grid_x
-        with cupy.cuda.Device(self.device_id), _stream(stream):
-            part_sum = cupy.empty(max(1, ids.count * x), dtype=cupy.float64)
-            part_bad = cupy.empty(max(1, ids.count * x), dtype=cupy.uint32)
-            sumsq = cupy.zeros(ids.count, dtype=cupy.float64)
-            nonfinite = cupy.zeros(ids.count, dtype=cupy.uint32)
-            tensors, grad = np.uint64(_ptr(tensors_dev)), np.uint64(_ptr(grad_ptr))
-            for start, count in ids.chunks():
-                ps, pb = _ptr(part_sum) + 8 * start * x, _ptr(part_bad) + 4 * start * x
-                partial((x, count), (cs.THREADS,), (np.uint64(ids.pointer(start)), np.int32(count), tensors, grad,
-                                                    np.float32(inv_scale), np.uint64(ps), np.uint64(pb)))
-                finish((1, count), (cs.THREADS,), (np.int32(x), np.uint64(ps), np.uint64(pb),
-                                                   np.uint64(_ptr(sumsq) + 8 * start),
-                                                   np.uint64(_ptr(nonfinite) + 4 * start)))
-        return sumsq, nonfinite

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from stated_kernels.cuda_spec import CudaSpec, Schedule, fields_slots
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -33,8 +34,8 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
-    non_negative,
     positive,
+    weight_decay,
 )
 
 
@@ -48,12 +49,15 @@ class Lion(Algorithm):
     independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", 1e-4, check=positive),
-        HyperSpec("beta1", 0.9, check=closed_unit_interval),
-        HyperSpec("beta2", 0.99, check=closed_unit_interval),
-        HyperSpec("weight_decay", 0.0, check=non_negative),
-        HyperSpec("decoupled_weight_decay", False, is_flag=True),
-        HyperSpec("init_lr", 1e-4, check=positive),
+        HyperSpec("beta1", 0.9, check=closed_unit_interval, key="betas", index=0),
+        HyperSpec("beta2", 0.99, check=closed_unit_interval, key="betas", index=1),
+        weight_decay(0.0),
+        # lion-pytorch divides decoupled decay by the lr the optimizer was built with: the client
+        # optimizer sends both, its param groups hold neither.
+        HyperSpec("decoupled_weight_decay", False, is_flag=True, in_group=False),
+        HyperSpec("init_lr", 1e-4, check=positive, in_group=False),
     )
+    cuda = CudaSpec("lion.cu", Schedule(("stated_lion",)), fields_slots("exp_avg"), rounded_to_state=(0, 2, 3, 4, 5))
 
     def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
         return (FieldSpec("exp_avg", tensor.dtype),)
@@ -75,6 +79,12 @@ class Lion(Algorithm):
         torch._foreach_mul_(moments, beta2)
         torch._foreach_add_(moments, grads, alpha=1.0 - beta2)
 
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        decay = wd / float(hp["init_lr"]) if hp.get("decoupled_weight_decay") else wd
+        b1, b2 = float(hp["beta1"]), float(hp["beta2"])
+        return [1.0 - lr * decay, b1, 1 - b1, b2, 1 - b2, -lr]
+
     # --- state_dict ---------------------------------------------------------------------------
 
     def export_state(self, tensor: TensorInfo, small: dict[str, Any],
@@ -92,3 +102,7 @@ class Lion(Algorithm):
         # The reference keeps no step; a loaded moment means the tensor has stepped.
         small["step"].fill_(max(float(entry.get("step", 0.0)), 1.0))
         return {"exp_avg": value.reshape(-1).to(fields[0].dtype)}
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (Lion(),)

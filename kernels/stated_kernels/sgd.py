@@ -22,11 +22,13 @@ state_dict (the resident `step` only records whether the buffer exists yet).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from stated_kernels.cuda_spec import MAXIMIZE, NESTEROV, CudaSpec, Schedule, fields_slots
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -35,6 +37,7 @@ from stated_kernels.spec import (
     Segment,
     TensorInfo,
     non_negative,
+    weight_decay,
 )
 
 
@@ -45,10 +48,11 @@ class SGD(Algorithm):
         HyperSpec("lr", 1e-3, check=non_negative),
         HyperSpec("momentum", 0.0, check=non_negative),
         HyperSpec("dampening", 0.0),
-        HyperSpec("weight_decay", 0.0, check=non_negative),
+        weight_decay(0.0),
         HyperSpec("nesterov", False, is_flag=True),
         HyperSpec("maximize", False, is_flag=True),
     )
+    cuda = CudaSpec("sgd.cu", Schedule(("stated_sgd",)), fields_slots("momentum_buffer"), rounded_to_state=(0, 1, 2, 3))
 
     def validate_combination(self, hp: Hyperparameters, where: str) -> str | None:
         if hp.get("nesterov") and (hp.get("momentum", 0) <= 0 or hp.get("dampening", 0) != 0):
@@ -84,6 +88,20 @@ class SGD(Algorithm):
                 grads = bufs
         torch._foreach_add_(params, grads, alpha=-hp["lr"])
 
+    # --- CUDA and planning ---------------------------------------------------------------------
+
+    def cuda_flags(self, hp: Hyperparameters) -> int:
+        return (MAXIMIZE if hp.get("maximize") else 0) | (NESTEROV if hp.get("nesterov") else 0)
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr, wd = float(hp.get("lr", 0.0)), float(hp.get("weight_decay", 0.0))
+        return [-lr, hp.get("momentum", 0.0), 1 - float(hp.get("dampening", 0.0)), wd, 1.0 if step == 1 else 0.0]
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        return 4 * math.prod(shape)  # the planner assumes momentum (SGD without it keeps nothing)
+
+    # --- state_dict ---------------------------------------------------------------------------
+
     def has_state(self, small: dict[str, Any]) -> bool:
         return bool(small.get("has_buffer")) and float(small["step"]) > 0
 
@@ -106,3 +124,7 @@ class SGD(Algorithm):
         # A loaded buffer means the tensor is past its first step.
         small["step"].fill_(max(float(small["step"]), 1.0) if paged else 0.0)
         return paged
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (SGD(),)

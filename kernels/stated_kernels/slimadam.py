@@ -29,12 +29,15 @@ reference's: `mu`, `nu`, `step`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from stated_kernels.adafactor import expand_slice
+from stated_kernels.cuda_small import SmallPlan, SmallSlot, checked
+from stated_kernels.cuda_spec import CudaSpec, Schedule, fields_slots
 from stated_kernels.spec import (
     Algorithm,
     FieldSpec,
@@ -44,6 +47,7 @@ from stated_kernels.spec import (
     TensorInfo,
     non_negative,
     unit_interval,
+    weight_decay,
 )
 
 Rule = tuple[int, ...] | None
@@ -64,6 +68,7 @@ LAYER_MAP: dict[str, tuple[tuple[str, ...], Rule]] = {
     "norm": (("ln_", "norm", "layer_norm", "layernorm"), None),
 }
 RULE_MARK = "|compress_dims="
+MAX_RUNS = 8  # ST_MAX_RUNS in slimadam.cu
 
 
 def static_rule(name: str) -> Rule:
@@ -89,11 +94,14 @@ class SlimAdam(Algorithm):
     independent_segments = True  # elementwise; per-tensor state is only read
     hyperparameters = (
         HyperSpec("lr", None, check=non_negative),
-        HyperSpec("beta1", None, check=unit_interval),
-        HyperSpec("beta2", None, check=unit_interval),
+        HyperSpec("beta1", None, check=unit_interval, key="betas", index=0),
+        HyperSpec("beta2", None, check=unit_interval, key="betas", index=1),
         HyperSpec("eps", None, check=non_negative),
-        HyperSpec("weight_decay", None, check=non_negative),
+        weight_decay(None),
     )
+
+    cuda = CudaSpec("slimadam.cu", Schedule(("stated_slimadam_page",), prepass=("stated_slimadam_reduce",)),
+                    fields_slots("mu", "nu"), rounded_to_state=(1, 3, 4))
 
     def __init__(self, rules: Mapping[str, Sequence[int] | None] | None = None):
         self.rules = {k.removeprefix("_orig_mod."): (None if v is None else tuple(v)) for k, v in (rules or {}).items()}
@@ -159,6 +167,26 @@ class SlimAdam(Algorithm):
                 s.param.mul_(1 - lr * decay)
             s.param.add_(-(lr * ((mu / (1 - beta1**t)) / denom)))
 
+    # --- CUDA and planning ---------------------------------------------------------------------
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int, dtype: str) -> list[float]:
+        lr = float(hp.get("lr", 0.0))
+        wd = float(hp.get("weight_decay", 0.0)) if ndim >= 2 else 0.0  # 1-D tensors are never decayed
+        b1, b2, t = float(hp["beta1"]), float(hp["beta2"]), int(step)
+        return [b1, 1 - b1, b2, 1 - b2, hp["eps"], lr, 1 - lr * wd, wd, 1 - b1 ** t, 1 - b2 ** t]
+
+    def cuda_small(self, tensor: TensorInfo, kernel_state: torch.dtype, small: dict[str, Any]) -> SmallPlan:
+        if "nu" not in small:
+            return SmallPlan()
+        return checked(self.name, slim_plan(tuple(tensor.shape), tuple(small["_rule"]), kernel_state), tensor, small)
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        """mu, and nu averaged over the tensor's rule (by its name, as the daemon decides it)."""
+        rule = self.rule(TensorInfo(0, tuple(shape), torch.float32, 0, name))
+        n = math.prod(shape)
+        kept = n // math.prod(shape[d] for d in rule) if rule and n else n
+        return 4 * n + 4 * kept
+
     # --- state_dict ---------------------------------------------------------------------------
 
     def export_state(self, tensor: TensorInfo, small: dict[str, Any],
@@ -180,3 +208,43 @@ class SlimAdam(Algorithm):
                                  f"{tuple(small['nu'].shape)} (compress_dims {small['_rule']})")
             small["nu"].copy_(value)
         return super().import_state(tensor, small, entry, fields)
+
+
+# --- the CUDA kernels' view of the compressed second moment ---------------------------------------
+
+
+def _runs(shape: tuple[int, ...], rule: tuple[int, ...]) -> list[tuple[bool, int]]:
+    """The shape collapsed into runs of consecutive dims all in K or all out of it: (in K, size)."""
+    runs: list[tuple[bool, int]] = []
+    for d, size in enumerate(shape):
+        in_k = d in rule
+        if runs and runs[-1][0] == in_k:
+            runs[-1] = (in_k, runs[-1][1] * size)
+        else:
+            runs.append((in_k, size))
+    return runs
+
+
+def slim_plan(shape: tuple[int, ...], rule: tuple[int, ...], kernel_state: torch.dtype) -> SmallPlan:
+    """SlimAdam's compressed second moment: shape class 1 when the dims averaged away form one run,
+    class 2 (with the runs as int64 constants) otherwise."""
+    runs = _runs(shape, rule)
+    nu = math.prod(size for in_k, size in runs if not in_k)
+    kcount = math.prod(size for in_k, size in runs if in_k)
+    in_k = [i for i, (k, _) in enumerate(runs) if k]
+    if len(in_k) == 1:
+        r = in_k[0]
+        outer = math.prod(size for _, size in runs[:r])
+        inner = math.prod(size for _, size in runs[r + 1:])
+        return SmallPlan(1, kcount, inner, outer, (SmallSlot(0, "nu", kernel_state, nu),))
+    if len(runs) > MAX_RUNS:
+        raise ValueError(f"slimadam: compress_dims {rule} cut shape {shape} into {len(runs)} runs of dims; "
+                         f"the CUDA kernels take at most {MAX_RUNS}")
+    mask = sum(1 << i for i in in_k)
+    const = (len(runs), mask, *(size for _, size in runs))
+    return SmallPlan(2, kcount, 1, nu, (SmallSlot(0, "nu", kernel_state, nu),
+                                       SmallSlot(1, None, torch.int64, len(const), const)))
+
+
+# The specs this module registers (stated_kernels.MODULES).
+SPECS = (SlimAdam(),)

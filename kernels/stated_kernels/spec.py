@@ -7,7 +7,16 @@ An algorithm is described once, by an `Algorithm` object:
 - its state layout: elementwise fields that live in pages (`page_fields`) and small per-tensor state
   that stays resident (`init_small_state`);
 - its CPU update over a list of `Segment`s, each a slice of one tensor that lies in one page;
-- optional reductions over whole tensors before the page pass (`prepass`) and between passes.
+- optional reductions over whole tensors before the page pass (`prepass`) and between passes;
+- its CUDA kernels (`cuda`, a stated_kernels.cuda_spec.CudaSpec) with the per-step scalars, flags
+  and resident buffers they take (`cuda_scalars`, `cuda_flags`, `cuda_small`);
+- its state bytes per tensor for `stated plan` (`state_bytes`);
+- its state_dict entry (`export_state` / `import_state`, the reference's keys).
+
+How the rest reads it: the daemon's session and store call the layout and step methods, the CUDA
+runner the `cuda*` members, the planner `state_bytes`, and the client packs a param group into the
+wire's hyperparameters by `hyperparameters` (HyperSpec.key / index / none_as). A field's storage (fp32,
+8-bit blockwise) is a format of that field: stated_kernels.formats.
 
 Note [segments and pages]: a page is a slice of a session's flat parameter space, so one tensor can
 span several pages and one page can hold several tensors. The engine cuts every page into segments
@@ -32,9 +41,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from stated_kernels.cuda_small import SmallPlan
+    from stated_kernels.cuda_spec import CudaSpec
 
 HyperValue = float | bool
 Hyperparameters = dict[str, HyperValue]
@@ -58,13 +71,28 @@ class FieldSpec:
 
 @dataclasses.dataclass(frozen=True)
 class HyperSpec:
-    """One hyperparameter: its name on the wire, its default, and how to check a value."""
+    """One hyperparameter: its name on the wire, its default, how to check a value, and where the
+    client finds it in a torch-style param group."""
 
     name: str
     default: HyperValue | None
     is_flag: bool = False
     # Returns None when the value is fine, else a sentence naming what is wrong.
     check: Callable[[HyperValue], str | None] | None = None
+    # The param-group key ("" = name) and, for a tuple-valued key, the position (betas[0] is beta1).
+    key: str = ""
+    index: int | None = None
+    # What None in the param group is sent as (Adafactor's eps1=None is finfo(dtype).eps: -1).
+    none_as: float | None = None
+    # False: the client optimizer sets the value itself (Lion's init_lr), not a param-group key.
+    in_group: bool = True
+
+    @property
+    def group_key(self) -> str:
+        return self.key or self.name
+
+    def replace(self, **changes: Any) -> HyperSpec:
+        return dataclasses.replace(self, **changes)
 
     def validate(self, value: HyperValue, where: str) -> str | None:
         if self.is_flag:
@@ -78,6 +106,18 @@ class HyperSpec:
             if problem:
                 return f"{where}{self.name} {problem}"
         return None
+
+
+def changed(table: Sequence[HyperSpec], *, drop: Sequence[str] = (), **defaults: HyperValue) -> tuple[HyperSpec, ...]:
+    """A hyperparameter table derived from another (Adam's from AdamW's): the same checks, some
+    entries dropped, some defaults changed."""
+    return tuple(h.replace(default=defaults[h.name]) if h.name in defaults else h
+                 for h in table if h.name not in drop)
+
+
+def weight_decay(default: float | None) -> HyperSpec:
+    """The weight decay every algorithm takes: >= 0 (one definition, so that no table forgets the check)."""
+    return HyperSpec("weight_decay", default, check=non_negative)
 
 
 def non_negative(value: HyperValue) -> str | None:
@@ -143,6 +183,10 @@ class Algorithm:
     # reads and writes that slice's param, grad and fields alone, and per-tensor state only reads:
     # then slices of one page may run on different threads at once (Note [dynamic CPU scheduling]).
     independent_segments: bool = False
+    # The CUDA kernels (stated_kernels.cuda_spec.CudaSpec); None: the algorithm runs on the CPU only.
+    cuda: CudaSpec | None = None
+    # Whether `stated plan` gives the algorithm a column (Adam's state is AdamW's).
+    planned: bool = True
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -199,6 +243,34 @@ class Algorithm:
     def between_passes(self, tensor: TensorInfo, small: dict[str, Any], hp: Hyperparameters,
                        pass_index: int) -> None:
         """Per tensor, after page pass `pass_index` and before the next one."""
+
+    # --- CUDA (cuda/README.md lists what each kernel reads) ---------------------------------
+
+    def cuda_scalars(self, hp: Hyperparameters, step: float, *, numel: int, ndim: int,
+                     dtype: str) -> Sequence[float]:
+        """The leading entries of a tensor's hp row for one step, in float64 (cuda_tables rounds
+        them): `step` is the small "step" after this step's increment, `dtype` the tensor's dtype
+        name as the CPU module sees it."""
+        raise NotImplementedError(f"{self.name} has no CUDA kernels")
+
+    def cuda_flags(self, hp: Hyperparameters) -> int:
+        """The `flags` of a group's page launches (cuda_spec.MAXIMIZE, ...)."""
+        return 0
+
+    def cuda_small(self, tensor: TensorInfo, kernel_state: torch.dtype, small: dict[str, Any]) -> SmallPlan:
+        """The tensor's StTensor shape class and the resident buffers its kernels read
+        (stated_kernels.cuda_small); none unless the algorithm keeps per-tensor state."""
+        from stated_kernels.cuda_small import SmallPlan
+
+        return SmallPlan()
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def state_bytes(self, shape: tuple[int, ...], name: str = "") -> int:
+        """Bytes of fp32 state one tensor gets (`stated plan`): by default its page fields under
+        the default hyperparameters."""
+        info = TensorInfo(0, tuple(shape), torch.float32, 0, name)
+        return sum(f.nbytes(info.numel) for f in self.page_fields(info, self.defaults()))
 
     # --- state_dict ---------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 each page's segment tables, and the fill of fresh master weights (stated.backends.cuda_pages runs them).
 
 Imported only by stated.backends.cuda_pages, after CuPy is loaded. The tables are built on the host
-(stated_kernels.cuda_sources formats) and uploaded once, then kept while they repeat: a page's segment
+(stated_kernels.cuda_tables formats) and uploaded once, then kept while they repeat: a page's segment
 tables for the session's life, the tensor lists while the set of tensors with gradients stays the same;
 a step that masks part of a page uploads tables for that step only (`step_arrays`).
 """
@@ -17,7 +17,7 @@ import torch
 
 from stated.session import MASTER
 from stated_kernels import cuda_runner
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_tables as cs
 
 D2D = cp.cuda.runtime.memcpyDeviceToDevice
 
@@ -42,7 +42,7 @@ class LaunchTables:
         self.compute = compute  # the session's kernel stream: uploads are ordered before its launches
         self.arena_dtype: torch.dtype = session.dtype
         self.element_size = self.arena_dtype.itemsize
-        self.table = None  # the host tensor table (cuda_sources.TENSOR_DTYPE)
+        self.table = None  # the host tensor table (cuda_tables.TENSOR_DTYPE)
         self.page_launches: dict[int, list[_Launch]] = {}
         self._lists_key: tuple[int, ...] | None = None
         self.lists: dict[int, cuda_runner.TensorList] = {}

@@ -4,7 +4,7 @@ The planner needs shapes, not only a count: Adafactor and CAME keep state per ro
 keeps tensors below 4096 elements in fp32, and SlimAdam compresses the second moment by parameter name.
 So every way of naming a model -- a bare count, a Hugging Face config.json, a torch module -- becomes
 the same list of `Tensor`s, and each algorithm's state is a sum over that list. The per-tensor rules are
-those of /work/shared/ALGORITHMS.md (sections 1-7), with all state in fp32.
+each algorithm's own (`Algorithm.state_bytes` in stated_kernels), with all state in fp32.
 """
 
 from __future__ import annotations
@@ -16,29 +16,10 @@ import math
 import os
 import sys
 
-ALGORITHMS = ("adamw", "adamw8bit", "adafactor", "came", "lion", "slimadam", "sgd")
+from stated_kernels import ALGORITHMS as SPECS
 
-# AdamW8bit: bitsandbytes' min_8bit_size and block size (ALGORITHMS.md 3.2); one fp32 absmax per block
-# for each of m and v.
-MIN_8BIT_NUMEL = 4096
-BLOCK = 256
-
-# SlimAdam's static rules: low-memory-adam's layer_map.json (file order matters: the first layer type
-# with a substring in the name wins) and DEFAULT_COMPRESSION_RULES, i.e. the dims averaged away.
-_SLIM_LAYER_MAP = (
-    (("q_proj", "query", "q.weight"), (1,)),
-    (("k_proj", "key", "k.weight"), (1,)),
-    (("v_proj", "value", "v.weight"), (0,)),
-    (("o_proj", "output_proj", "out_proj", "attn.c_proj"), (0,)),
-    (("mlp_up", "c_fc", "fc1", "up_proj", "w1"), (0,)),
-    (("gate_proj", "mlp.gate", "w2"), (0,)),
-    (("mlp_proj", "mlp_down", "c_proj", "fc2", "down_proj", "w3"), (0,)),
-    (("wte", "embed", "embedding", "token_embedding"), (1,)),
-    (("wpe", "pos_embed", "position_embedding"), (1,)),
-    (("lm_head", "output_layer", "classifier"), (1,)),
-    (("conv1", "patch_embed", "first_conv"), (1,)),
-    (("ln_", "norm", "layer_norm", "layernorm"), None),
-)
+# The algorithms `stated plan` compares, in the registry's order (stated_kernels.MODULES).
+ALGORITHMS = tuple(name for name, spec in SPECS.items() if spec.planned)
 
 
 class ModelError(ValueError):
@@ -49,17 +30,6 @@ class ModelError(ValueError):
         self.flag = flag
 
 
-def slim_rule(name: str, ndim: int) -> tuple[int, ...] | None:
-    """SlimAdam's compressed dims for a parameter. 1-D tensors are never compressed (ALGORITHMS.md 7:
-    the reference crashes on them, stated leaves them whole)."""
-    if ndim < 2:
-        return None
-    for patterns, dims in _SLIM_LAYER_MAP:
-        if any(p in name for p in patterns):
-            return dims
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """`count` identical tensors (one per layer), so an 80-layer model is a dozen entries, not 800."""
@@ -68,7 +38,6 @@ class Tensor:
     shape: tuple[int, ...]
     count: int = 1
     trainable: bool = True
-    slim_dims: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -77,7 +46,7 @@ class Tensor:
 
 def tensor(name: str, shape: tuple[int, ...], count: int = 1, trainable: bool = True) -> Tensor:
     shape = tuple(int(d) for d in shape)
-    return Tensor(name, shape, count, trainable, slim_rule(name, len(shape)))
+    return Tensor(name, shape, count, trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,45 +65,32 @@ class Model:
 
 
 def state_bytes(algorithm: str, t: Tensor) -> int:
-    """Bytes of fp32 optimizer state one tensor (not `count` of them) gets from `algorithm`."""
-    n = t.numel
-    if len(t.shape) >= 2:
-        rows, cols = t.shape[-2], t.shape[-1]
-        factored = 4 * (n // (rows * cols) if rows * cols else 0) * (rows + cols)  # one R and C per leading index
-    else:
-        factored = 4 * n  # 1-D and 0-D: an unfactored second moment
-    if algorithm == "adamw":
-        return 8 * n
-    if algorithm == "adamw8bit":
-        return 2 * n + 8 * -(-n // BLOCK) if n >= MIN_8BIT_NUMEL else 8 * n
-    if algorithm == "adafactor":
-        return factored
-    if algorithm == "came":
-        # exp_avg, plus row/column statistics of the second moment and of the instability term.
-        return 4 * n + (2 * factored if len(t.shape) >= 2 else 4 * n)
-    if algorithm in ("lion", "sgd"):
-        return 4 * n
-    if algorithm == "slimadam":
-        kept = n // math.prod(t.shape[d] for d in t.slim_dims) if t.slim_dims and n else n
-        return 4 * n + 4 * kept
-    raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    """Bytes of fp32 optimizer state one tensor (not `count` of them) gets from `algorithm` (its spec's
+    `state_bytes`: the rules of each algorithm live with its kernels)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    return SPECS[algorithm].state_bytes(t.shape, t.name)
 
 
 def model_state_bytes(algorithm: str, model: Model) -> int:
     return sum(state_bytes(algorithm, t) * t.count for t in model.tensors if t.trainable)
 
 
+_RULED_MATRIX = "matrix|compress_dims=0"
+
+
 def from_count(params: int, hidden: int, source: str) -> Model:
     """A bare count as hidden x hidden weight matrices: what factored state costs depends on shape, and
     square matrices of the model's width are the usual case. Every matrix is assumed to carry a SlimAdam
-    rule (true of a transformer's linear layers and embeddings under the static rules)."""
+    rule (true of a transformer's linear layers and embeddings under the static rules): their name
+    carries it, as SlimAdam's client names a tensor whose rule it gives."""
     mats, rest = divmod(params, hidden * hidden)
     cols, tail = divmod(rest, hidden)
     tensors = []
     if mats:
-        tensors.append(Tensor("matrix", (hidden, hidden), mats, slim_dims=(0,)))
+        tensors.append(Tensor(_RULED_MATRIX, (hidden, hidden), mats))
     if cols:
-        tensors.append(Tensor("matrix", (hidden, cols), 1, slim_dims=(0,)))
+        tensors.append(Tensor(_RULED_MATRIX, (hidden, cols), 1))
     if tail:
         tensors.append(Tensor("vector", (tail,)))
     note = (f"shapes unknown: factored state (adafactor, came, slimadam) assumes {hidden} x {hidden} "

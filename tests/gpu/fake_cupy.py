@@ -199,13 +199,13 @@ class HostAlgorithm(cuda_runner.CudaAlgorithm):
 
     def page(self, stream, pass_index, segments_dev, nseg, tiles, tensors_dev, param_ptr, grad_ptr, page_ptr, flags):
         self.launches += 1
-        names = [name for name, _ in cuda_runner.cs.FIELD_SLOTS[self.source]]
+        names = [name for name, _ in self.cuda.slots]
         P, size = self.param_dtype, self.param_dtype.itemsize
         segments, arena_params, hp = [], [], None
         for row in segments_dev[:nseg]:
             index, length = int(row["tensor"]), int(row["length"])
             info, hp, small = self.rows[index]
-            multiplier = float(tensors_dev[index]["hp"][cuda_runner.cs.GRAD_SCALE])
+            multiplier = float(tensors_dev[index]["hp"][cuda_runner.ct.GRAD_SCALE])
             param = torch_view(param_ptr + int(row["param"]) * size, length, P)
             grad = torch_view(grad_ptr + int(row["grad"]) * size, length, P)
             if multiplier != 1.0:

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python's NVRTC bindings are not installed")
 
-from stated_kernels import cuda_build, cuda_sources  # noqa: E402
+from stated_kernels import cuda_build, cuda_sources, cuda_tables  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
 
@@ -25,7 +25,7 @@ def reports():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("algorithm", sorted(cuda_sources.KERNELS))
+@pytest.mark.parametrize("algorithm", sorted(cuda_sources.kernel_sets()))
 def test_source_compiles_with_every_instantiation(reports, arch, algorithm):
     report = next(s for s in reports[arch].sources if s.algorithm == algorithm)
     assert report.ok, f"{report.filename} for {arch}:\n{report.log}"
@@ -37,7 +37,8 @@ def test_source_compiles_with_every_instantiation(reports, arch, algorithm):
 
 
 def test_every_kernel_is_instantiated_for_every_dtype_pair():
-    for algorithm, (_, kernels) in cuda_sources.KERNELS.items():
+    for algorithm, spec in cuda_sources.kernel_sets().items():
+        kernels = spec.kernels
         names = cuda_sources.name_expressions(algorithm)
         pairs = cuda_sources.dtype_pairs(algorithm)
         assert len(names) == len(kernels) * len(pairs)
@@ -48,7 +49,8 @@ def test_every_kernel_is_instantiated_for_every_dtype_pair():
 def test_sources_inline_the_header_and_name_their_kernels():
     header = cuda_sources.header()
     assert "struct StSegment" in header and "struct StTensor" in header
-    for algorithm, (filename, kernels) in cuda_sources.KERNELS.items():
+    for algorithm, spec in cuda_sources.kernel_sets().items():
+        filename, kernels = spec.source, spec.kernels
         text = cuda_sources.source(algorithm)
         assert '#include "stated_common.cuh"' not in text
         assert "struct StSegment" in text
@@ -68,37 +70,37 @@ def test_kernel_name_spells_torch_dtypes():
 
 def test_table_layouts_match_the_header():
     header = cuda_sources.header()
-    assert cuda_sources.SEGMENT_DTYPE.itemsize == 128
-    assert cuda_sources.TENSOR_DTYPE.itemsize == 256
-    assert f"ST_TILE = {cuda_sources.TILE}" in header
-    assert f"ST_THREADS = {cuda_sources.THREADS}" in header
-    assert f"ST_MAX_FIELDS = {cuda_sources.MAX_FIELDS}" in header
-    assert f"ST_HP = {cuda_sources.N_HP}" in header
-    assert f"ST_SMALL = {cuda_sources.N_SMALL}" in header
+    assert cuda_tables.SEGMENT_DTYPE.itemsize == 128
+    assert cuda_tables.TENSOR_DTYPE.itemsize == 256
+    assert f"ST_TILE = {cuda_tables.TILE}" in header
+    assert f"ST_THREADS = {cuda_tables.THREADS}" in header
+    assert f"ST_MAX_FIELDS = {cuda_tables.MAX_FIELDS}" in header
+    assert f"ST_HP = {cuda_tables.N_HP}" in header
+    assert f"ST_SMALL = {cuda_tables.N_SMALL}" in header
     # Field order of the numpy dtypes is the member order of the structs.
     segment_members = re.search(r"struct StSegment \{(.*?)\};", header, re.S).group(1)
     names = re.findall(r"^\s*(?:long long|unsigned long long|float)\s+(\w+)", segment_members, re.M)
-    assert names == list(cuda_sources.SEGMENT_DTYPE.names)
+    assert names == list(cuda_tables.SEGMENT_DTYPE.names)
     tensor_members = re.search(r"struct StTensor \{(.*?)\};", header, re.S).group(1)
     names = re.findall(r"^\s*(?:long long|unsigned long long|float)\s+(\w+)", tensor_members, re.M)
-    assert names == list(cuda_sources.TENSOR_DTYPE.names)
+    assert names == list(cuda_tables.TENSOR_DTYPE.names)
 
 
 def test_segment_table_counts_tiles():
-    tile = cuda_sources.TILE
-    table = cuda_sources.segment_table([
+    tile = cuda_tables.TILE
+    table = cuda_tables.segment_table([
         {"param": 0, "grad": 0, "length": 1, "start": 0, "tensor": 0, "fields": [0, 64]},
         {"param": 64, "grad": 64, "length": tile, "start": 0, "tensor": 1, "fields": [128, None]},
         {"param": 9000, "grad": 9000, "length": 2 * tile + 1, "start": 5, "tensor": 2, "fields": []},
     ])
     assert table["tile0"].tolist() == [0, 1, 2]
-    assert cuda_sources.total_tiles(table) == 5
-    assert table["field"][1].tolist() == [128] + [-1] * (cuda_sources.MAX_FIELDS - 1)
-    assert table["field"][2].tolist() == [-1] * cuda_sources.MAX_FIELDS
+    assert cuda_tables.total_tiles(table) == 5
+    assert table["field"][1].tolist() == [128] + [-1] * (cuda_tables.MAX_FIELDS - 1)
+    assert table["field"][2].tolist() == [-1] * cuda_tables.MAX_FIELDS
     with pytest.raises(ValueError, match="length 0"):
-        cuda_sources.segment_table([{"param": 0, "grad": 0, "length": 0, "start": 0, "tensor": 0}])
-    assert cuda_sources.total_tiles(cuda_sources.segment_table([])) == 0
-    assert np.all(cuda_sources.tensor_table(3)["small"] == 0)
+        cuda_tables.segment_table([{"param": 0, "grad": 0, "length": 0, "start": 0, "tensor": 0}])
+    assert cuda_tables.total_tiles(cuda_tables.segment_table([])) == 0
+    assert np.all(cuda_tables.tensor_table(3)["small"] == 0)
 
 
 def test_header_builds_as_cplusplus11(reports):
@@ -114,15 +116,16 @@ def test_schedules_follow_the_cpu_modules():
     import stated_kernels
 
     for name, algorithm in stated_kernels.ALGORITHMS.items():
-        source = cuda_sources.resolve(name)
-        schedule = cuda_sources.SCHEDULES[source]
-        kernels = set(cuda_sources.KERNELS[source][1])
+        schedule = algorithm.cuda.schedule
+        kernels = set(algorithm.cuda.kernels)
         assert schedule.passes == algorithm.passes, name
         assert len(schedule.between) <= algorithm.passes - 1, name
         named = set(schedule.pages) | set(schedule.prepass) | {k for ks in schedule.between for k in ks}
         assert named == kernels, f"{name}: scheduled {sorted(named)}, defined {sorted(kernels)}"
-    every = {k for _, ks in cuda_sources.KERNELS.values() for k in ks}
-    assert cuda_sources.SINGLE_BLOCK <= every
+        assert algorithm.cuda.single_block <= kernels, name
+        # The kernels' source defines every scheduled kernel (checked by name in the text).
+        text = cuda_sources.source(name)
+        assert all(re.search(rf"\b{k}\(", text) for k in kernels), name
 
 
 def test_gradstats_is_templated_on_the_gradient_type_alone():

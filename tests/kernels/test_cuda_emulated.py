@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import test_cuda_parity as parity
-from stated_kernels import cuda_runner
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_launch
+from stated_kernels import cuda_tables as cs
 from support.imports import import_from
 
 Device = import_from("tests/gpu", "fake_cupy").Device  # the CUDA backend's CPU tests' stand-in device
@@ -291,11 +291,11 @@ def fake_cupy() -> types.ModuleType:
 
 @pytest.fixture
 def emulated(monkeypatch):
-    """cuda_runner with the emulation in place of CuPy (and its caches emptied around the test)."""
+    """cuda_runner with the emulation in place of CuPy (and the compile cache emptied around the test)."""
     cp = fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cp)
-    monkeypatch.setattr(cuda_runner, "_MODULES", {})
-    monkeypatch.setattr(cuda_runner, "_FUNCTIONS", {})
+    monkeypatch.setattr(cuda_launch, "_MODULES", {})
+    monkeypatch.setattr(cuda_launch, "_FUNCTIONS", {})
     return cp
 
 

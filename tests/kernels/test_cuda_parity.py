@@ -27,7 +27,7 @@ import stated_kernels
 from stated.layout import Page, cut_pages, place_tensors
 from stated.session import MASTER
 from stated_kernels import cuda_runner
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_tables as cs
 from stated_kernels.spec import Algorithm, FieldSpec, Segment, TensorInfo
 
 STEPS = 3

@@ -15,9 +15,11 @@ import torch
 import stated_kernels
 from stated.layout import cut_pages, place_tensors
 from stated.session import MASTER
-from stated_kernels import cuda_sources as cs
+from stated_kernels import cuda_spec
+from stated_kernels import cuda_tables as cs
 from stated_kernels.cuda_runner import CudaAlgorithm
-from stated_kernels.cuda_small import DeviceSmall, slim_plan
+from stated_kernels.cuda_small import DeviceSmall
+from stated_kernels.slimadam import slim_plan
 from stated_kernels.spec import TensorInfo
 
 TENSORS = [  # (name, shape): 0-D, 1-D, 2-D, 3-D and 4-D, quantized and not, every SlimAdam kind
@@ -65,7 +67,7 @@ def test_every_cpu_field_has_one_slot(name, hp, param, master):
     algorithm, hp, infos, fields, cuda = setup(name, hp, param, master)
     for info, place in zip(infos, fields):
         slots = cuda.field_slots(place)
-        assert len(slots) == len(cs.FIELD_SLOTS[cs.resolve(name)])
+        assert len(slots) == len(cuda.cuda.slots)
         assert sorted(s for s in slots if s is not None) == sorted(f.name for f in place), info.name
         if master:
             assert slots[-1] == "master"
@@ -190,11 +192,11 @@ def test_host_scalars_by_hand():
     hp = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "amsgrad": True,
           "maximize": True}
     row, flags = cs.host_scalars("adamw", hp, 3)
-    assert flags == cs.MAXIMIZE | cs.AMSGRAD | cs.DECOUPLED
+    assert flags == cuda_spec.MAXIMIZE | cuda_spec.AMSGRAD | cuda_spec.DECOUPLED
     assert list(row[:8]) == [f32(0.1), f32(0.999), f32(1 - 0.999), f32(1e-8), f32(0.01), f32(1 - 1e-5),
                              f32(-1e-3 / (1 - 0.9**3)), f32(math.sqrt(1 - 0.999**3))]
     assert row[cs.GRAD_SCALE] == 1.0
-    assert cs.host_scalars("adam", hp, 3)[1] == cs.MAXIMIZE | cs.AMSGRAD
+    assert cs.host_scalars("adam", hp, 3)[1] == cuda_spec.MAXIMIZE | cuda_spec.AMSGRAD
 
     lion = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1, "decoupled_weight_decay": True,
             "init_lr": 2e-3}
@@ -210,7 +212,7 @@ def test_host_scalars_by_hand():
     ada = {"lr": 1e-2, "beta2_decay": -0.8, "eps1": -1.0, "eps2": 1e-3, "d": 1.0, "weight_decay": 0.0,
            "maximize": True}
     row, flags = cs.host_scalars("adafactor", ada, 4, dtype=torch.bfloat16)
-    assert flags == cs.MAXIMIZE
+    assert flags == cuda_spec.MAXIMIZE
     assert row[0] == f32(4**-0.8) and row[1] == f32(2**-7) and row[2] == f32(2**-14)
     assert float(row[5]) + float(row[6]) == pytest.approx(min(1e-2, 0.5), rel=1e-14)
     assert float(row[7]) + float(row[8]) == pytest.approx(1e-3, rel=1e-14)

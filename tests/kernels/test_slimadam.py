@@ -150,3 +150,18 @@ def test_hyperparameters_are_required():
 def test_a_bad_rule_in_a_name_is_named():
     with pytest.raises(ValueError, match="comma-separated integers, got 'x'"):
         SlimAdam().rule(TensorInfo(0, (4, 4), torch.float32, 0, "w|compress_dims=x"))
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("transformer.h.0.attn.c_proj.weight", (0,)),  # attention_output comes before mlp_down's "c_proj"
+    ("transformer.h.0.mlp.c_proj.weight", (0,)),
+    ("transformer.h.0.attn.c_attn.weight", None),  # fused qkv matches no static rule
+    ("model.embed_tokens.weight", (1,)),
+    ("transformer.wpe.weight", (1,)),
+    ("lm_head.weight", (1,)),
+    ("model.layers.0.mlp.gate_proj.weight", (0,)),
+    ("model.layers.0.input_layernorm.weight", None),
+])
+def test_static_rules_by_layer_name(name, rule):
+    """The rules `stated plan` counts with (moved here with them from stated.tools.model_size)."""
+    assert SlimAdam().rule(TensorInfo(0, (4, 6), torch.float32, 0, name)) == rule

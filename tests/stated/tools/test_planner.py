@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from stated.tools import model_size, plan_command, planner
-from stated.tools.model_size import ModelError, Tensor, from_config, slim_rule, state_bytes, tensor
+from stated.tools.model_size import ModelError, Tensor, from_config, state_bytes, tensor
 from stated.tools.planner import GB, GiB, Footprint, plan
 
 HOST = 10**12  # an explicit host size, so that no test depends on this machine's RAM
@@ -75,20 +75,6 @@ def test_count_that_is_not_whole_matrices_keeps_every_parameter():
 ])
 def test_state_bytes_per_tensor(algorithm, shape, name, expected):
     assert state_bytes(algorithm, tensor(name, shape)) == expected
-
-
-@pytest.mark.parametrize("name, rule", [
-    ("transformer.h.0.attn.c_proj.weight", (0,)),  # attention_output comes before mlp_down's "c_proj"
-    ("transformer.h.0.mlp.c_proj.weight", (0,)),
-    ("transformer.h.0.attn.c_attn.weight", None),  # fused qkv matches no static rule
-    ("model.embed_tokens.weight", (1,)),
-    ("transformer.wpe.weight", (1,)),
-    ("lm_head.weight", (1,)),
-    ("model.layers.0.mlp.gate_proj.weight", (0,)),
-    ("model.layers.0.input_layernorm.weight", None),
-])
-def test_slimadam_static_rules(name, rule):
-    assert slim_rule(name, 2) == rule
 
 
 def test_unknown_algorithm_is_refused():
