@@ -134,6 +134,14 @@ def test_threads_and_coroutines_never_hold_it_together():
     assert most[0] == 1
 
 
+async def freed(lock: SessionLock, seconds: float = 10.0) -> bool:
+    """Whether the lock is free within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while lock.locked() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return not lock.locked()
+
+
 def test_a_cancelled_waiter_leaves_the_lock_free():
     async def body(executor):
         lock, release = SessionLock(), threading.Event()
@@ -150,10 +158,7 @@ def test_a_cancelled_waiter_leaves_the_lock_free():
         release.set()
         holder.join(10)
         # The cancelled coroutine's acquire completes in the executor, and is given back at once.
-        deadline = time.monotonic() + 10
-        while lock.locked() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert not lock.locked(), "a cancelled waiter left the lock held"
+        assert await freed(lock), "a cancelled waiter left the lock held"
 
         async with lock:  # a coroutine takes it...
             pass
@@ -166,6 +171,8 @@ def test_a_cancelled_waiter_leaves_the_lock_free():
         taker.start()
         await asyncio.get_running_loop().run_in_executor(None, taker.join, 10)
         assert not taker.is_alive()
-        assert not lock.locked()
+        # The executor's acquire for the cancelled waiter may land only now, on a loaded machine (it is
+        # given back as soon as it completes), so the lock is free within a bounded wait, not at once.
+        assert await freed(lock)
 
     run(body)
