@@ -20,6 +20,7 @@ class BenchDaemon:
     def __init__(self, *extra: str, tree: str | None = None):
         """`tree`: run the daemon from another checkout of the repository (a baseline), not this one."""
         env = dict(os.environ)
+        # `python -m` puts the working directory first on sys.path, so the baseline also runs in its tree.
         if tree is not None:
             tree = os.path.abspath(tree)
             env["PYTHONPATH"] = os.pathsep.join([tree, os.path.join(tree, "client"), os.path.join(tree, "kernels")])
@@ -29,7 +30,7 @@ class BenchDaemon:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "none",
              "--state-dir", os.path.join(self.directory, "state"), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=tree)
         deadline = time.monotonic() + 60
         while not os.path.exists(self.socket):
             if self.process.poll() is not None or time.monotonic() > deadline:
