@@ -92,6 +92,7 @@ class Engine:
             stall, faults = self._apply(session, groups, has_grad, active, host, cursor)
         except BaseException as exc:
             host.give_back_all()
+            session.pager.abort_pass()
             session.restore_step_counters(counters)
             session.inconsistent = Inconsistency.of(f"step {session.steps + 1}", session.steps + 1,
                                                     cursor.page, exc)
@@ -156,7 +157,7 @@ class Engine:
         except BaseException:
             if taken is not None:
                 in_flight.append((taken, None, taken))
-            _drain(session, in_flight, host)
+            _drain(session, in_flight)
             raise
         cursor.page = None  # the pass's write-backs: no one page in hand
         return stall + pager.end_pass()
@@ -197,11 +198,11 @@ def _retire(session: Session, in_flight: collections.deque, cursor: Cursor) -> N
         session.pager.done(page, dirty)
 
 
-def _drain(session: Session, in_flight: collections.deque, host: HostPages) -> None:
+def _drain(session: Session, in_flight: collections.deque) -> None:
     """After a failed page: waits for the pages still in flight, so that no kernel or copy goes on
-    writing into the session's memory after the step has reported its error, then gives every page
-    back to the pager and lets it drop what the pass had under way (the first error is the one
-    reported)."""
+    writing into the session's memory after the step has reported its error, then gives its pages
+    back to the pager (the first error is the one reported; Engine.step gives back what a backend
+    borrowed and lets the pager drop what the pass had under way)."""
     backend = session.backend
     taken = []
     while in_flight:
@@ -219,5 +220,3 @@ def _drain(session: Session, in_flight: collections.deque, host: HostPages) -> N
         pass
     for page in taken:
         session.pager.done(page, True)
-    host.give_back_all()
-    session.pager.abort_pass()
