@@ -44,10 +44,11 @@ class Inconsistency:
         return f"{self.what} failed{where} ({self.status}: {self.error})"
 
     def refusal(self, session, action: str, checkpoint_step: int | None = None) -> FailedPrecondition:
-        """The error that refuses `action` ("step 6", "state_dict") on the session."""
+        """The error that refuses `action` ("step 6", "state_dict()") on the session."""
         return FailedPrecondition(
             f"{action} refused: the state of job {session.job!r} rank {session.rank} (session {session.id}) is "
-            f"half-applied: {self.describe()}. {ways_back(self.step, checkpoint_step)}")
+            f"half-applied, so it takes no steps and is not exported: {self.describe()}. "
+            f"{ways_back(self.step, checkpoint_step)}")
 
 
 def ways_back(failed_step: int, checkpoint_step: int | None = None) -> str:

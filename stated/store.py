@@ -238,7 +238,7 @@ class Store:
     def begin_export(self, session: Session) -> None:
         """Before export_tensor calls: state held on a device comes back to the host tier. A half-applied
         state is not exported (Note [half-applied steps])."""
-        self._check_consistent(session, "state_dict")
+        self._check_consistent(session, "state_dict()")
         self.engine.flush(session)
 
     def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:

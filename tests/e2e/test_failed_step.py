@@ -1,15 +1,17 @@
 """A step that fails half-way, end to end (Note [half-applied steps] in stated.inconsistency): a real
 daemon paging through a real state file, one byte of it flipped on disk between steps.
 
-The failed step is DATA_LOSS naming the page; from then on the session is inconsistent: GetStats says so,
-a retry and state_dict() are refused with FAILED_PRECONDITION naming the step, the page and the way back,
-and nothing changes. After load_state_dict of a state_dict saved earlier (and the model's parameters put
-back) the steps go on, with no page slot lost, and match torch.optim.AdamW replayed from that state.
+The failed step is DATA_LOSS naming the page; from then on the session is inconsistent (GetStats and
+`stated status` say so), a retry and state_dict() are refused with FAILED_PRECONDITION naming the step,
+the page and the way back, and nothing changes. After load_state_dict of a state_dict saved earlier (and
+the model's parameters put back) the steps go on, with no page slot lost, and match torch.optim.AdamW
+replayed from that state.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import os
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 
 import stated
 from stated.paging.state_file import HEADER_BYTES, align_up, state_path
+from stated.tools.status import show_status
 from support.daemon import DaemonProcess
 
 from test_paging import PAGE, make_model, session_stats, train
@@ -47,6 +50,9 @@ def test_a_failed_step_is_refused_until_restored_and_then_matches_torch(tmp_path
         stats = session_stats(opt)
         assert stats.inconsistent and stats.failed_step == 4 and stats.steps == 3
         assert "step 4 failed at page 3" in stats.inconsistency
+        status = io.StringIO()
+        show_status(proc.address, status)
+        assert "  inconsistent: step 4 failed at page 3 (DATA_LOSS: " in status.getvalue()
 
         params = [p.detach().clone() for p in model.parameters()]
         for attempt in (lambda: train(model, opt, 1, seed=3), opt.state_dict):

@@ -27,6 +27,7 @@ from stated_kernels import ALGORITHMS
 PAGE = 64 << 10
 SHAPES = [(96, 128), (300,), (64, 256), (7,), (128, 96)]  # 8 pages of AdamW state
 HP = {"lr": 1e-2}
+SLIMADAM = {"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}  # required, no defaults
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ def test_every_algorithms_step_counters_stay_put_on_a_failed_step(algorithm):
     backend = FailingBackend()
     store = Store(backend, PAGE, paging=Paging(Metrics()))
     session = store.attach("counters", 0, algorithm, 1)
-    hp = {"lr": 1e-3, **({"beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1} if algorithm == "slimadam" else {})}
+    hp = {"lr": 1e-3, **(SLIMADAM if algorithm == "slimadam" else {})}
     try:
         store.register(session, [hp], [(shape, torch.float32, 0, f"layers.{i}.weight")
                                        for i, shape in enumerate(SHAPES)])
