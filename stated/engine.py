@@ -21,6 +21,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterable
 
+from stated.inconsistency import Inconsistency
 from stated.session import Binding, Session
 from stated_kernels.spec import Hyperparameters
 
@@ -61,44 +62,68 @@ class HostPages:
                 self.give_back(page, True)
 
 
+@dataclasses.dataclass
+class Cursor:
+    """Where a step is: the page in hand, for the error of a step that fails (None: no page is)."""
+
+    page: int | None = None
+
+
 class Engine:
     def step(self, session: Session, groups: list[Hyperparameters], has_grad: bytes,
              grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
         """Applies one step. The store has validated everything: `groups` are complete, `has_grad`
         has one byte per tensor, `grad_scale` and `max_grad_norm` are finite and >= 0 (0: unused).
-        A step whose gradients hold inf or nan changes nothing and is not counted."""
+        A step whose gradients hold inf or nan changes nothing and is not counted. A step that fails
+        once it began marks the session inconsistent (Note [half-applied steps] in
+        stated.inconsistency), with its step counters as they were before it, and raises its error."""
         start = time.perf_counter()
-        backend, pager = session.backend, session.pager
+        backend = session.backend
         host = HostPages(session)
         backend.lend_host_pages(session, host)
-        everyone = has_grad.count(0) == 0
         active = [t.info.index for t in session.tensors if has_grad[t.info.index]]
 
         check = backend.check_gradients(session, active, grad_scale, max_grad_norm)
         if check.found_inf:  # skipped: the call is counted, no tensor's state or step count changes
             session.steps += 1
             return StepResult(time.perf_counter() - start, 0.0, 0, 0, check.norm, True)
-        backend.begin_step(session, groups, active)
+        counters, cursor = session.step_counters().clone(), Cursor()
+        try:
+            stall, faults = self._apply(session, groups, has_grad, active, host, cursor)
+        except BaseException as exc:
+            host.give_back_all()
+            session.pager.abort_pass()
+            session.restore_step_counters(counters)
+            session.inconsistent = Inconsistency.of(f"step {session.steps + 1}", session.steps + 1,
+                                                    cursor.page, exc)
+            raise
+        session.steps += 1
+        seconds = time.perf_counter() - start
+        session.step_seconds += seconds
+        session.stall_seconds += stall
+        return StepResult(seconds, stall, faults, len(active), check.norm)
 
+    def _apply(self, session: Session, groups: list[Hyperparameters], has_grad: bytes, active: list[int],
+               host: HostPages, cursor: Cursor) -> tuple[float, int]:
+        """The step's changes, Note [step order]: returns the seconds stalled and the page faults."""
+        backend, pager = session.backend, session.pager
+        backend.begin_step(session, groups, active)
+        everyone = has_grad.count(0) == 0
         stall = 0.0
         faults_before = pager.faults
         mask = None if everyone else has_grad
         order = [e.page.index for e in session.table
                  if everyone or any(has_grad[s.tensor] for s in e.page.segments)]
         for pass_index in range(session.algorithm.passes):
-            stall += self._pass(session, order, groups, pass_index, mask, host)
+            stall += self._pass(session, order, groups, pass_index, mask, host, cursor)
             if pass_index + 1 < session.algorithm.passes:
                 backend.between_passes(session, groups, active, pass_index)
         backend.end_step(session)
-        session.steps += 1
-        seconds = time.perf_counter() - start
-        session.step_seconds += seconds
-        session.stall_seconds += stall
-        return StepResult(seconds, stall, pager.faults - faults_before, len(active), check.norm)
+        return stall, pager.faults - faults_before
 
     @staticmethod
     def _pass(session: Session, order: list[int], groups: list[Hyperparameters], pass_index: int,
-              mask: bytes | None, host: HostPages) -> float:
+              mask: bytes | None, host: HostPages, cursor: Cursor) -> float:
         """One pass over `order` with up to `backend.depth` pages in flight; returns the seconds stalled.
         Every page got from the pager is given back exactly once, after the backend retired it."""
         backend, pager, table, bind = session.backend, session.pager, session.table, session.bind
@@ -106,10 +131,11 @@ class Engine:
         needs_host = None if wanted is order else set(wanted)  # None: every page of the pass
         pager.begin_pass(wanted)
         stall = 0.0
-        in_flight: collections.deque = collections.deque()  # (page got from the pager or None, ticket)
+        in_flight: collections.deque = collections.deque()  # (page got from the pager or None, ticket, page)
         taken = None  # a page got from the pager and not yet in flight or given back
         try:
             for page in order:
+                cursor.page = page
                 bound = None
                 if needs_host is None or page in needs_host:
                     buffer, waited = pager.get(page)
@@ -122,17 +148,18 @@ class Engine:
                         taken = None
                         pager.done(page)
                     continue
-                in_flight.append((taken, ticket))
+                in_flight.append((taken, ticket, page))
                 taken = None
                 if len(in_flight) >= backend.depth:
-                    _retire(session, in_flight)
+                    _retire(session, in_flight, cursor)
             while in_flight:
-                _retire(session, in_flight)
+                _retire(session, in_flight, cursor)
         except BaseException:
             if taken is not None:
-                in_flight.append((taken, None))
-            _drain(session, in_flight, host)
+                in_flight.append((taken, None, taken))
+            _drain(session, in_flight)
             raise
+        cursor.page = None  # the pass's write-backs: no one page in hand
         return stall + pager.end_pass()
 
     @staticmethod
@@ -162,23 +189,24 @@ class Engine:
             session.pager.reset(entry.page.index)
 
 
-def _retire(session: Session, in_flight: collections.deque) -> None:
+def _retire(session: Session, in_flight: collections.deque, cursor: Cursor) -> None:
     """Retires the oldest page in flight and gives it back (it stays in flight if retiring fails)."""
-    page, ticket = in_flight[0]
+    page, ticket, cursor.page = in_flight[0]
     dirty = session.backend.retire(ticket)
     in_flight.popleft()
     if page is not None:
         session.pager.done(page, dirty)
 
 
-def _drain(session: Session, in_flight: collections.deque, host: HostPages) -> None:
+def _drain(session: Session, in_flight: collections.deque) -> None:
     """After a failed page: waits for the pages still in flight, so that no kernel or copy goes on
-    writing into the session's memory after the step has reported its error, then gives every page
-    back to the pager (the first error is the one reported)."""
+    writing into the session's memory after the step has reported its error, then gives its pages
+    back to the pager (the first error is the one reported; Engine.step gives back what a backend
+    borrowed and lets the pager drop what the pass had under way)."""
     backend = session.backend
     taken = []
     while in_flight:
-        page, ticket = in_flight.popleft()
+        page, ticket, _ = in_flight.popleft()
         try:
             if ticket is not None:
                 backend.retire(ticket)
@@ -192,4 +220,3 @@ def _drain(session: Session, in_flight: collections.deque, host: HostPages) -> N
         pass
     for page in taken:
         session.pager.done(page, True)
-    host.give_back_all()

@@ -18,6 +18,7 @@ import torch
 
 from stated import layout, shm
 from stated.errors import InvalidArgument
+from stated.inconsistency import Inconsistency
 from stated.layout import Page, TensorPlace
 from stated.paging.page_table import PageEntry, PageTable
 from stated.paging.pager import Pager
@@ -90,6 +91,8 @@ class Session:
         # For state_dict: the pages (and segment positions in them) that hold each tensor.
         self.tensor_pages: dict[int, list[tuple[int, int]]] = {}
         self.steps = 0
+        # Set when a step or an import failed half-way (Note [half-applied steps] in stated.inconsistency).
+        self.inconsistent: Inconsistency | None = None
         self._state_bytes = (-1, 0)
         self.step_seconds = 0.0
         self.stall_seconds = 0.0
@@ -241,6 +244,11 @@ class Session:
                 small["step"] = view
             self._step_counts, self._step_views = counts, views
         return self._step_counts
+
+    def restore_step_counters(self, saved: torch.Tensor) -> None:
+        """Puts every step counter back to `saved` (a copy of step_counters() taken before a step that
+        failed), also where an algorithm's begin_step replaced a small state's counter."""
+        self.step_counters().copy_(saved)
 
     def arena_param(self, segment: Segment) -> torch.Tensor:
         return self.param_views[segment.tensor.index][segment.start: segment.start + segment.length]

@@ -18,6 +18,7 @@ from stated import shm
 from stated.backends.base import Backend
 from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from stated.inconsistency import Inconsistency
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.session import MASTER, MASTER_KEY, Session
@@ -207,6 +208,7 @@ class Store:
 
     def step(self, session: Session, step: int, groups: list[Hyperparameters], has_grad: bytes,
              grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
+        self._check_consistent(session, f"step {step}")
         if not session.tensors:
             raise FailedPrecondition(f"session {session.id} has no registered tensors; call Register first")
         if step != session.steps + 1:
@@ -224,10 +226,19 @@ class Store:
                 raise InvalidArgument(f"{name} is {value}; it must be a finite number >= 0 (0 turns it off)")
         return self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
 
+    @staticmethod
+    def _check_consistent(session: Session, action: str) -> None:
+        """Refuses `action` on a session a failure left half-applied (Note [half-applied steps])."""
+        if session.inconsistent is not None:
+            # No durable checkpoints exist yet; once they do, their step is the other way back.
+            raise session.inconsistent.refusal(session, action, checkpoint_step=None)
+
     # --- state_dict -----------------------------------------------------------------------------
 
     def begin_export(self, session: Session) -> None:
-        """Before export_tensor calls: state held on a device comes back to the host tier."""
+        """Before export_tensor calls: state held on a device comes back to the host tier. A half-applied
+        state is not exported (Note [half-applied steps])."""
+        self._check_consistent(session, "state_dict()")
         self.engine.flush(session)
 
     def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
@@ -264,7 +275,8 @@ class Store:
     def import_state(self, session: Session, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[int, int]:
         """Loads state_dict entries all or nothing: every entry is checked before any state changes, then
         all state is reset (torch's load_state_dict replaces it whole) and the entries written.
-        Returns (tensors, bytes) loaded."""
+        Returns (tensors, bytes) loaded. It makes an inconsistent session consistent again; one that fails
+        after it began changing state leaves the session inconsistent (Note [half-applied steps])."""
         staged, seen = [], set()
         for index, entry in entries:
             if not 0 <= index < len(session.tensors):
@@ -291,14 +303,21 @@ class Store:
                                           f"expected {place.info.numel}")
                 flat[MASTER.name] = master.reshape(-1).to(torch.float32)
             staged.append((index, small, flat))
+        try:
+            nbytes = self._replace_state(session, staged)
+        except BaseException as exc:
+            session.inconsistent = Inconsistency.of("load_state_dict", session.steps + 1, None, exc)
+            raise
+        session.inconsistent = None
+        return len(staged), nbytes
+
+    def _replace_state(self, session: Session, staged: list[tuple[int, dict, dict[str, torch.Tensor]]]) -> int:
+        """Resets all state and writes the checked entries; returns the bytes written."""
         self.reset_state(session)
         for index, small, _flat in staged:
             session.small[index] = small
         session.bindings.clear()  # bound segments carry the small-state dicts just replaced
-        nbytes = 0
-        for index, _small, flat in staged:
-            nbytes += self._write_fields(session, index, flat)
-        return len(staged), nbytes
+        return sum(self._write_fields(session, index, flat) for index, _small, flat in staged)
 
     def _write_fields(self, session: Session, index: int, flat: dict[str, torch.Tensor]) -> int:
         place = session.tensors[index]

@@ -134,21 +134,11 @@ class DiskPager(Pager):
         self.faults += 1
         self.metrics.page_faults.labels("host").inc()
         self._prefetch(page, include=True)  # keep the reads ahead going before we wait for this one
-        waited = 0.0
-        if page in self._reading:
-            slot, future = self._reading.pop(page)
-            ready = future.done()
-            waited = self.mover.wait(page)
-            self.metrics.prefetch.labels("hit" if ready else "late").inc()
-        else:
-            start = time.perf_counter()
-            slot = self._take_slot(block=True)
-            with self._lock:
-                pending = self._page_writes.get(page)
-            if pending is not None:  # evicted a moment ago: its write must land before we read it back
-                cf.wait([pending])
-            self._fill(entry, slot)
-            waited = time.perf_counter() - start
+        try:
+            slot, waited = self._fault_in(entry)
+        except BaseException:
+            self._in_use.discard(page)  # never handed out: the engine gives back only what get returned
+            raise
         decision = self.policy.access(page)
         if decision.evict is not None:
             self._evict(decision.evict)
@@ -159,6 +149,33 @@ class DiskPager(Pager):
             entry.slot = slot
         self._prefetch(page)
         return self.pool.buffer(slot), waited
+
+    def _fault_in(self, entry: PageEntry) -> tuple[int, float]:
+        """The slot that holds the faulted page now, and the seconds waited. A read that fails gives its
+        slot back (a page that fails its checksum or a read error must not cost a slot for good)."""
+        page = entry.page.index
+        if page in self._reading:
+            slot, future = self._reading.pop(page)
+            ready = future.done()
+            try:
+                waited = self.mover.wait(page)
+            except BaseException:
+                self._release(slot)
+                raise
+            self.metrics.prefetch.labels("hit" if ready else "late").inc()
+            return slot, waited
+        start = time.perf_counter()
+        slot = self._take_slot(block=True)
+        try:
+            with self._lock:
+                pending = self._page_writes.get(page)
+            if pending is not None:  # evicted a moment ago: its write must land before we read it back
+                cf.wait([pending])
+            self._fill(entry, slot)
+        except BaseException:
+            self._release(slot)
+            raise
+        return slot, time.perf_counter() - start
 
     def done(self, page: int, dirty: bool = True) -> None:
         self._in_use.discard(page)
@@ -177,9 +194,24 @@ class DiskPager(Pager):
         self._order = None
         return self.mover.drain()
 
+    def abort_pass(self) -> None:
+        """Drops the failed pass's reads ahead and waits for its writes, whose errors are logged: the
+        step reports its own error, and the session is inconsistent (stated.inconsistency) until its
+        state is replaced."""
+        self._order = None
+        for page in list(self._reading):
+            self._drop_read(page)
+        try:
+            self.mover.drain()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("job %s rank %d: a write-back of the failed step failed too: %s",
+                        self.session.job, self.session.rank, exc)
+
     def reset(self, page: int) -> None:
         """Fresh (zero) state, as before the first step: dropped from memory and forgotten on disk."""
         entry = self.session.table[page]
+        if page in self._reading:  # a read ahead of the old state must not fill the page later
+            self._drop_read(page)
         if page in self.policy:
             self.policy.remove(page)
             self._release(entry.slot)

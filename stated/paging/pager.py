@@ -3,7 +3,7 @@
 Per pass the engine calls `begin_pass(order)` with the pages the pass needs in the host tier, then for
 each page `get(page)` (its host buffer and the seconds waited for it), hands the page to the backend
 bound to that buffer, and `done(page, dirty)` once the backend has retired it; `end_pass()` when the
-pass is over. Between steps it visits pages the same way for state_dict export and import, and calls
+pass is over, or `abort_pass()` when it failed. Between steps it visits pages the same way for state_dict export and import, and calls
 `reset(page)` to zero them. Backends and the store never call a pager: they see bound pages only.
 
 Two implementations: `ResidentPager` (every page in host memory) and `DiskPager` (a host budget, the
@@ -44,6 +44,10 @@ class Pager(abc.ABC):
     @abc.abstractmethod
     def end_pass(self) -> float:
         """The pass is over: waits for its transfers and returns the seconds waited."""
+
+    def abort_pass(self) -> None:
+        """The pass failed (every page got was given back with `done`): drop what it had under way, so
+        that no slot stays taken and nothing read for it is used later. Never raises."""
 
     @abc.abstractmethod
     def reset(self, page: int) -> None:

@@ -22,7 +22,8 @@ Every write returns the checksum (64-bit XXH3) of the page's `page_bytes` bytes;
 PageCorruptError (gRPC DATA_LOSS) on a mismatch. The checksums are metadata: the page table holds
 them and checkpoints write them to manifests. A StateFile also remembers the ones written through it,
 so `read` can verify without being told. A write that fails leaves the remembered checksum at the
-previous value, so a torn page is reported when it is read rather than returned.
+previous value, so a torn page is reported when it is read rather than returned. A transfer the device
+fails (EIO and the like) raises PageIOError, also DATA_LOSS, naming the page and the file.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ class PageCorruptError(DataLoss):
         self.job, self.page, self.path, self.expected, self.found = job, page, path, expected, found
         super().__init__(f"page {page} of job {job!r} is corrupt in {path}: "
                          f"checksum {found:#010x}, expected {expected:#010x}")
+
+
+class PageIOError(DataLoss):
+    """The state file's device failed a page's transfer (EIO and the like): the page cannot be had."""
+
+    def __init__(self, job: str, page: int, path: str, write: bool, error: OSError):
+        self.job, self.page, self.path, self.error = job, page, path, error
+        super().__init__(f"{'writing' if write else 'reading'} page {page} of job {job!r} "
+                         f"{'to' if write else 'from'} {path} failed: {error.strerror or error}")
 
 
 class DiskSpaceError(ResourceExhausted):
@@ -243,7 +253,7 @@ class StateFile:
         arr = _as_array(buffer, writable=False)
         self._check(page, arr)
         checksum = checksum_of(arr[: self.page_bytes])
-        self._transfer(page, arr, write=True)
+        self._transfer_page(page, arr, write=True)
         self.checksums[page] = checksum
         return checksum
 
@@ -255,7 +265,7 @@ class StateFile:
         expected = self.checksums[page] if checksum is None else checksum
         if expected is None:
             raise ValueError(f"page {page} of job {self.job!r} was never written: no checksum to verify")
-        self._transfer(page, arr, write=False)
+        self._transfer_page(page, arr, write=False)
         found = checksum_of(arr[: self.page_bytes])
         if found != expected:
             raise PageCorruptError(self.job, page, self.path, expected, found)
@@ -295,6 +305,13 @@ class StateFile:
             _warn_buffered(self.directory, e)
             self.direct = False
         return os.open(self.path, flags)
+
+    def _transfer_page(self, page: int, arr: np.ndarray, write: bool) -> None:
+        """`_transfer`, with a device's failure reported as the page's (PageIOError, DATA_LOSS)."""
+        try:
+            self._transfer(page, arr, write)
+        except OSError as e:
+            raise PageIOError(self.job, page, self.path, write, e) from e
 
     def _transfer(self, page: int, arr: np.ndarray, write: bool) -> None:
         """Moves one slot between `arr` and the file, through the bounce buffer when `arr` is unaligned."""

@@ -276,7 +276,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 state_bytes_per_parameter=s.state_bytes / params if params else 0.0, pages=len(s.table),
                 resident_capacity=s.pager.resident_pages, page_faults=s.pager.faults,
                 bytes_read=s.pager.bytes_read, bytes_written=s.pager.bytes_written,
-                stall_seconds=s.stall_seconds, step_seconds=s.step_seconds))
+                stall_seconds=s.stall_seconds, step_seconds=s.step_seconds, **_inconsistency(s)))
         return pb.GetStatsResponse(
             daemon_version=__version__, sessions=sessions,
             state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
@@ -288,6 +288,14 @@ class StateServicer(pb_grpc.StateServiceServicer):
             event.set()
         self.store.close_all()
         self.pool.shutdown(wait=True)
+
+
+def _inconsistency(session: Session) -> dict:
+    """SessionStats' fields for a session a failure left half-applied (stated.inconsistency)."""
+    failed = session.inconsistent
+    if failed is None:
+        return {}
+    return {"inconsistent": True, "failed_step": failed.step, "inconsistency": failed.describe()}
 
 
 class Assembler:

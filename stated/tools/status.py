@@ -28,6 +28,8 @@ def render(stats: pb.GetStatsResponse, target: str) -> str:
         for s in sorted(stats.sessions, key=lambda s: (s.job, s.rank)):
             lines.append(f"{s.job[:24]:24s} {s.rank:4d} {s.algorithm:10s} {s.pid:7d} {s.parameters:14,d} "
                          f"{format_bytes(s.state_bytes):>12s} {s.state_bytes_per_parameter:8.3f} {s.steps:8d}")
+            if s.inconsistent:  # steps are refused until the state is restored (stated.inconsistency)
+                lines.append(f"  inconsistent: {s.inconsistency}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers, cut, piece_sizes
+from stated.errors import FailedPrecondition
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.store import Store
@@ -134,6 +135,11 @@ def test_an_error_in_a_piece_reaches_the_step_and_the_threads_go_on(workers, mon
             store.step(session, 1, [hp], b"\x01")
         assert all(name.startswith("stated-cpu-") for name in ran)  # the pieces ran on the workers
         failing = False
+        # The failed step left the session inconsistent (Note [half-applied steps]): the retry is refused
+        # until the state is replaced; then the same step number runs, on the same threads.
+        with pytest.raises(FailedPrecondition, match="step 1 failed"):
+            store.step(session, 1, [hp], b"\x01")
+        store.import_state(session, [])
         before = session.param_views[0].clone()
         store.step(session, 1, [hp], b"\x01")  # the failed step was not counted
         assert torch.equal(session.param_views[0], before - 0.1)
