@@ -3,8 +3,9 @@
 Note [liveness]: the optimizer holds a Watch stream open for its session's life (stated.server.servicer),
 and asks the daemon for a keepalive on it every `timeout / 4` seconds (at most 5 s). A thread reads the
 stream and records the time of every message; every reply to a call counts as a sign of life too. The
-daemon sends keepalives from its event loop, which a step never occupies (steps run on step channel
-threads or the step pool, page transfers on the pager's threads), so a long paged step is not silence.
+daemon sends keepalives from its event loop, which no long step occupies (steps run on step channel
+threads or the step pool, page transfers on the pager's threads; only a small session's gRPC step runs on
+the loop, for milliseconds), so a long paged step is not silence.
 
 A daemon that shows no sign of life for `STATED_TIMEOUT` seconds is given up on: a monitor thread wakes
 every slice (a quarter of the timeout, at most 1 s) and cuts the calls in flight (a gRPC call is
