@@ -26,3 +26,23 @@ def daemon(tmp_path_factory):
 @pytest.fixture
 def address(daemon):
     return daemon.address
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """Starts extra daemons for one test, each in its own directory; stops whatever is left at the end."""
+    started: list[DaemonProcess] = []
+
+    def start(name: str, *extra: str, socket: str | None = None) -> DaemonProcess:
+        (tmp_path / name).mkdir()
+        proc = DaemonProcess(tmp_path / name, *extra)
+        if socket is not None:
+            proc.socket = socket
+        started.append(proc)
+        proc.start()
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process is not None and proc.process.poll() is None:
+            proc.stop()

@@ -1,19 +1,24 @@
 """A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded fallback.
 
-Every call the client makes goes through Connection, so no raw grpc.RpcError reaches a user."""
+Every call the client makes goes through Connection, so no raw grpc.RpcError reaches a user, and none
+blocks forever on a daemon that stopped answering: before a session's Watch a call's deadline is
+STATED_TIMEOUT, after it the daemon's signs of life bound it (stated_client.liveness)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client import embedded
 from stated_client.address import resolve
-from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, InternalError, from_rpc_error
+from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
+from stated_client.liveness import Liveness, keepalive_seconds, timeout_from_env
 from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME
 
 log = logging.getLogger("stated.client")
@@ -40,43 +45,75 @@ class Connection:
         self.channel = grpc.insecure_channel(target, options=MESSAGE_OPTIONS)
         self.stub = pb_grpc.StateServiceStub(self.channel)
         self.closed = False
+        self.timeout = timeout_from_env()
+        # The daemon's signs of life, from the session's Watch on (Note [liveness]); before that (Attach)
+        # a call's deadline is the timeout.
+        self.liveness: Liveness | None = None
 
     def check_open(self) -> None:
         # grpc would raise a bare ValueError("Cannot invoke RPC on closed channel!").
         if self.closed:
             raise FailedPreconditionError(f"the optimizer was closed (detached from the stated daemon at "
                                           f"{self.target}); create a new optimizer to go on")
+        if self.liveness is not None:
+            self.liveness.check()
 
     def call(self, method: str, request, timeout: float | None = None):
+        """A unary (or client-streaming) call; with a session, for as long as the daemon shows signs of life."""
         self.check_open()
-        try:
-            return getattr(self.stub, method)(request, timeout=timeout)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, self.target) from None
+        if self.liveness is None:
+            try:
+                return getattr(self.stub, method)(request, timeout=timeout or self.timeout)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error, self.target) from None
+        future = getattr(self.stub, method).future(request, timeout=timeout)
+        with self._guard(future):
+            return future.result()
 
     def stream(self, method: str, request):
         """Iterates a server-streaming call, translating errors."""
         self.check_open()
+        call = getattr(self.stub, method)(request)
+        if self.liveness is None:
+            try:
+                yield from call
+            except grpc.RpcError as error:
+                raise from_rpc_error(error, self.target) from None
+            return
+        with self._guard(call):
+            yield from call
+
+    @contextmanager
+    def _guard(self, call):
+        """Runs a call that the liveness monitor cancels if the daemon falls silent; raises StatedError."""
+        liveness = self.liveness
         try:
-            yield from getattr(self.stub, method)(request)
+            with liveness.watching(call.cancel):
+                yield
         except grpc.RpcError as error:
-            raise from_rpc_error(error, self.target) from None
+            raise liveness.explain(from_rpc_error(error, self.target), error.details() or error.code().name) from None
+        except grpc.FutureCancelledError:
+            raise liveness.explain(DaemonUnavailableError("cancelled"), "cancelled") from None
+        liveness.alive()
 
     def hold(self, method: str, request):
-        """Starts a server-streaming call that stays open (Watch) and reads its first reply; returns the
-        call, whose cancel() ends it. A refusal raises StatedError and leaves no call open."""
+        """Starts a server-streaming call that stays open (Watch), read from now on as the daemon's sign of
+        life (Note [liveness]); returns once its first reply came, with the Liveness, whose cancel() ends
+        it. A refusal raises StatedError and leaves no call open."""
         self.check_open()
-        call = getattr(self.stub, method)(request)
-        try:
-            next(call)
-        except grpc.RpcError as error:
-            raise from_rpc_error(error, self.target) from None
-        except StopIteration:
-            raise InternalError(f"the stated daemon at {self.target} ended {method} before its first reply") from None
-        return call
+        liveness = Liveness(self.target, self.timeout)
+        liveness.follow(getattr(self.stub, method)(request))
+        self.liveness = liveness
+        return liveness
+
+    def watch(self, session: pb.SessionRef) -> Liveness:
+        """Holds the session's Watch stream open, with keepalives (Note [liveness])."""
+        return self.hold("Watch", pb.WatchRequest(session=session, keepalive_seconds=keepalive_seconds(self.timeout)))
 
     def close(self) -> None:
         self.closed = True
+        if self.liveness is not None:
+            self.liveness.cancel()
         self.channel.close()
 
 

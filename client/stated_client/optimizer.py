@@ -100,12 +100,13 @@ class StatedOptimizer(torch.optim.Optimizer):
                                                                  master_weights=self._master_weights))
         self._session = reply.session
         try:
-            # Held open for the session's life: if this process dies the daemon sees the stream break.
-            self._watch = self._connection.hold("Watch", pb.WatchRequest(session=self._session))
+            # Held open for the session's life: if this process dies the daemon sees the stream break, and
+            # its keepalives tell this process that the daemon lives (stated_client.liveness).
+            self._watch = self._connection.watch(self._session)
         except BaseException:
             _close_session(self._connection, self._session)  # a refused Watch leaves nothing attached
             raise
-        self._step_line = StepLine.open(reply.step_socket, self._session)
+        self._step_line = StepLine.open(reply.step_socket, self._session, self._watch)
         self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch,
                                            self._step_line)
         self._params: list[torch.Tensor] = []

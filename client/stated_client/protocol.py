@@ -23,6 +23,8 @@ import struct
 
 SERVICE_NAME = "stated.v1.StateService"
 MAX_MESSAGE_BYTES = 8 << 20
+# What a daemon that shuts down tells its sessions (UNAVAILABLE): their clients then say it stopped.
+SHUTTING_DOWN = "the stated daemon is shutting down"
 # Options for grpc.insecure_channel and grpc.aio.server alike.
 MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))

@@ -14,6 +14,7 @@ import socket
 
 from stated.v1 import state_service_pb2 as pb
 from stated_client.errors import DaemonUnavailableError, StatedError, from_status
+from stated_client.liveness import Liveness
 from stated_client.protocol import ERROR, HEADER, MESSAGE, frame, parse_error
 
 log = logging.getLogger("stated_client")
@@ -21,34 +22,50 @@ ENV_STEP_CHANNEL = "STATED_STEP_CHANNEL"
 
 
 class StepLine:
-    def __init__(self, path: str, session: pb.SessionRef):
+    def __init__(self, path: str, session: pb.SessionRef, liveness: Liveness):
         self.path = path
+        self.liveness = liveness
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self.sock.connect(path)
-            self.sock.sendall(frame(MESSAGE, session.SerializeToString()))
-            self._receive()
+            with liveness.watching(self._cut):
+                self.sock.connect(path)
+                self.sock.sendall(frame(MESSAGE, session.SerializeToString()))
+                self._receive()
         except BaseException:
             self.sock.close()
             raise
 
     @classmethod
-    def open(cls, path: str, session: pb.SessionRef) -> StepLine | None:
+    def open(cls, path: str, session: pb.SessionRef, liveness: Liveness) -> StepLine | None:
         """The channel, or None (steps then go over gRPC) when it is off or cannot be reached."""
         if not path or os.environ.get(ENV_STEP_CHANNEL, "1") == "0":
             return None
         try:
-            return cls(path, session)
+            return cls(path, session, liveness)
         except (OSError, StatedError) as exc:
             log.info("stated: the step channel at %s is not usable (%s); steps go over gRPC", path, exc)
             return None
 
     def step(self, request: pb.StepRequest) -> pb.StepResponse:
+        """One step; a daemon that goes away or falls silent meanwhile raises DaemonUnavailableError
+        (Note [liveness]: the blocking socket is shut down from the monitor thread)."""
+        self.liveness.check()
         try:
-            self.sock.sendall(frame(MESSAGE, request.SerializeToString()))
-            return pb.StepResponse.FromString(self._receive())
+            with self.liveness.watching(self._cut):
+                self.sock.sendall(frame(MESSAGE, request.SerializeToString()))
+                reply = pb.StepResponse.FromString(self._receive())
+        except StatedError as error:  # before OSError: DaemonUnavailableError is a ConnectionError
+            raise self.liveness.explain(error, str(error)) from None
         except OSError as exc:
-            raise DaemonUnavailableError(f"the stated daemon's step channel at {self.path} broke: {exc}") from None
+            raise self.liveness.explain(DaemonUnavailableError(str(exc)), f"its step channel broke: {exc}") from None
+        self.liveness.alive()
+        return reply
+
+    def _cut(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # recv and send return at once
+        except OSError:
+            pass  # already closed
 
     def _receive(self) -> bytes:
         length, kind = HEADER.unpack(self._exactly(HEADER.size))

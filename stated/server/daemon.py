@@ -1,8 +1,8 @@
 """`stated serve`: the daemon process. grpc.aio on uvloop, on a unix socket, plus a metrics endpoint.
 
 Start-up sweeps shared memory left by crashed daemons and refuses to take over a socket that another
-live daemon answers on. SIGTERM and SIGINT shut down cleanly: sessions detached, every shared-memory
-segment and the socket removed.
+live daemon answers on. SIGTERM and SIGINT shut down cleanly: sessions detached (their clients told
+UNAVAILABLE, "the stated daemon is shutting down"), every shared-memory segment and the socket removed.
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ class Daemon:
             await self.stopping.wait()
         finally:
             log.info("shutting down: detaching %d sessions", len(self.store.sessions))
+            # Session calls are refused as UNAVAILABLE from here, and detaching ends the Watch streams with it:
+            # clients learn that the daemon stopped, not that their session never existed.
+            self.servicer.stopping = True
             if watchdog:
                 watchdog.cancel()
             await health_servicer.enter_graceful_shutdown()

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from stated import __version__
-from stated.errors import InvalidArgument, NotFound
+from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
 from stated.server.session_lock import SessionLock
 from stated.server.status_codes import GRPC_CODES, refusal
@@ -28,6 +28,7 @@ from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_kernels import ALGORITHMS
+from stated_client.protocol import SHUTTING_DOWN
 from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
 
 log = logging.getLogger("stated.server.servicer")
@@ -39,6 +40,25 @@ DTYPES = {code: dtype for code, dtype in TORCH_DTYPES.items() if dtype != torch.
 # (about half a millisecond on two cores) than the step itself, and they block other sessions only briefly.
 INLINE_STEP_PARAMETERS = 1 << 21
 MAX_CHUNK_BYTES = 3 << 20  # below gRPC's 4 MiB message limit
+# The keepalive intervals a Watch may ask for (WatchRequest.keepalive_seconds).
+KEEPALIVE_SECONDS = (0.05, 60.0)
+
+
+def keepalive_interval(asked: float) -> float | None:
+    """Seconds between a Watch stream's keepalives: what the client asked, within KEEPALIVE_SECONDS; None
+    (no keepalives) when it asked for none."""
+    if not asked > 0:
+        return None
+    return min(max(asked, KEEPALIVE_SECONDS[0]), KEEPALIVE_SECONDS[1])
+
+
+async def _is_set_within(event: asyncio.Event, seconds: float | None) -> bool:
+    """Whether `event` is set within `seconds` (None: waits until it is)."""
+    try:
+        await asyncio.wait_for(event.wait(), seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
@@ -71,12 +91,21 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.closed: dict[str, asyncio.Event] = {}
         # The step channel's socket (stated.server.step_channel), told to clients at Attach; "" when none.
         self.step_socket = ""
+        # Set when the daemon starts to shut down (stated.server.daemon), before any session is detached.
+        self.stopping = False
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     def _session(self, ref: pb.SessionRef) -> Session:
+        self._check_serving()
         return self.store.get(ref.id, ref.token)
+
+    def _check_serving(self) -> None:
+        # From the start of shutdown every session call is refused as UNAVAILABLE: the sessions are being
+        # detached, and NOT_FOUND would tell their clients that they never existed.
+        if self.stopping:
+            raise Unavailable(SHUTTING_DOWN)
 
     def _update_gauges(self) -> None:
         # A snapshot: step channel threads call this while the event loop attaches and detaches.
@@ -100,6 +129,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
 
     @rpc
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
+        self._check_serving()
         session = self.store.attach(request.job, request.rank, request.algorithm, request.pid,
                                     request.master_weights)
         self.locks[session.id] = SessionLock()
@@ -133,15 +163,21 @@ class StateServicer(pb_grpc.StateServiceServicer):
 
     @rpc
     async def Watch(self, request: pb.WatchRequest, context):
+        """Open for the session's life, with keepalives when asked (Note [liveness] in
+        stated_client.liveness); ends when the session is detached, with UNAVAILABLE when the daemon stops."""
         session = self._session(request.session)
         closed = self.closed[session.id]
+        interval = keepalive_interval(request.keepalive_seconds)
         await context.write(pb.WatchResponse(attached=True))
         try:
-            await closed.wait()
+            while not await _is_set_within(closed, interval):
+                await context.write(pb.WatchResponse(keepalive=True))
         finally:
             if session.id in self.store.sessions and not closed.is_set():
                 # The stream broke while the session was live: its client is gone.
                 await asyncio.shield(self.detach(session, "client died"))
+        if self.stopping:
+            raise Unavailable(SHUTTING_DOWN)
 
     # --- registration and steps ------------------------------------------------------------------
 
@@ -198,14 +234,17 @@ class StateServicer(pb_grpc.StateServiceServicer):
             return self._step_locked(session, request, groups)
 
     def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
+        self._check_serving()
         session = self.store.get(session_id, token)
         lock = self.locks.get(session.id)
         if lock is None:
+            self._check_serving()
             raise NotFound(f"session {session.id} is detaching")
         return session, lock, [hyperparameters(g) for g in request.groups]
 
     def _check_attached(self, session: Session) -> None:
         if session.id not in self.store.sessions:
+            self._check_serving()
             raise NotFound(f"session {session.id} was detached while its step waited")
 
     def _step_locked(self, session: Session, request: pb.StepRequest, groups: list[dict]) -> pb.StepResponse:

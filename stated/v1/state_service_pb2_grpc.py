@@ -130,7 +130,8 @@ class StateServiceServicer(object):
 
     def Watch(self, request, context):
         """Held open by the client for the session's lifetime: when the client dies the stream breaks and
-        the daemon detaches the session within seconds.
+        the daemon detaches the session within seconds. The other way round it is the client's sign that
+        the daemon lives (keepalives), and a daemon that shuts down ends it with UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,26 +35,6 @@ def unique(tag: str) -> str:
     return f"{tag}-{uuid.uuid4().hex[:6]}"
 
 
-@pytest.fixture
-def spawn(tmp_path):
-    """Starts extra daemons for one test, each in its own directory; stops whatever is left at the end."""
-    started: list[DaemonProcess] = []
-
-    def start(name: str, *extra: str, socket: str | None = None) -> DaemonProcess:
-        (tmp_path / name).mkdir()
-        proc = DaemonProcess(tmp_path / name, *extra)
-        if socket is not None:
-            proc.socket = socket
-        started.append(proc)
-        proc.start()
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.process is not None and proc.process.poll() is None:
-            proc.stop()
-
-
 def attach_and_register(proc: DaemonProcess, job: str | None = None) -> pb.SessionRef:
     """A raw session with two tensors registered (so it owns a param and a grad arena)."""
     channel, stub = proc.stub()
