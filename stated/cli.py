@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from stated.durations import DEFAULT_RETAIN_SECONDS, parse_duration
 from stated.sizes import parse_size
 from stated_client.address import ENV_ADDRESS, default_socket
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_demo(sub)
     _add_status(sub)
+    _add_jobs(sub)
     from stated.tools import plan_command
 
     plan_command.add_parser(sub)
@@ -38,7 +40,8 @@ def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="run the daemon", description=(
         "Run the stated daemon: it holds optimizer state for every trainer on this node and applies their "
         "steps. Trainers reach it through stated.AdamW(...) and friends. Stop it with SIGTERM or Ctrl-C: "
-        "sessions are detached and every shared-memory segment and the socket are removed."))
+        "sessions are checkpointed (see --shutdown-timeout), shared memory and the socket are removed, and the "
+        "checkpoints stay under --state-dir for the next daemon, which recovers them."))
     serve.add_argument("--socket", default=None, metavar="PATH",
                        help=f"unix socket to listen on (default: ${ENV_ADDRESS} if it is a path, else "
                             f"{default_socket()}); its directory is created 0700, the socket 0600")
@@ -48,7 +51,19 @@ def _add_serve(sub) -> None:
                        help="where to serve Prometheus metrics at /metrics (default: 127.0.0.1:9464; port 0 "
                             "picks a free port; 'none' turns the endpoint off)")
     serve.add_argument("--state-dir", default=_default_state_dir(), metavar="DIR",
-                       help="directory for state files (default: %(default)s)")
+                       help="directory for checkpoints and page files; one daemon holds it at a time, and a daemon "
+                            "started on it recovers every job checkpointed there (default: %(default)s)")
+    serve.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                       help="checkpoint every session every N steps, in the step that reaches it (default: 0, only "
+                            "when the trainer calls opt.checkpoint() and at shutdown)")
+    serve.add_argument("--retain", type=parse_duration, default=DEFAULT_RETAIN_SECONDS, metavar="DURATION",
+                       help="how long the state of a trainer that died (or closed with keep=True) stays for it to "
+                            "resume, such as 90s, 30m, 2h or 'forever'; a recovered job is kept as long from the "
+                            "daemon's start (default: 30m)")
+    serve.add_argument("--shutdown-timeout", type=parse_duration, default=60.0, metavar="DURATION",
+                       help="at SIGTERM, how long checkpointing the sessions that changed since their last "
+                            "checkpoint may take; those not done in time stay at their last checkpoint (default: "
+                            "60s; give systemd or Kubernetes more than this to stop the daemon)")
     serve.add_argument("--page-size", type=parse_size, default=64 << 20, metavar="SIZE",
                        help="bytes of optimizer state in one page, plain or with a unit such as 16MiB "
                             "(default: 64MiB, chosen by bench/cpu_step.py --page-size; see BENCHMARKS.md)")
@@ -99,6 +114,24 @@ def _add_status(sub) -> None:
                         help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
 
 
+def _add_jobs(sub) -> None:
+    jobs = sub.add_parser("jobs", help="list the jobs a running daemon holds: live, retained, recovered",
+                          description="One line per (job, rank): whether a trainer is attached (live), its state "
+                                      "is kept for a trainer to resume (retained: in memory; recovered: a "
+                                      "restarted daemon's checkpoint on disk), its step and last durable step, "
+                                      "bytes in memory and on disk, and how long it is retained.")
+    jobs.add_argument("--address", default=None, metavar="TARGET",
+                      help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
+    drop = sub.add_parser("drop", help="remove a retained job's state and checkpoints",
+                          description="Remove the retained or recovered state of JOB (every rank, or one), in "
+                                      "memory and its checkpoints on disk. A live rank is not dropped: its trainer "
+                                      "ends it with opt.close().")
+    drop.add_argument("job", metavar="JOB", help="the job's name, as `stated jobs` shows it")
+    drop.add_argument("--rank", type=int, default=None, metavar="R", help="only this rank (default: every rank)")
+    drop.add_argument("--address", default=None, metavar="TARGET",
+                      help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         from stated.tools.status import show_status
 
         return show_status(args.address)
+    if args.command == "jobs":
+        from stated.tools.jobs import show_jobs
+
+        return show_jobs(args.address)
+    if args.command == "drop":
+        from stated.tools.jobs import drop
+
+        return drop(args.address, args.job, args.rank)
     if args.command == "plan":
         from stated.tools import plan_command
 
@@ -144,6 +185,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"--cpu-threads must be 0 (torch's own threads) or more, got {args.cpu_threads}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.checkpoint_every < 0:
+        parser.error(f"--checkpoint-every must be 0 (off) or a number of steps, got {args.checkpoint_every}")
     target = resolve(args.socket)
     path = socket_path(target)
     if path is None:
@@ -153,4 +196,5 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                               cpu_threads=args.cpu_threads,
                               exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
                               prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
-                              gpu_staging_pages=args.gpu_staging))
+                              gpu_staging_pages=args.gpu_staging, checkpoint_every=args.checkpoint_every,
+                              retain_seconds=args.retain, shutdown_timeout=args.shutdown_timeout))

@@ -176,6 +176,25 @@ class Engine:
                 pager.done(page, dirty)
 
     @staticmethod
+    def read_all_pages(session: Session, visit: Callable[[Binding], None]) -> None:
+        """Calls `visit` with every page in order, between steps, for reading only (a checkpoint); a
+        paged session's pages are read ahead as in a step's pass."""
+        pager = session.pager
+        order = [entry.page.index for entry in session.table]
+        pager.begin_pass(order)
+        try:
+            for page in order:
+                buffer, _waited = pager.get(page)
+                try:
+                    visit(session.bind(session.table[page], buffer))
+                finally:
+                    pager.done(page, dirty=False)
+        except BaseException:
+            pager.abort_pass()
+            raise
+        pager.end_pass()
+
+    @staticmethod
     def flush(session: Session) -> None:
         """Before an export: state the backend holds on a device comes back to the host tier."""
         host = HostPages(session)

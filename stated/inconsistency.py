@@ -53,10 +53,10 @@ class Inconsistency:
 
 def ways_back(failed_step: int, checkpoint_step: int | None = None) -> str:
     """How a user gets an inconsistent session going again. `checkpoint_step`: the step of the session's
-    last durable checkpoint, when there is one (none exist yet: it is always None today)."""
+    last durable checkpoint, when there is one."""
     restore = (f"To go on, restore a state saved before step {failed_step}: the model's parameters with "
                f"model.load_state_dict() and the optimizer with opt.load_state_dict()")
     if checkpoint_step is None:
         return restore + "."
-    return (f"{restore}, or re-attach with resume=True to continue from the daemon's checkpoint at step "
-            f"{checkpoint_step}.")
+    return (f"{restore}, or continue from the daemon's checkpoint at step {checkpoint_step}: opt.close(keep=True), "
+            f"then a new optimizer with resume=True.")

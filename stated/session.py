@@ -103,6 +103,11 @@ class Session:
         # The backend that runs this session's steps (set by the store: CPU, or CUDA once it registers
         # CUDA tensors).
         self.backend = None
+        # Durability (stated.durability): the newest committed checkpoint, whether the state changed
+        # since, and how many regions a resuming trainer has still to register again.
+        self.durable = None
+        self.changed_since_durable = True
+        self.resume_left = 0
 
     # --- registration -----------------------------------------------------------------------
 

@@ -16,13 +16,17 @@ import torch
 
 from stated import shm
 from stated.backends.base import Backend
+from stated.durability import job_files
+from stated.durability.checkpoint import Written, load_checkpoint, write_checkpoint
+from stated.durability.keeper import Keeper, Retained
+from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from stated.inconsistency import Inconsistency
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.session import MASTER, MASTER_KEY, Session
-from stated_client.wire import dtype_name
+from stated_client.wire import WIRE_DTYPES, dtype_name
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo
 
@@ -35,11 +39,13 @@ MAX_TENSORS_PER_REQUEST = 1 << 20
 IPC_HANDLE_BYTES = 64
 MAX_DEVICE_NAME = 64
 MAX_JOB_NAME = 200
+_DTYPE_BY_NAME = {dtype_name(d): d for d in WIRE_DTYPES}
 
 
 class Store:
     def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 paging: Paging | None = None, cuda_backend=None):
+                 paging: Paging | None = None, cuda_backend=None, state_dir: str = "",
+                 retain_seconds: float = DEFAULT_RETAIN_SECONDS, checkpoint_every: int = 0):
         self.backend = backend
         # Makes the CUDA backend the first time a client registers CUDA tensors (CuPy loads only then);
         # None in a daemon without CUDA support.
@@ -52,10 +58,16 @@ class Store:
         self.sessions: dict[str, Session] = {}
         self.by_job_rank: dict[tuple[str, int], str] = {}
         self.paging = paging or Paging(Metrics())
+        self.state_dir = state_dir
+        self.checkpoint_every = checkpoint_every
+        self.keeper = Keeper(state_dir, retain_seconds)
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def attach(self, job: str, rank: int, algorithm: str, pid: int, master_weights: bool = False) -> Session:
+    def attach(self, job: str, rank: int, algorithm: str, pid: int, master_weights: bool = False,
+               resume: bool = False) -> Session:
+        """A new session for (job, rank), or with `resume` the one it retains (its `resume_left` regions
+        to register again); retained state without `resume` is refused, naming both ways out."""
         if not job:
             raise InvalidArgument("job must be a non-empty name")
         if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
@@ -70,13 +82,80 @@ class Store:
             live = self.sessions[self.by_job_rank[(job, rank)]]
             raise AlreadyExists(f"job {job!r} rank {rank} is already attached (session {live.id}, pid {live.pid}); "
                                 f"detach it or use another rank")
+        held = self.keeper.held.get((job, rank))
+        if held is not None and not resume:
+            raise FailedPrecondition(
+                f"job {job!r} rank {rank} has retained state at step {held.step} ({held.reason}); pass "
+                f"resume=True to continue from it, or run `stated drop {job}` to start over")
+        if held is not None:
+            session = self._resume(held, algo, pid, master_weights)
+        else:
+            session = self._new_session(job, rank, algo, pid, master_weights)
+        self.sessions[session.id] = session
+        self.by_job_rank[(job, rank)] = session.id
+        return session
+
+    def _new_session(self, job: str, rank: int, algo, pid: int, master_weights: bool) -> Session:
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
                           self.page_bytes, self.shm_mode, self.shm_gid, master_weights)
         session.backend = self.backend  # until it registers CUDA tensors
         session.pager = self.paging.new_pager(session)
-        self.sessions[session.id] = session
-        self.by_job_rank[(job, rank)] = session.id
         return session
+
+    def _resume(self, held: Retained, algo, pid: int, master_weights: bool) -> Session:
+        """The retained session of `held`, under a new id and token (a half-applied one, or a recovered
+        job, is built from its newest checkpoint that reads back whole)."""
+        for what, kept, asked in (("algorithm", held.algorithm, algo.name),
+                                  ("master_weights", (held.session.master if held.session else
+                                                      held.manifest.master_weights), master_weights)):
+            if kept != asked:
+                raise InvalidArgument(f"resume of job {held.job!r} rank {held.rank}: the retained state has "
+                                      f"{what} {kept!r}, this optimizer {asked!r}")
+        session = held.session
+        if session is None or session.inconsistent is not None:
+            session = self._from_checkpoints(held, algo, pid)
+            if held.session is not None:
+                self._close(held.session)
+        else:
+            session.id, session.token, session.pid = secrets.token_hex(8), secrets.token_bytes(16), pid
+        self.keeper.take(held.job, held.rank)
+        session.resume_left = len(session.regions)
+        return session
+
+    def _from_checkpoints(self, held: Retained, algo, pid: int) -> Session:
+        """A session built and filled from the newest of `held`'s checkpoints that reads back whole."""
+        manifests = self.keeper.fallbacks(held) if self.state_dir else []
+        if not manifests:
+            why = held.session.inconsistent.describe() if held.session is not None else "its checkpoint is gone"
+            raise FailedPrecondition(f"job {held.job!r} rank {held.rank} cannot be resumed: {why}, and no "
+                                     f"checkpoint reads back whole; run `stated drop {held.job}` to start over")
+        problems = []
+        for manifest in manifests:
+            if manifest.page_bytes != self.page_bytes:
+                problems.append(f"the checkpoint at step {manifest.step} has {manifest.page_bytes}-byte pages; "
+                                f"this daemon runs with --page-size {self.page_bytes}")
+                continue
+            session = self._new_session(held.job, held.rank, algo, pid, manifest.master_weights)
+            try:
+                for region in manifest.regions:
+                    groups = [{**algo.defaults(), **g} for g in region["groups"]]
+                    first_tensor, first_group = len(session.tensors), len(session.groups)
+                    infos = [TensorInfo(first_tensor + i, tuple(shape), _DTYPE_BY_NAME[dtype], first_group + g, name)
+                             for i, (shape, dtype, g, name) in enumerate(region["tensors"])]
+                    _region, pages = session.add_region(groups, infos, region["device"])
+                    self.paging.added_pages(session, len(pages))
+                load_checkpoint(session, self.engine, manifest)
+            except DataLoss as exc:
+                self._close(session)
+                log.error("resume of job %r rank %d: %s; trying an older checkpoint", held.job, held.rank, exc)
+                problems.append(str(exc))
+                continue
+            except BaseException:
+                self._close(session)
+                raise
+            session.durable, session.changed_since_durable = manifest, False
+            return session
+        raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems))
 
     def get(self, session_id: str, token: bytes) -> Session:
         """The session a call names, after checking its token (PERMISSION_DENIED changes nothing)."""
@@ -89,17 +168,95 @@ class Store:
             raise PermissionDenied(f"session.token does not match session {session_id}")
         return session
 
-    def detach(self, session: Session) -> None:
+    def detach(self, session: Session, keep: bool = False, reason: str = "closed") -> Retained | None:
+        """Ends a live session: its state is dropped with its checkpoints, or with `keep` (and always for
+        a resume not finished) retained for --retain. Returns the retained entry, if any."""
         if self.sessions.pop(session.id, None) is None:
-            return
+            return None
         self.by_job_rank.pop((session.job, session.rank), None)
+        if keep and any(region.device for region in session.regions):
+            log.info("job %r rank %d has CUDA parameters, whose buffers die with their trainer: not retained",
+                     session.job, session.rank)
+            keep = False
+        if keep or session.resume_left:
+            if session.resume_left:
+                reason = f"a resume gave up with {session.resume_left} param groups not registered"
+            session.resume_left = 0
+            return self.keeper.retain(session, reason)
+        self._close(session)
+        self._remove_checkpoints(session.job, session.rank)
+        return None
+
+    def _close(self, session: Session) -> None:
         session.backend.close(session)
         self.paging.removed(session)
         session.close()
 
+    def _remove_checkpoints(self, job: str, rank: int) -> None:
+        if self.state_dir:
+            job_files.remove_rank(self.state_dir, job, rank)
+
+    def drop(self, job: str, rank: int | None = None) -> list[Retained]:
+        """Removes the retained state of the job (or of one rank of it): memory and checkpoints."""
+        if not job:
+            raise InvalidArgument("job must be a non-empty name")
+        live = [r for (j, r) in self.by_job_rank if j == job and (rank is None or r == rank)]
+        if rank is not None and live:
+            session = self.sessions[self.by_job_rank[(job, rank)]]
+            raise FailedPrecondition(f"job {job!r} rank {rank} is live (session {session.id}, pid {session.pid}); "
+                                     f"its trainer ends it with opt.close()")
+        gone = [e for (j, r), e in list(self.keeper.held.items()) if j == job and (rank is None or r == rank)]
+        if not gone:
+            what = f"job {job!r}" + ("" if rank is None else f" rank {rank}")
+            tail = f" (ranks {sorted(live)} are live)" if live else ""
+            raise NotFound(f"{what} holds no retained state{tail}; `stated jobs` lists what the daemon holds")
+        for entry in gone:
+            self.forget(entry)
+        return gone
+
+    def forget(self, entry: Retained) -> None:
+        """Removes a retained entry for good (dropped, or its retention ran out)."""
+        self.keeper.take(entry.job, entry.rank)
+        if entry.session is not None:
+            self._close(entry.session)
+        self._remove_checkpoints(entry.job, entry.rank)
+
     def close_all(self) -> None:
+        """At shutdown: every session and retained state leaves memory; checkpoints stay on disk."""
         for session in list(self.sessions.values()):
-            self.detach(session)
+            self.sessions.pop(session.id, None)
+            self._close(session)
+        self.by_job_rank.clear()
+        for entry in list(self.keeper.held.values()):
+            if entry.session is not None:
+                self._close(entry.session)
+        self.keeper.held.clear()
+
+    # --- durability -----------------------------------------------------------------------------
+
+    def checkpoint(self, session: Session) -> Written | None:
+        """Makes the session's current state durable (None: it already is, unchanged since)."""
+        self._check_consistent(session, "checkpoint()")
+        self._check_resumed(session, "checkpoint()")
+        if not self.state_dir:
+            raise FailedPrecondition("this daemon has no --state-dir: start `stated serve --state-dir DIR` "
+                                     "for checkpoints")
+        if any(region.device for region in session.regions):
+            raise FailedPrecondition("checkpoints of CUDA parameters are not supported yet; CPU sessions only")
+        if not session.changed_since_durable and session.durable is not None:
+            return None
+        written = write_checkpoint(session, self.engine, self.state_dir)
+        session.durable, session.changed_since_durable = written.manifest, False
+        return written
+
+    def durable_step(self, session: Session) -> int | None:
+        return None if session.durable is None else session.durable.step
+
+    @staticmethod
+    def _check_resumed(session: Session, action: str) -> None:
+        if session.resume_left:
+            raise FailedPrecondition(f"{action} before the resume is complete: {session.resume_left} of the "
+                                     f"retained param groups are still to be registered")
 
     # --- registration -------------------------------------------------------------------------
 
@@ -108,6 +265,8 @@ class Store:
         """Adds tensors (shape, dtype, group within this request, name) and creates their arenas, or,
         for a CUDA `device` (its UUID), lays out the buffers the client will share."""
         device = self._check_device(session, device)
+        if session.resume_left:
+            return self._register_again(session, groups, tensors, device)
         if not groups:
             raise InvalidArgument("groups is empty: register at least one param group")
         if not tensors:
@@ -155,7 +314,41 @@ class Store:
         if device and session.backend is not self._cuda:
             session.backend = self._cuda
             self.paging.feed_device(session, self._cuda)
+        session.changed_since_durable = True
         return region, infos, first_group, sum(p.nbytes for p in pages)
+
+    def _register_again(self, session: Session, groups: list[Hyperparameters],
+                        tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]], device: str):
+        """A resuming trainer registers a retained region: it must have the layout it had (the first
+        difference is named); the region, its arenas and its state are the retained ones."""
+        index = len(session.regions) - session.resume_left
+        region = session.regions[index]
+        places = [session.tensors[i] for i in region.tensors]
+        first_group = min(p.info.group for p in places)
+        where = f"resume of job {session.job!r} rank {session.rank}, param group {index}"
+        kept_groups = len({p.info.group for p in places})
+        if len(groups) != kept_groups:
+            raise InvalidArgument(f"{where}: {len(groups)} groups sent, the retained state has {kept_groups}")
+        if len(tensors) != len(places):
+            raise InvalidArgument(f"{where}: {len(tensors)} tensors sent, the retained state has {len(places)}")
+        if device != region.device:
+            raise InvalidArgument(f"{where}: device {device or 'cpu'!r}, the retained state has "
+                                  f"{region.device or 'cpu'!r}")
+        for i, ((shape, dtype, group, name), place) in enumerate(zip(tensors, places)):
+            kept = (tuple(place.info.shape), session.dtype, place.info.group - first_group, place.info.name)
+            for what, asked, had in zip(("shape", "dtype", "group", "name"), (tuple(shape), dtype, group, name), kept):
+                if asked != had:
+                    raise InvalidArgument(f"{where}: tensors[{i}].{what} is {_shown(asked)}, the retained state "
+                                          f"has {_shown(had)}")
+        for i, hp in enumerate(groups):
+            problem = session.algorithm.validate(hp, where=f"groups[{i}].")
+            if problem:
+                raise InvalidArgument(problem)
+        session.check_groups(session.groups[:first_group] + [{**session.algorithm.defaults(), **hp} for hp in groups]
+                             + session.groups[first_group + len(groups):])
+        session.resume_left -= 1
+        infos = [p.info for p in places]
+        return region, infos, first_group, sum(session.table[p].page.nbytes for p in region.pages)
 
     def _check_device(self, session: Session, device: str) -> str:
         """"" for shared memory, else a CUDA device UUID this daemon can serve (made ready here)."""
@@ -209,6 +402,7 @@ class Store:
     def step(self, session: Session, step: int, groups: list[Hyperparameters], has_grad: bytes,
              grad_scale: float = 0.0, max_grad_norm: float = 0.0) -> StepResult:
         self._check_consistent(session, f"step {step}")
+        self._check_resumed(session, f"step {step}")
         if not session.tensors:
             raise FailedPrecondition(f"session {session.id} has no registered tensors; call Register first")
         if step != session.steps + 1:
@@ -224,14 +418,18 @@ class Store:
         for name, value in (("grad_scale", grad_scale), ("max_grad_norm", max_grad_norm)):
             if not math.isfinite(value) or value < 0:
                 raise InvalidArgument(f"{name} is {value}; it must be a finite number >= 0 (0 turns it off)")
-        return self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
+        session.changed_since_durable = True
+        result = self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
+        if self.checkpoint_every and session.steps % self.checkpoint_every == 0:
+            self.checkpoint(session)
+        return result
 
     @staticmethod
     def _check_consistent(session: Session, action: str) -> None:
         """Refuses `action` on a session a failure left half-applied (Note [half-applied steps])."""
         if session.inconsistent is not None:
-            # No durable checkpoints exist yet; once they do, their step is the other way back.
-            raise session.inconsistent.refusal(session, action, checkpoint_step=None)
+            checkpoint_step = None if session.durable is None else session.durable.step
+            raise session.inconsistent.refusal(session, action, checkpoint_step=checkpoint_step)
 
     # --- state_dict -----------------------------------------------------------------------------
 
@@ -277,6 +475,8 @@ class Store:
         all state is reset (torch's load_state_dict replaces it whole) and the entries written.
         Returns (tensors, bytes) loaded. It makes an inconsistent session consistent again; one that fails
         after it began changing state leaves the session inconsistent (Note [half-applied steps])."""
+        self._check_resumed(session, "load_state_dict()")
+        session.changed_since_durable = True
         staged, seen = [], set()
         for index, entry in entries:
             if not 0 <= index < len(session.tensors):
@@ -336,3 +536,9 @@ class Store:
 
         self.engine.visit_pages(session, positions, write, dirty=True)
         return sum(t.numel() * t.element_size() for t in flat.values())
+
+
+def _shown(value) -> str:
+    if isinstance(value, torch.dtype):
+        return dtype_name(value)
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)

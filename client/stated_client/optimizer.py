@@ -55,12 +55,13 @@ def default_job() -> str:
     return f"{script or 'python'}-{os.getpid()}"
 
 
-def _close_session(connection: Connection, session: pb.SessionRef, watch=None, line: StepLine | None = None) -> None:
-    """Detaches (finalizer: runs at garbage collection or exit, never raises)."""
+def _close_session(connection: Connection, session: pb.SessionRef, watch=None, line: StepLine | None = None,
+                   keep: list[bool] | None = None) -> None:
+    """Detaches (finalizer: runs at garbage collection or exit, never raises); `keep[0]` retains the state."""
     if line is not None:
         line.close()
     try:
-        connection.call("Detach", pb.DetachRequest(session=session), timeout=10)
+        connection.call("Detach", pb.DetachRequest(session=session, keep=bool(keep and keep[0])), timeout=10)
     except Exception:
         pass
     try:
@@ -79,7 +80,8 @@ class StatedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults: dict[str, Any], *, address: str | None = None, job: str | None = None,
-                 rank: int | None = None, master_weights: bool = False, max_grad_norm: float | None = None):
+                 rank: int | None = None, master_weights: bool = False, max_grad_norm: float | None = None,
+                 resume: bool = False):
         for flag in ("capturable", "differentiable"):
             if defaults.get(flag):
                 raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
@@ -97,8 +99,14 @@ class StatedOptimizer(torch.optim.Optimizer):
         self._master_weights = bool(master_weights)
         reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
                                                                  algorithm=self.algorithm, pid=os.getpid(),
-                                                                 master_weights=self._master_weights))
+                                                                 master_weights=self._master_weights,
+                                                                 resume=bool(resume)))
         self._session = reply.session
+        # The step the daemon's retained state holds, which this optimizer continues from; None when
+        # resume was not asked or nothing was retained for (job, rank).
+        self.resumed_step: int | None = reply.resumed_step if reply.resumed else None
+        self._resume_regions = reply.resumed_regions if reply.resumed else 0
+        self._keep = [False]
         try:
             # Held open for the session's life: if this process dies the daemon sees the stream break, and
             # its keepalives tell this process that the daemon lives (stated_client.liveness).
@@ -108,15 +116,20 @@ class StatedOptimizer(torch.optim.Optimizer):
             raise
         self._step_line = StepLine.open(reply.step_socket, self._session, self._watch)
         self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch,
-                                           self._step_line)
+                                           self._step_line, self._keep)
         self._params: list[torch.Tensor] = []
         self._grad_views: list[torch.Tensor] = []
         self._arenas: list[torch.Tensor] = []
         self._device: torch.device | None = None
-        self._step_number = 0
+        self._step_number = self.resumed_step or 0
         self._lock = threading.Lock()
         try:
             super().__init__(params, defaults)
+            if len(self.param_groups) != self._resume_regions and self.resumed_step is not None:
+                raise InvalidArgumentError(
+                    f"resume of job {self._job!r} rank {self._rank}: the retained state has {self._resume_regions} "
+                    f"param groups, this optimizer {len(self.param_groups)}; build it with the param groups it "
+                    f"had (the retained state is kept)")
         except BaseException:
             # A refused group (bad lr, float64 params, ...) must not leave the session attached until
             # garbage collection: the traceback keeps `self` alive, and a retry with the same job and
@@ -138,9 +151,20 @@ class StatedOptimizer(torch.optim.Optimizer):
     def job(self) -> str:
         return self._job
 
-    def close(self) -> None:
-        """Detaches from the daemon now. Parameters stay usable; the optimizer does not."""
+    def close(self, keep: bool = False) -> None:
+        """Detaches from the daemon now. Parameters stay usable; the optimizer does not. The daemon drops
+        the state and its checkpoints, or with `keep` retains them (for `stated serve --retain`) for an
+        optimizer made later with resume=True."""
+        self._keep[0] = bool(keep)
         self._finalizer()
+
+    def checkpoint(self) -> int:
+        """Makes the optimizer's current state durable in the daemon (under its --state-dir): pages,
+        parameters, per-tensor state, hyperparameters and step counters. Returns the step it holds;
+        after a crash of the trainer or the daemon, resume=True continues from there."""
+        with self._lock:
+            reply = self._connection.call("Checkpoint", pb.CheckpointRequest(session=self._session), timeout=None)
+        return reply.step
 
     def __deepcopy__(self, memo):
         raise NotCopyableError(f"{type(self).__name__} cannot be copied: it holds a live session with the stated "
@@ -178,6 +202,8 @@ class StatedOptimizer(torch.optim.Optimizer):
                 session=self._session, groups=[self._hyperparameters(group)], tensors=specs,
                 device=uuid))
             if uuid:
+                if reply.resumed:
+                    raise InvalidArgumentError("resume=True serves CPU parameters; CUDA parameters cannot resume yet")
                 param_arena = device_buffers.allocate(reply.arena_bytes, device)
                 grad_arena = device_buffers.allocate(reply.arena_bytes, device)
             else:
@@ -191,7 +217,8 @@ class StatedOptimizer(torch.optim.Optimizer):
             if placement.index != len(self._params):
                 raise StatedError(f"the daemon placed tensor {placement.index}, expected {len(self._params)}")
             view = arenas.view(param_arena, placement.offset_bytes, p)
-            view.copy_(p.detach())
+            if not reply.resumed:  # resumed: the model takes the daemon's parameters
+                view.copy_(p.detach())
             p.data = view
             grad_view = arenas.view(grad_arena, placement.offset_bytes, p)
             if p.grad is not None:

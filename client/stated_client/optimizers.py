@@ -1,7 +1,7 @@
 """stated.AdamW, stated.Adam and stated.SGD: torch.optim's signatures and defaults, state in the daemon.
 
 Each class differs from torch.optim's only by the keyword-only `address=`, `job=`, `rank=`,
-`master_weights=` and `max_grad_norm=` (stated_client.optimizer), and by where its state lives. `foreach` and `fused` are accepted and ignored: the daemon always runs its own
+`master_weights=`, `max_grad_norm=` and `resume=` (stated_client.optimizer), and by where its state lives. `foreach` and `fused` are accepted and ignored: the daemon always runs its own
 fused kernel.
 """
 
@@ -24,12 +24,12 @@ class AdamW(SpecOptimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, address: str | None = None, job: str | None = None,
                  rank: int | None = None,
-                 master_weights: bool = False, max_grad_norm: float | None = None):
+                 master_weights: bool = False, max_grad_norm: float | None = None, resume: bool = False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused)
         self._extra_defaults(defaults)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights, max_grad_norm=max_grad_norm)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm, resume=resume)
 
     def _extra_defaults(self, defaults: dict[str, Any]) -> None:
         # torch.optim.AdamW is Adam with decoupled decay; its state_dict records that.
@@ -47,11 +47,11 @@ class Adam(AdamW):
                  maximize: bool = False, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = False, address: str | None = None,
                  job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False, max_grad_norm: float | None = None):
+                 master_weights: bool = False, max_grad_norm: float | None = None, resume: bool = False):
         self._decoupled = bool(decoupled_weight_decay)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, foreach=foreach,
                          capturable=capturable, differentiable=differentiable, fused=fused, address=address,
-                         job=job, rank=rank, master_weights=master_weights, max_grad_norm=max_grad_norm)
+                         job=job, rank=rank, master_weights=master_weights, max_grad_norm=max_grad_norm, resume=resume)
 
     @property
     def algorithm(self) -> str:  # Adam(decoupled_weight_decay=True) is AdamW, as in torch
@@ -70,11 +70,11 @@ class SGD(SpecOptimizer):
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  address: str | None = None, job: str | None = None, rank: int | None = None,
-                 master_weights: bool = False, max_grad_norm: float | None = None):
+                 master_weights: bool = False, max_grad_norm: float | None = None, resume: bool = False):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                         maximize=maximize, foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, address=address, job=job, rank=rank,
-                         master_weights=master_weights, max_grad_norm=max_grad_norm)
+                         master_weights=master_weights, max_grad_norm=max_grad_norm, resume=resume)
 
     def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         entry.pop("step", None)  # torch's SGD keeps no step count

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 from stated.metrics import Metrics
 from stated.paging.budget import Demand, HostBudget, share_budget
@@ -41,6 +42,8 @@ class Paging:
         self.budget = HostBudget(host_memory) if host_memory is not None else None
         self.files: dict[str, JobFile] = {}
         self.sessions: dict[str, list[Session]] = {}
+        # Registrations of one job's ranks run on several threads at once; they share its state file.
+        self._lock = threading.Lock()
 
     @property
     def limited(self) -> bool:
@@ -61,6 +64,10 @@ class Paging:
         now, not in a step) and reshare the budget. Raises DiskSpaceError / StateDirError."""
         if self.budget is None:
             return
+        with self._lock:
+            self._add_pages(session, pages)
+
+    def _add_pages(self, session: Session, pages: int) -> None:
         slot = align_up(session.page_bytes)  # a state file slot
         job = self.files.get(session.job)
         if job is None:
@@ -81,7 +88,13 @@ class Paging:
     def removed(self, session: Session) -> None:
         """After a session detached: its pager closes, its job's file goes with the job's last session."""
         session.pager.close()
-        if self.budget is None or session.job not in self.sessions:
+        if self.budget is None:
+            return
+        with self._lock:
+            self._remove(session)
+
+    def _remove(self, session: Session) -> None:
+        if session.job not in self.sessions:
             return
         members = self.sessions[session.job]
         if session in members:

@@ -1,14 +1,19 @@
 """`stated serve`: the daemon process. grpc.aio on uvloop, on a unix socket, plus a metrics endpoint.
 
-Start-up sweeps shared memory left by crashed daemons and refuses to take over a socket that another
-live daemon answers on. SIGTERM and SIGINT shut down cleanly: sessions detached (their clients told
-UNAVAILABLE, "the stated daemon is shutting down"), every shared-memory segment and the socket removed.
+Start-up sweeps shared memory left by crashed daemons, refuses to take over a socket that another
+live daemon answers on or a state directory another daemon holds, and recovers every job whose
+checkpoint it finds there (stated.durability.keeper). SIGTERM and SIGINT shut down cleanly: every session
+whose state changed since its last checkpoint is checkpointed (for at most --shutdown-timeout), clients are
+told UNAVAILABLE ("the stated daemon is shutting down"), shared memory and the socket are removed, and the
+checkpoints stay for the next daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
+import glob
 import grp
 import logging
 import os
@@ -27,6 +32,7 @@ from stated.paging.daemon_paging import Paging
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
 from stated.server.step_channel import StepChannel
+from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import socket_path
@@ -50,6 +56,9 @@ class DaemonConfig:
     prefetch_depth: int = 4
     gpu_cache_bytes: int = 0
     gpu_staging_pages: int = 4
+    checkpoint_every: int = 0
+    retain_seconds: float = DEFAULT_RETAIN_SECONDS
+    shutdown_timeout: float = 60.0
 
 
 def parse_hostport(text: str) -> tuple[str, int] | None:
@@ -98,8 +107,7 @@ class Daemon:
             self.gid = grp.getgrnam(config.group).gr_gid if config.group else None
         except KeyError:
             raise RuntimeError(f"--group {config.group!r} is not a group on this machine") from None
-        if config.state_dir:
-            os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
+        self._state_lock = _hold_state_dir(config.state_dir) if config.state_dir else None
         self.path = socket_path(config.socket) or config.socket
         self.metrics = Metrics()
         mode = 0o660 if self.gid is not None else 0o600
@@ -108,7 +116,8 @@ class Daemon:
         paging = Paging(self.metrics, host_memory=config.host_memory, state_dir=config.state_dir,
                         prefetch_depth=config.prefetch_depth)
         self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
-                           cuda_backend=self._make_cuda_backend)
+                           cuda_backend=self._make_cuda_backend, state_dir=config.state_dir,
+                           retain_seconds=config.retain_seconds, checkpoint_every=config.checkpoint_every)
         self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
         self.step_channel = StepChannel(self.servicer)
         self.stopping = asyncio.Event()
@@ -127,6 +136,11 @@ class Daemon:
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
         prepare_socket_dir(self.path, self.gid)
+        started = loop_time()
+        recovered = self.store.keeper.recover()
+        if recovered:
+            log.info("recovered %d jobs from %s in %.2f s: %s", len(recovered), self.config.state_dir,
+                     loop_time() - started, ", ".join(f"{e.job} rank {e.rank} at step {e.step}" for e in recovered))
         server = grpc.aio.server(options=MESSAGE_OPTIONS)
         pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -146,6 +160,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         watchdog = asyncio.create_task(self._watch_parent()) if self.config.exit_with_parent else None
+        retention = asyncio.create_task(self._expire_retained())
         metrics_text = f"http://{hostport[0]}:{self.metrics_port}/metrics" if hostport else "off"
         budget = "unlimited" if self.config.host_memory is None else f"{self.config.host_memory} bytes"
         log.info("serving on unix:%s (metrics %s, page size %d bytes, host memory %s, pid %d)", self.path,
@@ -153,21 +168,27 @@ class Daemon:
         try:
             await self.stopping.wait()
         finally:
-            log.info("shutting down: detaching %d sessions", len(self.store.sessions))
-            # Session calls are refused as UNAVAILABLE from here, and detaching ends the Watch streams with it:
+            log.info("shutting down: making %d sessions and %d retained jobs durable", len(self.store.sessions),
+                     len(self.store.keeper.held))
+            # Session calls are refused as UNAVAILABLE from here, and closing ends the Watch streams with it:
             # clients learn that the daemon stopped, not that their session never existed.
             self.servicer.stopping = True
+            retention.cancel()
             if watchdog:
                 watchdog.cancel()
             await health_servicer.enter_graceful_shutdown()
-            for session in list(self.store.sessions.values()):
-                await self.servicer.detach(session, "daemon shutdown")
+            done, left = await self.servicer.make_durable(self.config.shutdown_timeout)
+            if done or left:
+                log.info("shutdown: %d checkpoints written, %d left at their last checkpoint", done, left)
+            self.servicer.end_watches()
             await self.step_channel.stop()
             await server.stop(grace=1.0)
             self.servicer.close()
             if self.cpu_workers is not None:
                 self.cpu_workers.close()
             self.store.paging.close()
+            if self._state_lock is not None:
+                os.close(self._state_lock)
             if self.metrics_server is not None:
                 self.metrics_server.shutdown()
                 self.metrics_server.server_close()
@@ -176,6 +197,14 @@ class Daemon:
             except FileNotFoundError:
                 pass
             log.info("stopped")
+
+    async def _expire_retained(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.servicer.expire()
+            except Exception:  # noqa: BLE001
+                log.exception("dropping retained jobs whose retention ran out failed")
 
     async def _watch_parent(self) -> None:
         """For an embedded daemon: stop when the process that started it is gone."""
@@ -186,6 +215,32 @@ class Daemon:
                 log.info("parent process %d is gone; stopping", parent)
                 self.stopping.set()
                 return
+
+
+def loop_time() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _hold_state_dir(directory: str) -> int:
+    """Creates the state directory and locks it for this daemon; removes the state files (the disk tier
+    of pages, never checkpoints) that a daemon which died left there. Raises RuntimeError when another
+    live daemon holds it."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"another stated daemon uses --state-dir {directory}; stop it or pick another "
+                           f"directory") from None
+    stale = glob.glob(os.path.join(glob.escape(directory), "*.state"))
+    for path in stale:
+        os.unlink(path)
+    if stale:
+        log.info("removed %d page files left in %s by a daemon that is gone", len(stale), directory)
+    return fd
 
 
 def serve(config: DaemonConfig) -> int:

@@ -21,6 +21,7 @@ import torch
 from stated import __version__
 from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
+from stated.server.job_table import job_stats, retained_stats
 from stated.server.session_lock import SessionLock
 from stated.server.status_codes import GRPC_CODES, refusal
 from stated.session import Session
@@ -40,6 +41,9 @@ DTYPES = {code: dtype for code, dtype in TORCH_DTYPES.items() if dtype != torch.
 # (about half a millisecond on two cores) than the step itself, and they block other sessions only briefly.
 INLINE_STEP_PARAMETERS = 1 << 21
 MAX_CHUNK_BYTES = 3 << 20  # below gRPC's 4 MiB message limit
+# How long an Attach of a (job, rank) that is still live waits for it to end: a trainer restarted right
+# after a kill -9 comes back before the daemon has read the end of the old one's Watch stream.
+REATTACH_WAIT_SECONDS = 3.0
 # The keepalive intervals a Watch may ask for (WatchRequest.keepalive_seconds).
 KEEPALIVE_SECONDS = (0.05, 60.0)
 
@@ -93,6 +97,9 @@ class StateServicer(pb_grpc.StateServiceServicer):
         self.step_socket = ""
         # Set when the daemon starts to shut down (stated.server.daemon), before any session is detached.
         self.stopping = False
+        # Attach, detach, drop and retention's end change which (job, rank)s are live or retained: one at
+        # a time, so that no two of them see a (job, rank) half-way from one to the other.
+        self.jobs_lock = asyncio.Lock()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -130,36 +137,119 @@ class StateServicer(pb_grpc.StateServiceServicer):
     @rpc
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
         self._check_serving()
-        session = self.store.attach(request.job, request.rank, request.algorithm, request.pid,
-                                    request.master_weights)
-        self.locks[session.id] = SessionLock()
-        self.closed[session.id] = asyncio.Event()
-        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s%s", session.job, session.rank, session.id,
-                 session.pid, session.algorithm.name, " master_weights" if session.master else "")
+        await self._wait_for_end(request.job, request.rank)
+        async with self.jobs_lock:
+            session = await self._run(self.store.attach, request.job, request.rank, request.algorithm, request.pid,
+                                      request.master_weights, request.resume)
+            self.locks[session.id] = SessionLock()
+            self.closed[session.id] = asyncio.Event()
+        resumed = bool(session.resume_left)
+        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s%s%s", session.job, session.rank, session.id,
+                 session.pid, session.algorithm.name, " master_weights" if session.master else "",
+                 f" resumed at step {session.steps}" if resumed else "")
         self._update_gauges()
         return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),
-                                 daemon_version=__version__, step_socket=self.step_socket)
+                                 daemon_version=__version__, step_socket=self.step_socket, resumed=resumed,
+                                 resumed_step=session.steps if resumed else 0,
+                                 resumed_regions=session.resume_left)
 
-    async def detach(self, session: Session, reason: str) -> None:
+    async def _wait_for_end(self, job: str, rank: int) -> None:
+        """If (job, rank) is live, waits a little for it to end (Watch breaking: its trainer died)."""
+        session_id = self.store.by_job_rank.get((job, rank))
+        event = self.closed.get(session_id) if session_id else None
+        if event is not None:
+            await _is_set_within(event, REATTACH_WAIT_SECONDS)
+
+    async def detach(self, session: Session, reason: str, keep: bool = False) -> None:
         lock = self.locks.get(session.id)
         if lock is None:
             return
         async with lock:
             if session.id not in self.store.sessions:
                 return
-            self.store.detach(session)
+            async with self.jobs_lock:
+                kept = await self._run(self.store.detach, session, keep, reason)
         self.locks.pop(session.id, None)
         event = self.closed.pop(session.id, None)
         if event is not None:
             event.set()
-        log.info("detach job=%s rank=%d session=%s reason=%s steps=%d", session.job, session.rank, session.id,
-                 reason, session.steps)
+        log.info("detach job=%s rank=%d session=%s reason=%s steps=%d%s", session.job, session.rank, session.id,
+                 reason, session.steps, f" (retained: {kept.reason})" if kept else "")
         self._update_gauges()
 
     @rpc
     async def Detach(self, request: pb.DetachRequest, context) -> pb.DetachResponse:
-        await self.detach(self._session(request.session), "client")
+        await self.detach(self._session(request.session), "closed with keep" if request.keep else "client",
+                          keep=request.keep)
         return pb.DetachResponse()
+
+    async def expire(self) -> None:
+        """Drops every retained (job, rank) whose --retain ran out."""
+        async with self.jobs_lock:
+            for entry in self.store.keeper.expired():
+                log.info("retention ran out for job=%s rank=%d (step %d): dropped", entry.job, entry.rank, entry.step)
+                await self._run(self.store.forget, entry)
+
+    @rpc
+    async def Drop(self, request: pb.DropRequest, context) -> pb.DropResponse:
+        self._check_serving()
+        rank = request.rank if request.HasField("rank") else None
+        async with self.jobs_lock:
+            stats = {(e.job, e.rank): retained_stats(self.store, e) for e in self.store.keeper.held.values()}
+            gone = await self._run(self.store.drop, request.job, rank)
+        for entry in gone:
+            log.info("dropped job=%s rank=%d (%s at step %d)", entry.job, entry.rank, entry.state, entry.step)
+        return pb.DropResponse(dropped=[stats[(e.job, e.rank)] for e in gone])
+
+    @rpc
+    async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
+        session = self._session(request.session)
+        async with self.locks[session.id]:
+            self._check_attached(session)
+            written = await self._run(self.store.checkpoint, session)
+        if written is None:  # durable already, unchanged since
+            return pb.CheckpointResponse(step=session.durable.step, manifest=session.durable.path)
+        log.info("checkpoint job=%s rank=%d step=%d: %d bytes in %.2f s", session.job, session.rank,
+                 written.manifest.step, written.bytes, written.seconds)
+        return pb.CheckpointResponse(step=written.manifest.step, bytes_written=written.bytes,
+                                     seconds=written.seconds, manifest=written.manifest.path)
+
+    async def make_durable(self, seconds: float) -> tuple[int, int]:
+        """At shutdown: checkpoints every session and retained session whose state changed since its
+        last checkpoint, for at most `seconds`; returns (made durable, left at their last checkpoint)."""
+        if not self.store.state_dir:
+            return 0, 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        sessions = list(self.store.sessions.values()) + [e.session for e in self.store.keeper.held.values()
+                                                       if e.session is not None]
+        done = left = 0
+        for session in sessions:
+            if not session.changed_since_durable or session.inconsistent is not None or session.resume_left:
+                continue
+            remaining = deadline - loop.time()
+            lock = self.locks.get(session.id)
+            try:
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                if lock is not None:
+                    await asyncio.wait_for(lock.acquire(), remaining)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._run(self.store.checkpoint, session)),
+                                           max(0.0, deadline - loop.time()))
+                finally:
+                    if lock is not None:
+                        lock.release()
+                done += 1
+            except asyncio.TimeoutError:
+                left += 1
+                log.warning("shutdown: job=%s rank=%d not made durable within --shutdown-timeout; it stays at its "
+                            "last checkpoint (%s)", session.job, session.rank,
+                            f"step {session.durable.step}" if session.durable else "none")
+            except Exception as exc:  # noqa: BLE001
+                left += 1
+                log.error("shutdown: checkpoint of job=%s rank=%d failed: %s", session.job, session.rank, exc)
+        return done, left
 
     @rpc
     async def Watch(self, request: pb.WatchRequest, context):
@@ -174,8 +264,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
                 await context.write(pb.WatchResponse(keepalive=True))
         finally:
             if session.id in self.store.sessions and not closed.is_set():
-                # The stream broke while the session was live: its client is gone.
-                await asyncio.shield(self.detach(session, "client died"))
+                # The stream broke while the session was live: its client is gone, its state stays retained.
+                await asyncio.shield(self.detach(session, f"its trainer (pid {session.pid}) died", keep=True))
         if self.stopping:
             raise Unavailable(SHUTTING_DOWN)
 
@@ -192,6 +282,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                                       f"send one of float32, bfloat16, float16")
             tensors.append((tuple(t.shape), DTYPES[t.dtype], t.group, t.name))
         async with self.locks[session.id]:
+            resumed = bool(session.resume_left)
             region, infos, first_group, state_bytes = await self._run(self.store.register, session, groups, tensors,
                                                                       request.device)
         self._update_gauges()
@@ -202,7 +293,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
                                    grad_arena="" if on_device else region.grads.name,
                                    arena_bytes=region.arena_bytes,
                                    placements=placements, first_group=first_group, state_bytes=state_bytes,
-                                   region=len(session.regions) - 1)
+                                   region=session.regions.index(region), resumed=resumed)
 
     @rpc
     async def ShareDeviceBuffers(self, request: pb.ShareDeviceBuffersRequest, context) -> pb.ShareDeviceBuffersResponse:
@@ -320,11 +411,15 @@ class StateServicer(pb_grpc.StateServiceServicer):
             daemon_version=__version__, sessions=sessions,
             state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
             resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values()),
-            page_bytes=self.store.page_bytes)
+            page_bytes=self.store.page_bytes, jobs=job_stats(self.store))
 
-    def close(self) -> None:
+    def end_watches(self) -> None:
+        """Ends every Watch stream (with UNAVAILABLE once stopping): the daemon is going away."""
         for event in self.closed.values():
             event.set()
+
+    def close(self) -> None:
+        self.end_watches()
         self.store.close_all()
         self.pool.shutdown(wait=True)
 

@@ -79,6 +79,16 @@ class StateServiceStub(object):
                 request_serializer=stated_dot_v1_dot_state__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=stated_dot_v1_dot_state__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.Checkpoint = channel.unary_unary(
+                '/stated.v1.StateService/Checkpoint',
+                request_serializer=stated_dot_v1_dot_state__service__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=stated_dot_v1_dot_state__service__pb2.CheckpointResponse.FromString,
+                _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/stated.v1.StateService/Drop',
+                request_serializer=stated_dot_v1_dot_state__service__pb2.DropRequest.SerializeToString,
+                response_deserializer=stated_dot_v1_dot_state__service__pb2.DropResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer(object):
@@ -145,7 +155,22 @@ class StateServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Daemon-wide and per-session figures.
+        """Daemon-wide and per-session figures, and every job the daemon holds (live, retained, recovered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Checkpoint(self, request, context):
+        """Makes the session's current state durable under the daemon's --state-dir (docs: README, Durability).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drop(self, request, context):
+        """Removes the retained state (memory and checkpoints) of a job, or of one rank of it. A live session
+        is not dropped: its trainer closes it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +223,16 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=stated_dot_v1_dot_state__service__pb2.GetStatsRequest.FromString,
                     response_serializer=stated_dot_v1_dot_state__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'Checkpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.Checkpoint,
+                    request_deserializer=stated_dot_v1_dot_state__service__pb2.CheckpointRequest.FromString,
+                    response_serializer=stated_dot_v1_dot_state__service__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=stated_dot_v1_dot_state__service__pb2.DropRequest.FromString,
+                    response_serializer=stated_dot_v1_dot_state__service__pb2.DropResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -443,6 +478,60 @@ class StateService(object):
             '/stated.v1.StateService/GetStats',
             stated_dot_v1_dot_state__service__pb2.GetStatsRequest.SerializeToString,
             stated_dot_v1_dot_state__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Checkpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stated.v1.StateService/Checkpoint',
+            stated_dot_v1_dot_state__service__pb2.CheckpointRequest.SerializeToString,
+            stated_dot_v1_dot_state__service__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stated.v1.StateService/Drop',
+            stated_dot_v1_dot_state__service__pb2.DropRequest.SerializeToString,
+            stated_dot_v1_dot_state__service__pb2.DropResponse.FromString,
             options,
             channel_credentials,
             insecure,

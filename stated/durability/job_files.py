@@ -1,0 +1,109 @@
+"""Where a (job, rank)'s checkpoints live under --state-dir, and the pruning of old and orphan files.
+
+    <state-dir>/checkpoints/<job, percent-encoded>/rank-<R>/<step>.{pages,params,small,manifest}
+
+The newest KEEP checkpoints of a rank stay, so that a damaged newest one (torn data found at resume)
+still has one to fall back to; anything else in the directory (older checkpoints, data files of a
+checkpoint whose manifest was never committed, temporary manifests) is removed by `prune`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import urllib.parse
+
+from stated.durability.direct_file import sync_directory
+
+KEEP = 2
+DATA_SUFFIXES = (".pages", ".params", ".small")
+_NAME = re.compile(r"^(\d+)\.(pages|params|small|manifest)(\.tmp)?$")
+
+
+def _encode(job: str) -> str:
+    name = urllib.parse.quote(job, safe="-_.")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def checkpoints_root(state_dir: str) -> str:
+    return os.path.join(state_dir, "checkpoints")
+
+
+def rank_directory(state_dir: str, job: str, rank: int, create: bool = False) -> str:
+    path = os.path.join(checkpoints_root(state_dir), _encode(job), f"rank-{rank}")
+    if create:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def data_path(directory: str, step: int, suffix: str) -> str:
+    return os.path.join(directory, f"{step}{suffix}")
+
+
+def committed_steps(directory: str) -> list[int]:
+    """Steps of the committed checkpoints (those with a manifest), newest first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    steps = []
+    for name in names:
+        match = _NAME.match(name)
+        if match and match.group(2) == "manifest" and not match.group(3):
+            steps.append(int(match.group(1)))
+    return sorted(steps, reverse=True)
+
+
+def prune(directory: str, keep: set[int]) -> list[str]:
+    """Removes every file of the directory that is not part of a checkpoint in `keep`; returns them."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        match = _NAME.match(name)
+        if match and int(match.group(1)) in keep and not match.group(3):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) or os.path.islink(path):
+            os.unlink(path)
+            removed.append(path)
+    if removed:
+        sync_directory(directory)
+    return removed
+
+
+def remove_rank(state_dir: str, job: str, rank: int) -> None:
+    """Deletes every checkpoint of (job, rank), and the job's directory once no rank is left."""
+    directory = rank_directory(state_dir, job, rank)
+    shutil.rmtree(directory, ignore_errors=True)
+    parent = os.path.dirname(directory)
+    try:
+        os.rmdir(parent)
+    except OSError:
+        pass  # other ranks remain, or it was never made
+
+
+def scan(state_dir: str) -> list[tuple[str, int, str]]:
+    """(job, rank, directory) of every rank directory under the state directory."""
+    root = checkpoints_root(state_dir)
+    found = []
+    try:
+        jobs = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return found
+    for encoded in jobs:
+        job_dir = os.path.join(root, encoded)
+        if not os.path.isdir(job_dir):
+            continue
+        for name in sorted(os.listdir(job_dir)):
+            match = re.match(r"^rank-(\d+)$", name)
+            if match and os.path.isdir(os.path.join(job_dir, name)):
+                found.append((urllib.parse.unquote(encoded), int(match.group(1)), os.path.join(job_dir, name)))
+    return found
+
+
+def rank_directory_of(manifest_path: str) -> str:
+    return os.path.dirname(manifest_path)

@@ -1,0 +1,133 @@
+"""The (job, rank)s the daemon holds with no trainer attached: retained in memory, or recovered from disk.
+
+A (job, rank) is *live* while a trainer is attached (the store's sessions). It is *retained* when its
+trainer died (its Watch stream broke), closed with keep=True, or gave up a resume half-way: the session
+stays in memory, pages, arenas and all, for --retain. It is *recovered* when a restarted daemon found its
+last checkpoint: only the manifest is read at start-up, the pages when a trainer resumes it. Retention
+running out, `stated drop` or a clean close removes the state and its checkpoints; nothing else does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+
+from stated.durability import job_files
+from stated.durability.manifest import Manifest, read_manifest
+from stated.errors import DataLoss
+from stated.session import Session
+
+log = logging.getLogger("stated.durability.keeper")
+
+
+@dataclasses.dataclass
+class Retained:
+    job: str
+    rank: int
+    session: Session | None  # in memory; None for a recovered job (its state is on disk)
+    manifest: Manifest | None  # its newest committed checkpoint, if any
+    deadline: float  # time.monotonic() when it is dropped; math.inf: never
+    reason: str
+
+    @property
+    def state(self) -> str:
+        return "retained" if self.session is not None else "recovered"
+
+    @property
+    def step(self) -> int:
+        return self.session.steps if self.session is not None else self.manifest.step
+
+    @property
+    def algorithm(self) -> str:
+        return self.session.algorithm.name if self.session is not None else self.manifest.algorithm
+
+
+class Keeper:
+    def __init__(self, state_dir: str, retain_seconds: float):
+        self.state_dir = state_dir
+        self.retain_seconds = retain_seconds
+        self.held: dict[tuple[str, int], Retained] = {}
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.retain_seconds if math.isfinite(self.retain_seconds) else math.inf
+
+    def retain(self, session: Session, reason: str) -> Retained:
+        entry = Retained(session.job, session.rank, session, session.durable, self.deadline(), reason)
+        self.held[(session.job, session.rank)] = entry
+        return entry
+
+    def take(self, job: str, rank: int) -> Retained | None:
+        return self.held.pop((job, rank), None)
+
+    def expired(self, now: float | None = None) -> list[Retained]:
+        """Takes out every entry whose retention ran out."""
+        now = time.monotonic() if now is None else now
+        gone = [e for e in self.held.values() if e.deadline <= now]
+        for entry in gone:
+            del self.held[(entry.job, entry.rank)]
+        return gone
+
+    def seconds_left(self, entry: Retained) -> float:
+        return -1.0 if math.isinf(entry.deadline) else max(0.0, entry.deadline - time.monotonic())
+
+    # --- recovery -------------------------------------------------------------------------------------
+
+    def recover(self) -> list[Retained]:
+        """At start-up: every rank directory's newest checkpoint whose manifest checks out becomes a
+        recovered entry; files of uncommitted or damaged checkpoints are removed. Pages are not read."""
+        if not self.state_dir:
+            return []
+        found = []
+        for job, rank, directory in job_files.scan(self.state_dir):
+            good = []
+            for step in job_files.committed_steps(directory):
+                path = job_files.data_path(directory, step, ".manifest")
+                try:
+                    manifest = read_manifest(path)
+                    _check_files(manifest, directory)
+                except DataLoss as exc:
+                    log.error("checkpoint at step %d of job %r rank %d is unusable, skipped: %s", step, job, rank, exc)
+                    continue
+                good.append(manifest)
+            removed = job_files.prune(directory, keep={m.step for m in good[: job_files.KEEP]})
+            if removed:
+                log.info("removed %d files of unfinished or damaged checkpoints of job %r rank %d", len(removed),
+                         job, rank)
+            if not good:
+                job_files.remove_rank(self.state_dir, job, rank)
+                continue
+            entry = Retained(job, rank, None, good[0], self.deadline(), "recovered after a daemon restart")
+            self.held[(job, rank)] = entry
+            found.append(entry)
+        return found
+
+    def fallbacks(self, entry: Retained) -> list[Manifest]:
+        """The committed checkpoints of an entry, newest first, each read and checked again."""
+        directory = job_files.rank_directory(self.state_dir, entry.job, entry.rank)
+        manifests = []
+        for step in job_files.committed_steps(directory):
+            try:
+                manifest = read_manifest(job_files.data_path(directory, step, ".manifest"))
+                _check_files(manifest, directory)
+            except DataLoss as exc:
+                log.error("checkpoint at step %d of job %r rank %d is unusable: %s", step, entry.job, entry.rank, exc)
+                continue
+            manifests.append(manifest)
+        return manifests
+
+
+def _check_files(manifest: Manifest, directory: str) -> None:
+    """The data files exist and have the sizes the manifest says (a cut-short file is torn data)."""
+    from stated.durability.checkpoint import expected_sizes
+
+    for suffix, size in expected_sizes(manifest).items():
+        path = job_files.data_path(directory, manifest.step, suffix)
+        try:
+            found = os.stat(path).st_size
+        except FileNotFoundError:
+            raise DataLoss(f"checkpoint file {path} is missing") from None
+        if found < size:
+            raise DataLoss(f"checkpoint file {path} is {found} bytes, expected {size}: it was cut short")

@@ -1,0 +1,117 @@
+"""A checkpoint's manifest: what it holds and how to check it, written atomically after its data.
+
+Note [checkpoint order]
+-----------------------
+A checkpoint at step M of (job, rank) is four files in the rank's directory (stated.durability.job_files):
+`M.pages` (every page, one 4096-aligned slot each), `M.params` (the param arenas), `M.small` (the
+per-tensor small state and step counters) and `M.manifest`. The three data files are written and
+fsynced first; then the manifest goes to `M.manifest.tmp`, is fsynced, renamed to `M.manifest`, and the
+directory is fsynced. The rename is the commit: a crash before it leaves the previous checkpoint the
+newest, with orphan data files that recovery removes; a crash after it leaves the new one whole. The
+manifest carries a checksum of its own body, so a torn or damaged manifest is told from a good one,
+and the checksum of every page and file, so torn data is found when it is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import xxhash
+
+from stated.durability.direct_file import sync_directory
+from stated.errors import DataLoss
+
+FORMAT = 1
+SUFFIX = ".manifest"
+
+
+@dataclasses.dataclass
+class Manifest:
+    job: str
+    rank: int
+    step: int
+    algorithm: str
+    master_weights: bool
+    page_bytes: int
+    # One entry per region: {"device", "arena_bytes", "groups": [hyperparameters], "tensors": [[shape,
+    # dtype, group within the region, name]]}.
+    regions: list[dict[str, Any]]
+    page_checksums: list[int]
+    params_checksums: list[int]  # one per region
+    small_checksum: int
+    small_bytes: int
+    written: float
+    path: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        return layout_fingerprint(self.algorithm, self.master_weights, self.regions)
+
+    @property
+    def data_bytes(self) -> int:
+        from stated.paging.state_file import align_up
+
+        return (len(self.page_checksums) * align_up(self.page_bytes)
+                + sum(align_up(r["arena_bytes"]) for r in self.regions) + self.small_bytes)
+
+    def body(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        fields.pop("path")
+        return {"format": FORMAT, **fields, "fingerprint": self.fingerprint}
+
+
+def layout_fingerprint(algorithm: str, master: bool, regions: list[dict[str, Any]]) -> str:
+    """A digest of what a trainer must register again to resume: algorithm, master weights, and every
+    region's tensors (shapes, dtypes, groups, names) and device."""
+    shape = [[r["device"], [t[:4] for t in r["tensors"]], len(r["groups"])] for r in regions]
+    text = json.dumps([algorithm, master, shape], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _body_checksum(body: dict[str, Any]) -> int:
+    return xxhash.xxh3_64_intdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def write_manifest(directory: str, manifest: Manifest) -> str:
+    """Commits the checkpoint (Note [checkpoint order]); returns the manifest's path."""
+    body = manifest.body()
+    text = json.dumps({**body, "checksum": _body_checksum(body)}, sort_keys=True, indent=1)
+    final = os.path.join(directory, f"{manifest.step}{SUFFIX}")
+    temporary = final + ".tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, final)
+    sync_directory(directory)
+    manifest.path = final
+    return final
+
+
+def read_manifest(path: str) -> Manifest:
+    """The manifest at `path`, checked whole; DataLoss names what is wrong with a torn or damaged one."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise DataLoss(f"checkpoint manifest {path} cannot be read: {exc}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise DataLoss(f"checkpoint manifest {path} is not a format-{FORMAT} manifest")
+    checksum = raw.pop("checksum", None)
+    if checksum != _body_checksum(raw):
+        raise DataLoss(f"checkpoint manifest {path} is damaged: its checksum does not match its contents")
+    raw.pop("format")
+    fingerprint = raw.pop("fingerprint")
+    try:
+        manifest = Manifest(**raw, path=path)
+    except TypeError as exc:
+        raise DataLoss(f"checkpoint manifest {path} is missing fields: {exc}") from None
+    if manifest.fingerprint != fingerprint:
+        raise DataLoss(f"checkpoint manifest {path} does not match its own layout fingerprint")
+    return manifest
