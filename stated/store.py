@@ -17,16 +17,17 @@ import torch
 from stated import shm
 from stated.backends.base import Backend
 from stated.durability import job_files
-from stated.durability.checkpoint import Written, load_checkpoint, write_checkpoint
+from stated.durability import resume as resuming
+from stated.durability.checkpoint import Written, write_checkpoint
 from stated.durability.keeper import Keeper, Retained
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
-from stated.inconsistency import Inconsistency
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
-from stated.session import MASTER, MASTER_KEY, Session
-from stated_client.wire import WIRE_DTYPES, dtype_name
+from stated.session import Session
+from stated.state_transfer import StateTransfer
+from stated_client.wire import dtype_name
 from stated_kernels import lookup
 from stated_kernels.spec import Hyperparameters, TensorInfo
 
@@ -39,10 +40,9 @@ MAX_TENSORS_PER_REQUEST = 1 << 20
 IPC_HANDLE_BYTES = 64
 MAX_DEVICE_NAME = 64
 MAX_JOB_NAME = 200
-_DTYPE_BY_NAME = {dtype_name(d): d for d in WIRE_DTYPES}
 
 
-class Store:
+class Store(StateTransfer):
     def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
                  paging: Paging | None = None, cuda_backend=None, state_dir: str = "",
                  retain_seconds: float = DEFAULT_RETAIN_SECONDS, checkpoint_every: int = 0):
@@ -88,74 +88,19 @@ class Store:
                 f"job {job!r} rank {rank} has retained state at step {held.step} ({held.reason}); pass "
                 f"resume=True to continue from it, or run `stated drop {job}` to start over")
         if held is not None:
-            session = self._resume(held, algo, pid, master_weights)
+            session = resuming.retained_session(self, held, algo, pid, master_weights)
         else:
-            session = self._new_session(job, rank, algo, pid, master_weights)
+            session = self.new_session(job, rank, algo, pid, master_weights)
         self.sessions[session.id] = session
         self.by_job_rank[(job, rank)] = session.id
         return session
 
-    def _new_session(self, job: str, rank: int, algo, pid: int, master_weights: bool) -> Session:
+    def new_session(self, job: str, rank: int, algo, pid: int, master_weights: bool) -> Session:
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
                           self.page_bytes, self.shm_mode, self.shm_gid, master_weights)
         session.backend = self.backend  # until it registers CUDA tensors
         session.pager = self.paging.new_pager(session)
         return session
-
-    def _resume(self, held: Retained, algo, pid: int, master_weights: bool) -> Session:
-        """The retained session of `held`, under a new id and token (a half-applied one, or a recovered
-        job, is built from its newest checkpoint that reads back whole)."""
-        for what, kept, asked in (("algorithm", held.algorithm, algo.name),
-                                  ("master_weights", (held.session.master if held.session else
-                                                      held.manifest.master_weights), master_weights)):
-            if kept != asked:
-                raise InvalidArgument(f"resume of job {held.job!r} rank {held.rank}: the retained state has "
-                                      f"{what} {kept!r}, this optimizer {asked!r}")
-        session = held.session
-        if session is None or session.inconsistent is not None:
-            session = self._from_checkpoints(held, algo, pid)
-            if held.session is not None:
-                self._close(held.session)
-        else:
-            session.id, session.token, session.pid = secrets.token_hex(8), secrets.token_bytes(16), pid
-        self.keeper.take(held.job, held.rank)
-        session.resume_left = len(session.regions)
-        return session
-
-    def _from_checkpoints(self, held: Retained, algo, pid: int) -> Session:
-        """A session built and filled from the newest of `held`'s checkpoints that reads back whole."""
-        manifests = self.keeper.fallbacks(held) if self.state_dir else []
-        if not manifests:
-            why = held.session.inconsistent.describe() if held.session is not None else "its checkpoint is gone"
-            raise FailedPrecondition(f"job {held.job!r} rank {held.rank} cannot be resumed: {why}, and no "
-                                     f"checkpoint reads back whole; run `stated drop {held.job}` to start over")
-        problems = []
-        for manifest in manifests:
-            if manifest.page_bytes != self.page_bytes:
-                problems.append(f"the checkpoint at step {manifest.step} has {manifest.page_bytes}-byte pages; "
-                                f"this daemon runs with --page-size {self.page_bytes}")
-                continue
-            session = self._new_session(held.job, held.rank, algo, pid, manifest.master_weights)
-            try:
-                for region in manifest.regions:
-                    groups = [{**algo.defaults(), **g} for g in region["groups"]]
-                    first_tensor, first_group = len(session.tensors), len(session.groups)
-                    infos = [TensorInfo(first_tensor + i, tuple(shape), _DTYPE_BY_NAME[dtype], first_group + g, name)
-                             for i, (shape, dtype, g, name) in enumerate(region["tensors"])]
-                    _region, pages = session.add_region(groups, infos, region["device"])
-                    self.paging.added_pages(session, len(pages))
-                load_checkpoint(session, self.engine, manifest)
-            except DataLoss as exc:
-                self._close(session)
-                log.error("resume of job %r rank %d: %s; trying an older checkpoint", held.job, held.rank, exc)
-                problems.append(str(exc))
-                continue
-            except BaseException:
-                self._close(session)
-                raise
-            session.durable, session.changed_since_durable = manifest, False
-            return session
-        raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems))
 
     def get(self, session_id: str, token: bytes) -> Session:
         """The session a call names, after checking its token (PERMISSION_DENIED changes nothing)."""
@@ -183,11 +128,11 @@ class Store:
                 reason = f"a resume gave up with {session.resume_left} param groups not registered"
             session.resume_left = 0
             return self.keeper.retain(session, reason)
-        self._close(session)
+        self.close_session(session)
         self._remove_checkpoints(session.job, session.rank)
         return None
 
-    def _close(self, session: Session) -> None:
+    def close_session(self, session: Session) -> None:
         session.backend.close(session)
         self.paging.removed(session)
         session.close()
@@ -218,18 +163,18 @@ class Store:
         """Removes a retained entry for good (dropped, or its retention ran out)."""
         self.keeper.take(entry.job, entry.rank)
         if entry.session is not None:
-            self._close(entry.session)
+            self.close_session(entry.session)
         self._remove_checkpoints(entry.job, entry.rank)
 
     def close_all(self) -> None:
         """At shutdown: every session and retained state leaves memory; checkpoints stay on disk."""
         for session in list(self.sessions.values()):
             self.sessions.pop(session.id, None)
-            self._close(session)
+            self.close_session(session)
         self.by_job_rank.clear()
         for entry in list(self.keeper.held.values()):
             if entry.session is not None:
-                self._close(entry.session)
+                self.close_session(entry.session)
         self.keeper.held.clear()
 
     # --- durability -----------------------------------------------------------------------------
@@ -266,7 +211,7 @@ class Store:
         for a CUDA `device` (its UUID), lays out the buffers the client will share."""
         device = self._check_device(session, device)
         if session.resume_left:
-            return self._register_again(session, groups, tensors, device)
+            return resuming.register_again(session, groups, tensors, device)
         if not groups:
             raise InvalidArgument("groups is empty: register at least one param group")
         if not tensors:
@@ -316,39 +261,6 @@ class Store:
             self.paging.feed_device(session, self._cuda)
         session.changed_since_durable = True
         return region, infos, first_group, sum(p.nbytes for p in pages)
-
-    def _register_again(self, session: Session, groups: list[Hyperparameters],
-                        tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]], device: str):
-        """A resuming trainer registers a retained region: it must have the layout it had (the first
-        difference is named); the region, its arenas and its state are the retained ones."""
-        index = len(session.regions) - session.resume_left
-        region = session.regions[index]
-        places = [session.tensors[i] for i in region.tensors]
-        first_group = min(p.info.group for p in places)
-        where = f"resume of job {session.job!r} rank {session.rank}, param group {index}"
-        kept_groups = len({p.info.group for p in places})
-        if len(groups) != kept_groups:
-            raise InvalidArgument(f"{where}: {len(groups)} groups sent, the retained state has {kept_groups}")
-        if len(tensors) != len(places):
-            raise InvalidArgument(f"{where}: {len(tensors)} tensors sent, the retained state has {len(places)}")
-        if device != region.device:
-            raise InvalidArgument(f"{where}: device {device or 'cpu'!r}, the retained state has "
-                                  f"{region.device or 'cpu'!r}")
-        for i, ((shape, dtype, group, name), place) in enumerate(zip(tensors, places)):
-            kept = (tuple(place.info.shape), session.dtype, place.info.group - first_group, place.info.name)
-            for what, asked, had in zip(("shape", "dtype", "group", "name"), (tuple(shape), dtype, group, name), kept):
-                if asked != had:
-                    raise InvalidArgument(f"{where}: tensors[{i}].{what} is {_shown(asked)}, the retained state "
-                                          f"has {_shown(had)}")
-        for i, hp in enumerate(groups):
-            problem = session.algorithm.validate(hp, where=f"groups[{i}].")
-            if problem:
-                raise InvalidArgument(problem)
-        session.check_groups(session.groups[:first_group] + [{**session.algorithm.defaults(), **hp} for hp in groups]
-                             + session.groups[first_group + len(groups):])
-        session.resume_left -= 1
-        infos = [p.info for p in places]
-        return region, infos, first_group, sum(session.table[p].page.nbytes for p in region.pages)
 
     def _check_device(self, session: Session, device: str) -> str:
         """"" for shared memory, else a CUDA device UUID this daemon can serve (made ready here)."""
@@ -430,115 +342,3 @@ class Store:
         if session.inconsistent is not None:
             checkpoint_step = None if session.durable is None else session.durable.step
             raise session.inconsistent.refusal(session, action, checkpoint_step=checkpoint_step)
-
-    # --- state_dict -----------------------------------------------------------------------------
-
-    def begin_export(self, session: Session) -> None:
-        """Before export_tensor calls: state held on a device comes back to the host tier. A half-applied
-        state is not exported (Note [half-applied steps])."""
-        self._check_consistent(session, "state_dict()")
-        self.engine.flush(session)
-
-    def export_tensor(self, session: Session, index: int) -> dict[str, torch.Tensor] | None:
-        """The tensor's state_dict entry with the reference's keys, or None if it has no state."""
-        place, small = session.tensors[index], session.small[index]
-        if not session.algorithm.has_state(small):
-            return None
-        flat = {f.name: torch.empty(f.count(place.info.numel), dtype=f.dtype) for f in place.fields}
-        positions = dict(session.tensor_pages.get(index, []))
-
-        def read(bound) -> None:
-            seg = bound.segments[positions[bound.page]]
-            for f in place.fields:
-                begin = seg.start // f.per
-                view = seg.fields[f.name]
-                flat[f.name][begin: begin + view.numel()].copy_(view)
-
-        self.engine.visit_pages(session, positions, read, dirty=False)
-        master = flat.pop(MASTER.name, None)
-        entry = session.algorithm.export_state(place.info, small, flat)
-        if master is not None:
-            entry[MASTER_KEY] = master.reshape(place.info.shape)
-        return entry
-
-    def reset_state(self, session: Session) -> None:
-        """Back to the state before the first step: counters at zero, pages zeroed."""
-        session.backend.invalidate(session)
-        for place in session.tensors:
-            session.small[place.info.index] = session.algorithm.init_small_state(
-                place.info, session.groups[place.info.group])
-        session.bindings.clear()  # they hold the old small-state dicts
-        self.engine.reset_pages(session)
-
-    def import_state(self, session: Session, entries: list[tuple[int, dict[str, torch.Tensor]]]) -> tuple[int, int]:
-        """Loads state_dict entries all or nothing: every entry is checked before any state changes, then
-        all state is reset (torch's load_state_dict replaces it whole) and the entries written.
-        Returns (tensors, bytes) loaded. It makes an inconsistent session consistent again; one that fails
-        after it began changing state leaves the session inconsistent (Note [half-applied steps])."""
-        self._check_resumed(session, "load_state_dict()")
-        session.changed_since_durable = True
-        staged, seen = [], set()
-        for index, entry in entries:
-            if not 0 <= index < len(session.tensors):
-                raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
-            if index in seen:
-                raise InvalidArgument(f"header.tensor {index} appears twice in one ImportState stream")
-            seen.add(index)
-            place = session.tensors[index]
-            small = session.algorithm.init_small_state(place.info, session.groups[place.info.group])
-            fields = tuple(f for f in place.fields if f is not MASTER)
-            try:
-                flat = session.algorithm.import_state(place.info, small, entry, fields)
-            except (ValueError, KeyError, RuntimeError) as exc:
-                raise InvalidArgument(str(exc)) from None
-            if session.master:  # a state_dict without master copies (from torch) starts them from the arena
-                master = entry.get(MASTER_KEY)
-                if master is None and session.regions[place.region].device:
-                    staged.append((index, small, flat))  # the backend copies it on the device (master_pending)
-                    continue
-                if master is None:
-                    master = session.param_views[index]
-                if master.numel() != place.info.numel:
-                    raise InvalidArgument(f"state {MASTER_KEY!r} of tensor {index} has {master.numel()} elements, "
-                                          f"expected {place.info.numel}")
-                flat[MASTER.name] = master.reshape(-1).to(torch.float32)
-            staged.append((index, small, flat))
-        try:
-            nbytes = self._replace_state(session, staged)
-        except BaseException as exc:
-            session.inconsistent = Inconsistency.of("load_state_dict", session.steps + 1, None, exc)
-            raise
-        session.inconsistent = None
-        return len(staged), nbytes
-
-    def _replace_state(self, session: Session, staged: list[tuple[int, dict, dict[str, torch.Tensor]]]) -> int:
-        """Resets all state and writes the checked entries; returns the bytes written."""
-        self.reset_state(session)
-        for index, small, _flat in staged:
-            session.small[index] = small
-        session.bindings.clear()  # bound segments carry the small-state dicts just replaced
-        return sum(self._write_fields(session, index, flat) for index, _small, flat in staged)
-
-    def _write_fields(self, session: Session, index: int, flat: dict[str, torch.Tensor]) -> int:
-        place = session.tensors[index]
-        per = {f.name: f.per for f in place.fields}
-        positions = dict(session.tensor_pages.get(index, []))
-
-        def write(bound) -> None:
-            seg = bound.segments[positions[bound.page]]
-            if session.master and MASTER.name not in flat:
-                session.master_pending.add(bound.page)
-            for name, view in seg.fields.items():
-                if name not in flat:
-                    continue
-                begin = seg.start // per[name]
-                view.copy_(flat[name][begin: begin + view.numel()])
-
-        self.engine.visit_pages(session, positions, write, dirty=True)
-        return sum(t.numel() * t.element_size() for t in flat.values())
-
-
-def _shown(value) -> str:
-    if isinstance(value, torch.dtype):
-        return dtype_name(value)
-    return repr(list(value)) if isinstance(value, tuple) else repr(value)

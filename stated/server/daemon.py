@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import stat
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -136,11 +137,7 @@ class Daemon:
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
         prepare_socket_dir(self.path, self.gid)
-        started = loop_time()
-        recovered = self.store.keeper.recover()
-        if recovered:
-            log.info("recovered %d jobs from %s in %.2f s: %s", len(recovered), self.config.state_dir,
-                     loop_time() - started, ", ".join(f"{e.job} rank {e.rank} at step {e.step}" for e in recovered))
+        self._recover()
         server = grpc.aio.server(options=MESSAGE_OPTIONS)
         pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
         health_servicer = health.aio.HealthServicer()
@@ -168,35 +165,46 @@ class Daemon:
         try:
             await self.stopping.wait()
         finally:
-            log.info("shutting down: making %d sessions and %d retained jobs durable", len(self.store.sessions),
-                     len(self.store.keeper.held))
-            # Session calls are refused as UNAVAILABLE from here, and closing ends the Watch streams with it:
-            # clients learn that the daemon stopped, not that their session never existed.
-            self.servicer.stopping = True
-            retention.cancel()
-            if watchdog:
-                watchdog.cancel()
-            await health_servicer.enter_graceful_shutdown()
-            done, left = await self.servicer.make_durable(self.config.shutdown_timeout)
-            if done or left:
-                log.info("shutdown: %d checkpoints written, %d left at their last checkpoint", done, left)
-            self.servicer.end_watches()
-            await self.step_channel.stop()
-            await server.stop(grace=1.0)
-            self.servicer.close()
-            if self.cpu_workers is not None:
-                self.cpu_workers.close()
-            self.store.paging.close()
-            if self._state_lock is not None:
-                os.close(self._state_lock)
-            if self.metrics_server is not None:
-                self.metrics_server.shutdown()
-                self.metrics_server.server_close()
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            log.info("stopped")
+            await self._shut_down(server, health_servicer, [watchdog, retention])
+
+    async def _shut_down(self, server, health_servicer, tasks) -> None:
+        log.info("shutting down: making %d sessions and %d retained jobs durable", len(self.store.sessions),
+                 len(self.store.keeper.held))
+        # Session calls are refused as UNAVAILABLE from here, and closing ends the Watch streams with it:
+        # clients learn that the daemon stopped, not that their session never existed.
+        self.servicer.stopping = True
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        await health_servicer.enter_graceful_shutdown()
+        done, left = await self.servicer.make_durable(self.config.shutdown_timeout)
+        if done or left:
+            log.info("shutdown: %d checkpoints written, %d left at their last checkpoint", done, left)
+        self.servicer.end_watches()
+        await self.step_channel.stop()
+        await server.stop(grace=1.0)
+        self.servicer.close()
+        if self.cpu_workers is not None:
+            self.cpu_workers.close()
+        self.store.paging.close()
+        if self._state_lock is not None:
+            os.close(self._state_lock)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        log.info("stopped")
+
+    def _recover(self) -> None:
+        started = time.monotonic()
+        recovered = self.store.keeper.recover()
+        if recovered:
+            log.info("recovered %d jobs from %s in %.2f s: %s", len(recovered), self.config.state_dir,
+                     time.monotonic() - started,
+                     ", ".join(f"{e.job} rank {e.rank} at step {e.step}" for e in recovered))
 
     async def _expire_retained(self) -> None:
         while True:
@@ -215,12 +223,6 @@ class Daemon:
                 log.info("parent process %d is gone; stopping", parent)
                 self.stopping.set()
                 return
-
-
-def loop_time() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def _hold_state_dir(directory: str) -> int:

@@ -13,7 +13,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import math
 
 import grpc
 import torch
@@ -22,7 +21,9 @@ from stated import __version__
 from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
 from stated.server.job_table import job_stats, retained_stats
+from stated.server.shutdown import checkpoint_all
 from stated.server.session_lock import SessionLock
+from stated.server.state_stream import Assembler
 from stated.server.status_codes import GRPC_CODES, refusal
 from stated.session import Session
 from stated.store import Store
@@ -30,7 +31,7 @@ from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_kernels import ALGORITHMS
 from stated_client.protocol import SHUTTING_DOWN
-from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks, tensor_from_bytes
+from stated_client.wire import CHUNK_BYTES, TORCH_DTYPES, state_chunks
 
 log = logging.getLogger("stated.server.servicer")
 
@@ -215,41 +216,8 @@ class StateServicer(pb_grpc.StateServiceServicer):
                                      seconds=written.seconds, manifest=written.manifest.path)
 
     async def make_durable(self, seconds: float) -> tuple[int, int]:
-        """At shutdown: checkpoints every session and retained session whose state changed since its
-        last checkpoint, for at most `seconds`; returns (made durable, left at their last checkpoint)."""
-        if not self.store.state_dir:
-            return 0, 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        sessions = list(self.store.sessions.values()) + [e.session for e in self.store.keeper.held.values()
-                                                       if e.session is not None]
-        done = left = 0
-        for session in sessions:
-            if not session.changed_since_durable or session.inconsistent is not None or session.resume_left:
-                continue
-            remaining = deadline - loop.time()
-            lock = self.locks.get(session.id)
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                if lock is not None:
-                    await asyncio.wait_for(lock.acquire(), remaining)
-                try:
-                    await asyncio.wait_for(asyncio.shield(self._run(self.store.checkpoint, session)),
-                                           max(0.0, deadline - loop.time()))
-                finally:
-                    if lock is not None:
-                        lock.release()
-                done += 1
-            except asyncio.TimeoutError:
-                left += 1
-                log.warning("shutdown: job=%s rank=%d not made durable within --shutdown-timeout; it stays at its "
-                            "last checkpoint (%s)", session.job, session.rank,
-                            f"step {session.durable.step}" if session.durable else "none")
-            except Exception as exc:  # noqa: BLE001
-                left += 1
-                log.error("shutdown: checkpoint of job=%s rank=%d failed: %s", session.job, session.rank, exc)
-        return done, left
+        """At shutdown: checkpoints what changed since its last checkpoint (stated.server.shutdown)."""
+        return await checkpoint_all(self, seconds)
 
     @rpc
     async def Watch(self, request: pb.WatchRequest, context):
@@ -430,56 +398,3 @@ def _inconsistency(session: Session) -> dict:
     if failed is None:
         return {}
     return {"inconsistent": True, "failed_step": failed.step, "inconsistency": failed.describe()}
-
-
-class Assembler:
-    """Rebuilds state_dict entries from an ImportState stream, one tensor at a time."""
-
-    def __init__(self) -> None:
-        self.current: tuple[int, float, dict[str, bytearray], dict[str, tuple], set[str]] | None = None
-
-    def header(self, header: pb.TensorStateHeader):
-        done = self.finish()
-        if not header.step >= 0 or header.step != header.step:
-            raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0")
-        self.current = (header.tensor, header.step, {}, {}, set(header.fields))
-        return done
-
-    def chunk(self, chunk: pb.StateChunk):
-        if self.current is None:
-            raise InvalidArgument("a chunk came before any header; each tensor's state starts with a header")
-        tensor, _step, data, meta, expected = self.current
-        if chunk.tensor != tensor:
-            raise InvalidArgument(f"chunk.tensor is {chunk.tensor} inside the state of tensor {tensor}")
-        if chunk.field not in expected:
-            raise InvalidArgument(f"chunk.field {chunk.field!r} of tensor {tensor} was not announced in its header")
-        dtype = TORCH_DTYPES.get(chunk.dtype)
-        if dtype is None:
-            raise InvalidArgument(f"chunk.dtype {chunk.dtype} of tensor {tensor} field {chunk.field!r} is not known")
-        buf = data.setdefault(chunk.field, bytearray())
-        meta.setdefault(chunk.field, (dtype, tuple(chunk.shape)))
-        size = dtype.itemsize
-        if chunk.offset * size != len(buf):
-            raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
-                                  f"follow the previous chunk (expected {len(buf) // size})")
-        buf.extend(chunk.data)
-        return None
-
-    def finish(self):
-        if self.current is None:
-            return None
-        tensor, step, data, meta, expected = self.current
-        self.current = None
-        missing = expected - set(data)
-        if missing:
-            raise InvalidArgument(f"the state of tensor {tensor} announced {sorted(missing)} but sent no data for them")
-        entry = {"step": torch.tensor(step, dtype=torch.float32)}
-        for name, raw in data.items():
-            dtype, shape = meta[name]
-            numel = math.prod(shape)
-            size = dtype.itemsize
-            if len(raw) != numel * size:
-                raise InvalidArgument(f"field {name!r} of tensor {tensor} has {len(raw) // size} values but its "
-                                      f"shape {list(shape)} needs {numel}")
-            entry[name] = tensor_from_bytes(raw, dtype, shape)
-        return tensor, entry
