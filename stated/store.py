@@ -160,11 +160,12 @@ class Store(StateTransfer):
         return gone
 
     def forget(self, entry: Retained) -> None:
-        """Removes a retained entry for good (dropped, or its retention ran out)."""
-        self.keeper.take(entry.job, entry.rank)
+        """Removes a retained entry for good (dropped, or its retention ran out); it is listed until its
+        memory and files are gone."""
         if entry.session is not None:
             self.close_session(entry.session)
         self._remove_checkpoints(entry.job, entry.rank)
+        self.keeper.take(entry.job, entry.rank)
 
     def close_all(self) -> None:
         """At shutdown: every session and retained state leaves memory; checkpoints stay on disk."""

@@ -63,12 +63,9 @@ class Keeper:
         return self.held.pop((job, rank), None)
 
     def expired(self, now: float | None = None) -> list[Retained]:
-        """Takes out every entry whose retention ran out."""
+        """Every entry whose retention ran out (the store's `forget` takes them out)."""
         now = time.monotonic() if now is None else now
-        gone = [e for e in self.held.values() if e.deadline <= now]
-        for entry in gone:
-            del self.held[(entry.job, entry.rank)]
-        return gone
+        return [e for e in self.held.values() if e.deadline <= now]
 
     def seconds_left(self, entry: Retained) -> float:
         return -1.0 if math.isinf(entry.deadline) else max(0.0, entry.deadline - time.monotonic())
