@@ -81,3 +81,38 @@ def test_a_failed_step_is_refused_until_restored_and_then_matches_torch(tmp_path
         opt.close()
     finally:
         proc.stop()
+
+
+def test_a_failed_step_goes_back_to_the_daemons_checkpoint_with_resume(tmp_path):
+    """The other way back: the refusal names the checkpoint's step; closing with keep and resuming
+    continues from that checkpoint, bit for bit as the optimizer was when it was taken."""
+    proc = DaemonProcess(tmp_path, "--host-memory", str(2 * PAGE), "--page-size", str(PAGE))
+    proc.start()
+    try:
+        model = make_model()
+        opt = stated.AdamW(model.parameters(), lr=1e-3, address=proc.address, job="back")
+        train(model, opt, 2, seed=1)
+        assert opt.checkpoint() == 2
+        saved_params, saved_state = [p.detach().clone() for p in model.parameters()], opt.state_dict()
+        train(model, opt, 1, seed=2)
+        flip_byte(state_path(os.path.join(proc.directory, "state"), "back"), 3)
+        with pytest.raises(stated.StatedError):
+            train(model, opt, 1, seed=3)
+        with pytest.raises(stated.FailedPreconditionError) as refused:
+            train(model, opt, 1, seed=3)
+        assert "the daemon's checkpoint at step 2: opt.close(keep=True), then a new optimizer with resume=True" \
+            in str(refused.value)
+        opt.close(keep=True)
+
+        fresh = make_model(seed=5)
+        again = stated.AdamW(fresh.parameters(), lr=1e-3, address=proc.address, job="back", resume=True)
+        assert again.resumed_step == 2
+        assert all(torch.equal(p, q) for p, q in zip(fresh.parameters(), saved_params))
+        state = again.state_dict()["state"]
+        for index, entry in saved_state["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(state[index][key], value), (index, key)
+        train(fresh, again, 3, seed=4)  # and it steps on from there
+        again.close()
+    finally:
+        proc.stop()
