@@ -45,9 +45,10 @@ DEFAULT_TIMEOUT = 60.0
 MAX_KEEPALIVE_SECONDS = 5.0
 MAX_SLICE_SECONDS = 1.0
 
-RESTART = ("restart training from your last checkpoint (load a saved opt.state_dict() into a new optimizer with "
-           "opt.load_state_dict()) with a daemon running again (`stated serve`, or the private one a new optimizer "
-           "starts by itself)")
+RESTART = ("once a daemon runs again on the same --state-dir (`stated serve`), make the optimizer again with "
+           "resume=True: it continues from the daemon's last checkpoint (opt.checkpoint(), --checkpoint-every, or the "
+           "one a daemon stopped with SIGTERM writes), and opt.resumed_step says which step. Without a checkpoint, "
+           "restart training from your last saved state (opt.load_state_dict() into a new optimizer)")
 
 
 def timeout_from_env() -> float | None:
@@ -72,14 +73,14 @@ def keepalive_seconds(timeout: float | None) -> float:
 
 def stopped_error(target: str, detail: str) -> DaemonUnavailableError:
     why = "it is shutting down" if detail == SHUTTING_DOWN else detail
-    return DaemonUnavailableError(f"the stated daemon at {target} stopped ({why}). The optimizer state it held is "
-                                  f"lost: {RESTART}.")
+    return DaemonUnavailableError(f"the stated daemon at {target} stopped ({why}). Its optimizer state is kept as of "
+                                  f"its last checkpoint: {RESTART}.")
 
 
 def silent_error(target: str, silent: float, timeout: float) -> DaemonUnavailableError:
     return DaemonUnavailableError(
         f"the stated daemon at {target} gave no sign of life for {silent:.1f} s ({ENV_TIMEOUT} is {timeout:g} s): it "
-        f"is stopped (SIGSTOP?) or hung, and this optimizer gives up on it. Restart the daemon and {RESTART}; if "
+        f"is stopped (SIGSTOP?) or hung, and this optimizer gives up on it. Restart the daemon; {RESTART}. If "
         f"the daemon is only slow, raise {ENV_TIMEOUT}.")
 
 

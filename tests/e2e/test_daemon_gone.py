@@ -65,8 +65,8 @@ def assert_stopped(error: BaseException, proc) -> None:
     text = str(error)
     assert isinstance(error, stated.DaemonUnavailableError), repr(error)
     assert f"the stated daemon at {proc.address} stopped (" in text, text
-    assert "The optimizer state it held is lost: restart training from your last checkpoint" in text, text
-    assert "opt.load_state_dict()" in text and "stated serve" in text, text
+    assert "Its optimizer state is kept as of its last checkpoint" in text, text
+    assert "resume=True" in text and "opt.load_state_dict()" in text and "stated serve" in text, text
     assert "does not exist" not in text and "NOT_FOUND" not in text, text
 
 
@@ -165,7 +165,7 @@ def test_sigstopped_daemon_is_given_up_on_within_the_timeout(spawn, wire, what):
         text = str(info.value)
         assert f"the stated daemon at {proc.address} gave no sign of life for " in text, text
         assert "(STATED_TIMEOUT is 2 s): it is stopped (SIGSTOP?) or hung" in text, text
-        assert "restart training from your last checkpoint" in text and "raise STATED_TIMEOUT" in text, text
+        assert "resume=True" in text and "raise STATED_TIMEOUT" in text, text
         with pytest.raises(stated.DaemonUnavailableError, match="gave no sign of life"):
             train(model, opt)  # the verdict stands
     finally:
