@@ -114,6 +114,7 @@ class Engine:
         mask = None if everyone else has_grad
         order = [e.page.index for e in session.table
                  if everyone or any(has_grad[s.tensor] for s in e.page.segments)]
+        session.changed_pages.update(order)  # for the next checkpoint (stated.durability.checkpoint)
         for pass_index in range(session.algorithm.passes):
             stall += self._pass(session, order, groups, pass_index, mask, host, cursor)
             if pass_index + 1 < session.algorithm.passes:
@@ -169,6 +170,8 @@ class Engine:
         import); `dirty` when `visit` writes the page."""
         pager = session.pager
         for page in pages:
+            if dirty:
+                session.changed_pages.add(page)
             buffer, _waited = pager.get(page)
             try:
                 visit(session.bind(session.table[page], buffer))
@@ -176,11 +179,10 @@ class Engine:
                 pager.done(page, dirty)
 
     @staticmethod
-    def read_all_pages(session: Session, visit: Callable[[Binding], None]) -> None:
-        """Calls `visit` with every page in order, between steps, for reading only (a checkpoint); a
+    def read_all_pages(session: Session, visit: Callable[[Binding], None], order: list[int]) -> None:
+        """Calls `visit` with each page of `order`, between steps, for reading only (a checkpoint); a
         paged session's pages are read ahead as in a step's pass."""
         pager = session.pager
-        order = [entry.page.index for entry in session.table]
         pager.begin_pass(order)
         try:
             for page in order:
@@ -206,6 +208,7 @@ class Engine:
         """Every page back to fresh (zero) state, as before the first step."""
         for entry in session.table:
             session.pager.reset(entry.page.index)
+            session.changed_pages.add(entry.page.index)
 
 
 def _retire(session: Session, in_flight: collections.deque, cursor: Cursor) -> None:

@@ -107,6 +107,7 @@ class Session:
         # since, and how many regions a resuming trainer has still to register again.
         self.durable = None
         self.changed_since_durable = True
+        self.changed_pages: set[int] = set()  # pages whose state changed since the last checkpoint
         self.resume_left = 0
 
     # --- registration -----------------------------------------------------------------------
@@ -179,6 +180,7 @@ class Session:
             self.tensors.append(place)
             self.group_sample.setdefault(place.info.group, place)
         self.table.extend(pages)
+        self.changed_pages.update(p.index for p in pages)
         for page in pages:
             for position, seg in enumerate(page.segments):
                 self.tensor_pages.setdefault(seg.tensor, []).append((page.index, position))

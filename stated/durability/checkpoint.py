@@ -2,9 +2,11 @@
 
 Note [checkpoint order] in stated.durability.manifest says which files and in what order. The session's
 lock is held throughout (the servicer takes it): no step changes a page, a parameter or a counter while
-they are written, so the checkpoint is exactly the state after its step. Every page is written, each
+they are written, so the checkpoint is exactly the state after its step. The pages that changed since
+the session's last checkpoint (`Session.changed_pages`, all of them the first time) are written, each
 with its checksum computed on a second thread while the first writes it, so the disk, not the CPU,
-sets the pace; a paged session's pages are read ahead from its state file as in a step.
+sets the pace; the others stay where the last checkpoint has them. A paged session's pages are read
+ahead from its state file as in a step. The parameters and the small state are written every time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from stated.durability import job_files
 from stated.durability.direct_file import DirectFile
-from stated.durability.manifest import Manifest, write_manifest
+from stated.durability.manifest import Manifest, read_manifest, write_manifest
 from stated.errors import DataLoss
 from stated.paging.state_file import align_up, checksum_of
 from stated.session import Session
@@ -63,13 +65,15 @@ def write_checkpoint(session: Session, engine, state_dir: str) -> Written:
     start = time.perf_counter()
     directory = job_files.rank_directory(state_dir, session.job, session.rank, create=True)
     step = session.steps
-    committed = job_files.committed_steps(directory)
+    kept = _committed(directory, exclude=step)
     # A checkpoint of this same step (state loaded since) is replaced: the others stay to fall back to.
-    job_files.prune(directory, keep=set(committed) - {step})
-    slot = align_up(session.page_bytes)
+    _prune(directory, kept)
+    previous = session.durable if session.durable is not None and session.durable.step != step else None
+    if previous is not None and previous.path not in {m.path for m in kept}:
+        previous = None  # its files are gone (dropped by hand?): write every page
     regions = describe_regions(session)
     try:
-        page_sums = _write_pages(session, engine, job_files.data_path(directory, step, ".pages"), slot)
+        sums, places, nbytes = _write_pages(session, engine, directory, step, previous)
         param_sums = _write_params(session, job_files.data_path(directory, step, ".params"))
         small = _small_state_bytes(session)
         small_file = DirectFile.create(job_files.data_path(directory, step, ".small"), len(small))
@@ -78,32 +82,63 @@ def write_checkpoint(session: Session, engine, state_dir: str) -> Written:
         finally:
             small_file.finish()
         manifest = Manifest(session.job, session.rank, step, session.algorithm.name, session.master,
-                            session.page_bytes, regions, page_sums, param_sums, checksum_of(small), len(small),
+                            session.page_bytes, regions, sums, places, param_sums, checksum_of(small), len(small),
                             time.time())
         write_manifest(directory, manifest)
     except BaseException:
-        job_files.prune(directory, keep=set(committed) - {step})
+        _prune(directory, kept)
         raise
-    job_files.prune(directory, keep=set(job_files.committed_steps(directory)[: job_files.KEEP]))
-    return Written(manifest, manifest.data_bytes, time.perf_counter() - start)
+    session.changed_pages.clear()
+    _prune(directory, _committed(directory)[: job_files.KEEP])
+    nbytes += _param_offsets(session)[-1] + len(small)
+    return Written(manifest, nbytes, time.perf_counter() - start)
 
 
-def _write_pages(session: Session, engine, path: str, slot: int) -> list[int]:
-    sums = [0] * len(session.table)
-    out = DirectFile.create(path, len(session.table) * slot)
+def _committed(directory: str, exclude: int | None = None) -> list[Manifest]:
+    """The committed checkpoints' manifests, newest first (a damaged one is left out, to be pruned)."""
+    manifests = []
+    for step in job_files.committed_steps(directory):
+        if step == exclude:
+            continue
+        try:
+            manifests.append(read_manifest(job_files.data_path(directory, step, ".manifest")))
+        except DataLoss as exc:
+            log.error("%s; it is removed", exc)
+    return manifests
+
+
+def _prune(directory: str, kept: list[Manifest]) -> None:
+    job_files.prune(directory, keep={m.step for m in kept}, pages_of=set().union(*(m.page_files for m in kept)))
+
+
+def _write_pages(session: Session, engine, directory: str, step: int,
+                 previous: Manifest | None) -> tuple[list[int], list[list[int]], int]:
+    """Writes the pages that changed since `previous` into `<step>.pages`; returns every page's
+    checksum and [step, slot], and the bytes written."""
+    count, slot = len(session.table), align_up(session.page_bytes)
+    sums, places = [0] * count, [[0, 0]] * count
+    changed = set(range(count)) if previous is None else {p for p in session.changed_pages if p < count}
+    for page in range(count):
+        if page not in changed and page < len(previous.page_places):
+            sums[page], places[page] = previous.page_checksums[page], previous.page_places[page]
+        else:
+            changed.add(page)
+    order = sorted(changed)
+    position = {page: i for i, page in enumerate(order)}
+    out = DirectFile.create(job_files.data_path(directory, step, ".pages"), len(order) * slot)
     try:
         def write(bound) -> None:
             data = bound.buffer[: session.page_bytes]
             hashing = _hasher.submit(checksum_of, data.numpy())
-            out.write_at(bound.page * slot, data, session.page_bytes)
-            sums[bound.page] = hashing.result()
+            out.write_at(position[bound.page] * slot, data, session.page_bytes)
+            sums[bound.page], places[bound.page] = hashing.result(), [step, position[bound.page]]
 
-        engine.read_all_pages(session, write)
+        engine.read_all_pages(session, write, order)
     except BaseException:
         out.close()
         raise
     out.finish()
-    return sums
+    return sums, places, len(order) * slot
 
 
 def _write_params(session: Session, path: str) -> list[int]:
@@ -168,25 +203,33 @@ def load_checkpoint(session: Session, engine, manifest: Manifest) -> None:
     finally:
         params.close()
 
-    pages = DirectFile.open(job_files.data_path(directory, step, ".pages"))
+    files = {file_step: DirectFile.open(job_files.data_path(directory, file_step, ".pages"))
+             for file_step in sorted(manifest.page_files)}
     try:
         def read(bound) -> None:
-            data = bound.buffer[: manifest.page_bytes]
-            pages.read_at(bound.page * slot, data, manifest.page_bytes)
+            file_step, file_slot = manifest.page_places[bound.page]
+            data, source = bound.buffer[: manifest.page_bytes], files[file_step]
+            source.read_at(file_slot * slot, data, manifest.page_bytes)
             if checksum_of(data.numpy()) != manifest.page_checksums[bound.page]:
-                raise DataLoss(f"page {bound.page} in checkpoint file {pages.path} is damaged: its checksum "
+                raise DataLoss(f"page {bound.page} in checkpoint file {source.path} is damaged: its checksum "
                                f"does not match the manifest")
 
         engine.visit_pages(session, range(len(session.table)), read, dirty=True)
     finally:
-        pages.close()
+        for source in files.values():
+            source.close()
     session.small[:] = small
     session.bindings.clear()  # bound segments carry the small-state dicts just replaced
     session.master_pending.clear()
+    session.changed_pages.clear()  # every page is as the checkpoint has it
     session.steps = step
 
 
-def expected_sizes(manifest: Manifest) -> dict[str, int]:
-    """The bytes each data file of the manifest's checkpoint must have at least."""
-    return {".pages": len(manifest.page_checksums) * align_up(manifest.page_bytes),
-            ".params": _param_offsets(manifest)[-1], ".small": manifest.small_bytes}
+def expected_sizes(manifest: Manifest) -> dict[tuple[int, str], int]:
+    """The bytes each data file (step, suffix) that the manifest's checkpoint reads must have at least."""
+    slot = align_up(manifest.page_bytes)
+    sizes = {(manifest.step, ".params"): _param_offsets(manifest)[-1], (manifest.step, ".small"): manifest.small_bytes}
+    for file_step, file_slot in manifest.page_places:
+        key = (file_step, ".pages")
+        sizes[key] = max(sizes.get(key, 0), (file_slot + 1) * slot)
+    return sizes

@@ -55,8 +55,9 @@ def committed_steps(directory: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def prune(directory: str, keep: set[int]) -> list[str]:
-    """Removes every file of the directory that is not part of a checkpoint in `keep`; returns them."""
+def prune(directory: str, keep: set[int], pages_of: set[int] = frozenset()) -> list[str]:
+    """Removes every file of the directory that is not part of a checkpoint in `keep`, except the
+    `.pages` files of the steps in `pages_of` (which kept checkpoints still read); returns them."""
     removed = []
     try:
         names = os.listdir(directory)
@@ -64,7 +65,8 @@ def prune(directory: str, keep: set[int]) -> list[str]:
         return removed
     for name in names:
         match = _NAME.match(name)
-        if match and int(match.group(1)) in keep and not match.group(3):
+        if match and not match.group(3) and (int(match.group(1)) in keep
+                                              or match.group(2) == "pages" and int(match.group(1)) in pages_of):
             continue
         path = os.path.join(directory, name)
         if os.path.isfile(path) or os.path.islink(path):

@@ -89,7 +89,9 @@ class Keeper:
                     log.error("checkpoint at step %d of job %r rank %d is unusable, skipped: %s", step, job, rank, exc)
                     continue
                 good.append(manifest)
-            removed = job_files.prune(directory, keep={m.step for m in good[: job_files.KEEP]})
+            kept = good[: job_files.KEEP]
+            removed = job_files.prune(directory, keep={m.step for m in kept},
+                                      pages_of=set().union(*(m.page_files for m in kept)))
             if removed:
                 log.info("removed %d files of unfinished or damaged checkpoints of job %r rank %d", len(removed),
                          job, rank)
@@ -120,8 +122,8 @@ def _check_files(manifest: Manifest, directory: str) -> None:
     """The data files exist and have the sizes the manifest says (a cut-short file is torn data)."""
     from stated.durability.checkpoint import expected_sizes
 
-    for suffix, size in expected_sizes(manifest).items():
-        path = job_files.data_path(directory, manifest.step, suffix)
+    for (step, suffix), size in expected_sizes(manifest).items():
+        path = job_files.data_path(directory, step, suffix)
         try:
             found = os.stat(path).st_size
         except FileNotFoundError:

@@ -3,8 +3,11 @@
 Note [checkpoint order]
 -----------------------
 A checkpoint at step M of (job, rank) is four files in the rank's directory (stated.durability.job_files):
-`M.pages` (every page, one 4096-aligned slot each), `M.params` (the param arenas), `M.small` (the
-per-tensor small state and step counters) and `M.manifest`. The three data files are written and
+`M.pages` (the pages that changed since the previous checkpoint, one 4096-aligned slot each), `M.params`
+(the param arenas), `M.small` (the per-tensor small state and step counters) and `M.manifest`, which says
+for every page which step's `.pages` file holds it and in which slot: a page unchanged since the
+previous checkpoint is not written again, and the files it lives in are kept as long as a kept manifest
+names them. The three data files are written and
 fsynced first; then the manifest goes to `M.manifest.tmp`, is fsynced, renamed to `M.manifest`, and the
 directory is fsynced. The rename is the commit: a crash before it leaves the previous checkpoint the
 newest, with orphan data files that recovery removes; a crash after it leaves the new one whole. The
@@ -25,7 +28,7 @@ import xxhash
 from stated.durability.direct_file import sync_directory
 from stated.errors import DataLoss
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".manifest"
 
 
@@ -41,6 +44,8 @@ class Manifest:
     # dtype, group within the region, name]]}.
     regions: list[dict[str, Any]]
     page_checksums: list[int]
+    # [step, slot] of every page: the `<step>.pages` file and the slot in it that hold the page.
+    page_places: list[list[int]]
     params_checksums: list[int]  # one per region
     small_checksum: int
     small_bytes: int
@@ -53,10 +58,16 @@ class Manifest:
 
     @property
     def data_bytes(self) -> int:
+        """Bytes on disk of what this checkpoint needs (pages in other steps' files included)."""
         from stated.paging.state_file import align_up
 
         return (len(self.page_checksums) * align_up(self.page_bytes)
                 + sum(align_up(r["arena_bytes"]) for r in self.regions) + self.small_bytes)
+
+    @property
+    def page_files(self) -> set[int]:
+        """The steps whose `.pages` files this checkpoint reads."""
+        return {place[0] for place in self.page_places}
 
     def body(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)

@@ -330,3 +330,47 @@ def test_checkpoint_every_n_steps_keeps_the_newest_two(spawn):
     assert opt.checkpoint() == 7  # nothing changed: durable already
     assert [f for f in files_of(proc, job) if f.endswith(".manifest")] == ["6.manifest", "7.manifest"]
     opt.close()
+
+
+def test_a_checkpoint_writes_only_the_pages_that_changed_and_keeps_the_files_it_still_reads(spawn):
+    proc = spawn("daemon", "--page-size", str(PAGE))
+    job = unique("job")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 4))
+    frozen = list(model[0].parameters())  # 17408 elements: two whole pages of 8192 (64 KiB of AdamW state)
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+
+    def steps(first: int, last: int, freeze: bool) -> None:
+        for step in range(first, last + 1):
+            g = torch.Generator().manual_seed(step)
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(model(torch.randn(8, 16, generator=g)), torch.randn(8, 4, generator=g)).backward()
+            if freeze:
+                for p in frozen:
+                    p.grad = None
+            opt.step()
+
+    def pages_file(step: int) -> int:
+        return os.path.getsize(os.path.join(proc.directory, "state", "checkpoints", job, "rank-0", f"{step}.pages"))
+
+    steps(1, 2, freeze=False)
+    assert opt.checkpoint() == 2
+    steps(3, 3, freeze=True)
+    assert opt.checkpoint() == 3
+    steps(4, 4, freeze=True)
+    assert opt.checkpoint() == 4
+    assert pages_file(3) == pages_file(4) < pages_file(2), "unchanged pages are not written again"
+    # Checkpoints 3 and 4 are kept; 2 goes, but for the pages file they both still read.
+    assert files_of(proc, job) == ["2.pages"] + sorted(f"{s}.{k}" for s in (3, 4)
+                                                      for k in ("manifest", "pages", "params", "small"))
+    saved_params, saved_state = params_of(model), opt.state_dict()
+    kill9(proc)
+
+    proc = restart(proc)
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 4))
+    resumed = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert resumed.resumed_step == 4
+    assert_same(params_of(fresh), saved_params)
+    assert_same_state(resumed.state_dict(), saved_state)
+    resumed.close()
+    proc.stop()

@@ -15,7 +15,8 @@ from stated.errors import DataLoss
 def manifest(step: int = 7) -> Manifest:
     regions = [{"device": "", "arena_bytes": 4096, "groups": [{"lr": 0.1, "amsgrad": False}],
                 "tensors": [[[4, 8], "float32", 0, "w"], [[8], "float32", 0, "b"]]}]
-    return Manifest("job", 2, step, "adamw", False, 65536, regions, [1, 2, 3], [4], 5, 100, 1.5)
+    return Manifest("job", 2, step, "adamw", False, 65536, regions, [1, 2, 3], [[step, 0], [step, 1], [3, 0]], [4], 5,
+                    100, 1.5)
 
 
 def test_a_written_manifest_reads_back_equal_and_leaves_no_temporary(tmp_path):
