@@ -60,6 +60,16 @@ class Metrics:
                                     ["tier"], registry=r)
         for tier in TIERS:
             self.resident_bytes.labels(tier)
+        self.checkpoints = Counter("stated_checkpoints_total", "Checkpoints written or failed.", ["result"],
+                                   registry=r)
+        for result in ("written", "failed"):
+            self.checkpoints.labels(result)
+        self.checkpoint_seconds = Histogram("stated_checkpoint_duration_seconds", "Time one checkpoint took.",
+                                            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=r)
+        self.checkpoint_bytes = Counter("stated_checkpoint_bytes_total", "Bytes written by checkpoints.",
+                                        registry=r)
+        self.retained = Gauge("stated_retained_jobs", "(job, rank)s held without a trainer: retained or recovered.",
+                              registry=r)
 
     def serve(self, host: str, port: int):
         """Starts the HTTP endpoint; returns the server (its port is the bound one, for port 0)."""

@@ -195,8 +195,12 @@ class Store(StateTransfer):
         session.durable, session.changed_since_durable = written.manifest, False
         return written
 
-    def durable_step(self, session: Session) -> int | None:
-        return None if session.durable is None else session.durable.step
+    def checkpoint_due(self, session: Session) -> bool:
+        """Whether --checkpoint-every asks for a checkpoint of the session's last step (one that can be
+        taken: a state dir, a consistent CPU session whose state changed)."""
+        return bool(self.checkpoint_every and self.state_dir and session.steps % self.checkpoint_every == 0
+                    and session.changed_since_durable and session.inconsistent is None and not session.resume_left
+                    and not any(region.device for region in session.regions))
 
     @staticmethod
     def _check_resumed(session: Session, action: str) -> None:
@@ -332,10 +336,7 @@ class Store(StateTransfer):
             if not math.isfinite(value) or value < 0:
                 raise InvalidArgument(f"{name} is {value}; it must be a finite number >= 0 (0 turns it off)")
         session.changed_since_durable = True
-        result = self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
-        if self.checkpoint_every and session.steps % self.checkpoint_every == 0:
-            self.checkpoint(session)
-        return result
+        return self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
 
     @staticmethod
     def _check_consistent(session: Session, action: str) -> None:

@@ -21,6 +21,7 @@ the daemon and packed by torch.optim.Optimizer itself, so checkpoints move betwe
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import sys
@@ -40,6 +41,8 @@ from stated_client.step_line import StepLine
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
 
 _instances = itertools.count(1)
+# Runs the checkpoints asked for with wait=False, while the trainer goes on.
+_background = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="stated-checkpoint")
 
 # GradScaler hands itself to optimizers whose step() takes `grad_scaler` (so that it makes no inf-check
 # pass over the gradients itself) and warns that this contract will change; the daemon relies on it.
@@ -122,6 +125,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         self._arenas: list[torch.Tensor] = []
         self._device: torch.device | None = None
         self._step_number = self.resumed_step or 0
+        self._checkpointing: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
         try:
             super().__init__(params, defaults)
@@ -156,15 +160,31 @@ class StatedOptimizer(torch.optim.Optimizer):
         the state and its checkpoints, or with `keep` retains them (for `stated serve --retain`) for an
         optimizer made later with resume=True."""
         self._keep[0] = bool(keep)
+        pending, self._checkpointing = self._checkpointing, None
+        if pending is not None:
+            concurrent.futures.wait([pending])  # its error, if any, is for whoever asked; close goes on
         self._finalizer()
 
-    def checkpoint(self) -> int:
+    def checkpoint(self, wait: bool = True) -> int:
         """Makes the optimizer's current state durable in the daemon (under its --state-dir): pages,
         parameters, per-tensor state, hyperparameters and step counters. Returns the step it holds;
-        after a crash of the trainer or the daemon, resume=True continues from there."""
-        with self._lock:
-            reply = self._connection.call("Checkpoint", pb.CheckpointRequest(session=self._session), timeout=None)
-        return reply.step
+        after a crash of the trainer or the daemon, resume=True continues from there.
+
+        With wait=False it returns at once and the checkpoint is written while the trainer computes
+        its next forward and backward (which must not change the parameters in place); the next
+        step(), state_dict(), load_state_dict() or checkpoint() waits for it and raises its error."""
+        self._wait_for_checkpoint()
+        request = pb.CheckpointRequest(session=self._session)
+        if wait:
+            with self._lock:
+                return self._connection.call("Checkpoint", request, timeout=None).step
+        self._checkpointing = _background.submit(self._connection.call, "Checkpoint", request, None)
+        return self._step_number
+
+    def _wait_for_checkpoint(self) -> None:
+        pending, self._checkpointing = self._checkpointing, None
+        if pending is not None:
+            pending.result()
 
     def __deepcopy__(self, memo):
         raise NotCopyableError(f"{type(self).__name__} cannot be copied: it holds a live session with the stated "
@@ -270,6 +290,7 @@ class StatedOptimizer(torch.optim.Optimizer):
                     return loss
             else:
                 grad_scale = float(grad_scaler.get_scale())
+        self._wait_for_checkpoint()
         has_grad = bytearray(len(self._params))
         for i, (p, grad_view) in enumerate(zip(self._params, self._grad_views)):
             g = p.grad
@@ -325,6 +346,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         return state
 
     def state_dict(self) -> dict[str, Any]:
+        self._wait_for_checkpoint()
         exported = self._export()
         self.state = defaultdict(dict, {self._params[i]: self._state_entry(entry) for i, entry in exported.items()})
         try:
@@ -337,6 +359,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         return entry
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._wait_for_checkpoint()
         # torch casts every floating state tensor to its parameter's dtype: keep fp32 master copies out
         # of that (Note [master weights] in stated.session).
         masters = {k: v["master_param"] for k, v in state_dict.get("state", {}).items()

@@ -20,7 +20,7 @@ import time
 import torch
 
 from stated.durability import job_files
-from stated.durability.direct_file import DirectFile
+from stated.durability.direct_file import DirectFile, storage_error
 from stated.durability.manifest import Manifest, read_manifest, write_manifest
 from stated.errors import DataLoss
 from stated.paging.state_file import align_up, checksum_of
@@ -61,7 +61,15 @@ class Written:
 
 def write_checkpoint(session: Session, engine, state_dir: str) -> Written:
     """Writes and commits the checkpoint of the session's current step, then prunes older ones. A
-    failure (disk full, EIO) removes what it wrote and leaves the committed checkpoints as they were."""
+    failure (disk full, EIO, an unusable state directory) removes what it wrote, leaves the committed
+    checkpoints as they were, and is raised as the error that names it."""
+    try:
+        return _write_checkpoint(session, engine, state_dir)
+    except OSError as exc:
+        raise storage_error(exc, exc.filename or state_dir, 0, write=True) from exc
+
+
+def _write_checkpoint(session: Session, engine, state_dir: str) -> Written:
     start = time.perf_counter()
     directory = job_files.rank_directory(state_dir, session.job, session.rank, create=True)
     step = session.steps

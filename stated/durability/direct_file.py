@@ -60,7 +60,7 @@ class DirectFile:
                     raise
                 fd = os.open(path, flags, 0o600)
         except OSError as e:
-            raise _error(e, path, nbytes, write=True) from e
+            raise storage_error(e, path, nbytes, write=True) from e
         try:
             if nbytes:
                 os.posix_fallocate(fd, 0, align_up(nbytes))
@@ -69,7 +69,7 @@ class DirectFile:
             os.unlink(path)
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 return cls.create_unreserved(path)
-            raise _error(e, path, nbytes, write=True) from e
+            raise storage_error(e, path, nbytes, write=True) from e
         return cls(path, fd, write=True)
 
     @classmethod
@@ -88,7 +88,7 @@ class DirectFile:
                     raise
                 fd = os.open(path, flags)
         except OSError as e:
-            raise _error(e, path, 0, write=False) from e
+            raise storage_error(e, path, 0, write=False) from e
         f = cls(path, fd, write=False)
         f.size = os.fstat(fd).st_size
         return f
@@ -130,7 +130,7 @@ class DirectFile:
             if write:
                 self.size = max(self.size, offset + align_up(arr.nbytes))
         except OSError as e:
-            raise _error(e, self.path, arr.nbytes, write) from e
+            raise storage_error(e, self.path, arr.nbytes, write) from e
 
     def _io(self, arr: np.ndarray, offset: int, write: bool, allow_short: bool = False) -> None:
         view, done = memoryview(arr), 0
@@ -152,7 +152,7 @@ class DirectFile:
             if self.write_mode:
                 os.fsync(self._fd)
         except OSError as e:
-            raise _error(e, self.path, 0, write=True) from e
+            raise storage_error(e, self.path, 0, write=True) from e
         finally:
             self.close()
 
@@ -162,7 +162,8 @@ class DirectFile:
             self._fd = -1
 
 
-def _error(e: OSError, path: str, nbytes: int, write: bool) -> Exception:
+def storage_error(e: OSError, path: str, nbytes: int, write: bool) -> Exception:
+    """The error that names a failed file operation: disk full, the device's failure, or the directory."""
     if isinstance(e, DataLoss):
         return e
     if e.errno in _SPACE_ERRNOS:

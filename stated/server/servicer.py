@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 
-import grpc
 import torch
 
 from stated import __version__
 from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
-from stated.server.job_table import job_stats, retained_stats
-from stated.server.shutdown import checkpoint_all
+from stated.server.job_calls import JobCalls
+from stated.server.job_table import job_stats
 from stated.server.session_lock import SessionLock
 from stated.server.state_stream import Assembler
-from stated.server.status_codes import GRPC_CODES, refusal
+from stated.server.status_codes import rpc
 from stated.session import Session
 from stated.store import Store
 from stated.v1 import state_service_pb2 as pb
@@ -70,24 +68,7 @@ def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
     return {**dict(msg.scalars), **dict(msg.flags)}
 
 
-def rpc(method):
-    """Aborts a failed call with its status (stated.server.status_codes), counted; unexpected errors become
-    INTERNAL and the daemon keeps serving the other sessions."""
-
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            status, message = refusal(exc, self.metrics, method.__name__)
-            await context.abort(GRPC_CODES[status], message)
-
-    return wrapper
-
-
-class StateServicer(pb_grpc.StateServiceServicer):
+class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
     def __init__(self, store: Store, metrics: Metrics, workers: int = 4):
         self.store = store
         self.metrics = metrics
@@ -132,6 +113,7 @@ class StateServicer(pb_grpc.StateServiceServicer):
         pagers = [s.pager for s in sessions]
         self.metrics.resident_bytes.labels("host").set(sum(p.resident_bytes for p in pagers))
         self.metrics.resident_bytes.labels("disk").set(sum(p.disk_bytes for p in pagers))
+        self.metrics.retained.set(len(self.store.keeper.held))
 
     # --- sessions ---------------------------------------------------------------------------------
 
@@ -183,41 +165,6 @@ class StateServicer(pb_grpc.StateServiceServicer):
         await self.detach(self._session(request.session), "closed with keep" if request.keep else "client",
                           keep=request.keep)
         return pb.DetachResponse()
-
-    async def expire(self) -> None:
-        """Drops every retained (job, rank) whose --retain ran out."""
-        async with self.jobs_lock:
-            for entry in self.store.keeper.expired():
-                log.info("retention ran out for job=%s rank=%d (step %d): dropped", entry.job, entry.rank, entry.step)
-                await self._run(self.store.forget, entry)
-
-    @rpc
-    async def Drop(self, request: pb.DropRequest, context) -> pb.DropResponse:
-        self._check_serving()
-        rank = request.rank if request.HasField("rank") else None
-        async with self.jobs_lock:
-            stats = {(e.job, e.rank): retained_stats(self.store, e) for e in self.store.keeper.held.values()}
-            gone = await self._run(self.store.drop, request.job, rank)
-        for entry in gone:
-            log.info("dropped job=%s rank=%d (%s at step %d)", entry.job, entry.rank, entry.state, entry.step)
-        return pb.DropResponse(dropped=[stats[(e.job, e.rank)] for e in gone])
-
-    @rpc
-    async def Checkpoint(self, request: pb.CheckpointRequest, context) -> pb.CheckpointResponse:
-        session = self._session(request.session)
-        async with self.locks[session.id]:
-            self._check_attached(session)
-            written = await self._run(self.store.checkpoint, session)
-        if written is None:  # durable already, unchanged since
-            return pb.CheckpointResponse(step=session.durable.step, manifest=session.durable.path)
-        log.info("checkpoint job=%s rank=%d step=%d: %d bytes in %.2f s", session.job, session.rank,
-                 written.manifest.step, written.bytes, written.seconds)
-        return pb.CheckpointResponse(step=written.manifest.step, bytes_written=written.bytes,
-                                     seconds=written.seconds, manifest=written.manifest.path)
-
-    async def make_durable(self, seconds: float) -> tuple[int, int]:
-        """At shutdown: checkpoints what changed since its last checkpoint (stated.server.shutdown)."""
-        return await checkpoint_all(self, seconds)
 
     @rpc
     async def Watch(self, request: pb.WatchRequest, context):
@@ -278,19 +225,34 @@ class StateServicer(pb_grpc.StateServiceServicer):
     async def apply_step(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
         """Step, from gRPC's Step, on the event loop; raises ServiceError."""
         session, lock, groups = self._step_session(session_id, token, request)
-        async with lock:
+        await lock.acquire()
+        handed = False
+        try:
             self._check_attached(session)
             if session.parameters <= INLINE_STEP_PARAMETERS:
-                return self._step_locked(session, request, groups)
-            return await self._run(self._step_locked, session, request, groups)
+                reply = self._step_locked(session, request, groups)
+            else:
+                reply = await self._run(self._step_locked, session, request, groups)
+            handed = self._checkpoint_behind(session, lock)
+            return reply
+        finally:
+            if not handed:
+                lock.release()
 
     def step_blocking(self, session_id: str, token: bytes, request: pb.StepRequest) -> pb.StepResponse:
         """Step, from a step channel thread (stated.server.step_channel), with no hop through the event loop;
         raises ServiceError."""
         session, lock, groups = self._step_session(session_id, token, request)
-        with lock:
+        lock.take()
+        handed = False
+        try:
             self._check_attached(session)
-            return self._step_locked(session, request, groups)
+            reply = self._step_locked(session, request, groups)
+            handed = self._checkpoint_behind(session, lock)
+            return reply
+        finally:
+            if not handed:
+                lock.release()
 
     def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
         self._check_serving()

@@ -28,8 +28,13 @@ class SessionLock:
     # --- threads ---------------------------------------------------------------------------------
 
     def __enter__(self) -> SessionLock:
-        self._lock.acquire()
+        self.take()
         return self
+
+    def take(self) -> None:
+        """Takes the lock on a thread, blocking; `release` may come from another thread (a lock handed
+        to a checkpoint behind the step, stated.server.servicer)."""
+        self._lock.acquire()
 
     def __exit__(self, *exc) -> None:
         self._lock.release()

@@ -2,12 +2,14 @@
 
 The core raises stated.errors.ServiceError, whose `status` is a plain name; anything else is a bug and
 becomes INTERNAL, logged with its traceback. `refusal` is the one place that decides the status and the
-sentence a client is told and counts it (stated_request_errors_total); the servicer then aborts the call
-with `GRPC_CODES[status]`, the step channel writes the name into an error frame.
+sentence a client is told and counts it (stated_request_errors_total); the servicer's calls (wrapped in
+`rpc`) then abort with `GRPC_CODES[status]`, the step channel writes the name into an error frame.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 
 import grpc
@@ -41,3 +43,20 @@ def refusal(exc: Exception, metrics: Metrics, what: str) -> tuple[str, str]:
         status, message = "INTERNAL", f"{what} failed: {type(exc).__name__}: {exc}"
     metrics.errors.labels(status).inc()
     return status, message
+
+
+def rpc(method):
+    """Aborts a failed call with its status (stated.server.status_codes), counted; unexpected errors become
+    INTERNAL and the daemon keeps serving the other sessions."""
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            status, message = refusal(exc, self.metrics, method.__name__)
+            await context.abort(GRPC_CODES[status], message)
+
+    return wrapper

@@ -374,3 +374,44 @@ def test_a_checkpoint_writes_only_the_pages_that_changed_and_keeps_the_files_it_
     assert_same_state(resumed.state_dict(), saved_state)
     resumed.close()
     proc.stop()
+
+
+def test_a_checkpoint_without_waiting_overlaps_the_next_forward_and_is_exact(spawn):
+    proc = spawn("daemon")
+    job = unique("job")
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 3)
+    saved_params, saved_state = params_of(model), opt.state_dict()
+    assert opt.checkpoint(wait=False) == 3  # returns at once; the next step waits for it
+    train(model, opt, 4, 4)
+    assert jobs(proc)[(job, 0)].durable_step == 3
+    kill9(proc)
+    proc = restart(proc)
+    fresh = make_model(seed=2)
+    resumed = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert resumed.resumed_step == 3
+    assert_same(params_of(fresh), saved_params)
+    assert_same_state(resumed.state_dict(), saved_state)
+    resumed.close()
+    proc.stop()
+
+
+def test_a_failed_checkpoint_without_waiting_is_raised_by_the_next_step(spawn):
+    proc = spawn("daemon")
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=unique("job"), **HYPER)
+    train(model, opt, 1, 1)
+    state_dir = os.path.join(proc.directory, "state")
+    os.rename(state_dir, state_dir + ".away")  # the daemon's state directory disappears
+    with open(state_dir, "w") as f:
+        f.write("in the way")
+    opt.checkpoint(wait=False)
+    with pytest.raises(stated.StatedError, match="cannot write|state file|checkpoint") as failed:
+        train(model, opt, 2, 2)
+    assert failed.value.code in ("FAILED_PRECONDITION", "RESOURCE_EXHAUSTED"), failed.value
+    train(model, opt, 2, 2)  # the error was reported once; training goes on
+    os.unlink(state_dir)
+    os.rename(state_dir + ".away", state_dir)
+    assert opt.checkpoint() == 2
+    opt.close()
