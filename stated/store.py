@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 
 import torch
 
@@ -61,6 +62,8 @@ class Store(StateTransfer):
         self.state_dir = state_dir
         self.checkpoint_every = checkpoint_every
         self.keeper = Keeper(state_dir, retain_seconds)
+        # Set when a shutdown's --shutdown-timeout ran out: a checkpoint under way gives up at its next page.
+        self.abandon = threading.Event()
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -191,7 +194,7 @@ class Store(StateTransfer):
             raise FailedPrecondition("checkpoints of CUDA parameters are not supported yet; CPU sessions only")
         if not session.changed_since_durable and session.durable is not None:
             return None
-        written = write_checkpoint(session, self.engine, self.state_dir)
+        written = write_checkpoint(session, self.engine, self.state_dir, self.abandon)
         session.durable, session.changed_since_durable = written.manifest, False
         return written
 

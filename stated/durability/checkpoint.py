@@ -15,6 +15,7 @@ import concurrent.futures as cf
 import copy
 import io
 import logging
+import threading
 import time
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from stated.durability import job_files
 from stated.durability.direct_file import DirectFile, storage_error
 from stated.durability.manifest import Manifest, read_manifest, write_manifest
-from stated.errors import DataLoss
+from stated.errors import DataLoss, Unavailable
 from stated.paging.state_file import align_up, checksum_of
 from stated.session import Session
 from stated_client.wire import dtype_name
@@ -59,17 +60,27 @@ class Written:
         self.manifest, self.bytes, self.seconds = manifest, nbytes, seconds
 
 
-def write_checkpoint(session: Session, engine, state_dir: str) -> Written:
+class CheckpointAbandoned(Unavailable):
+    """A checkpoint given up half-way because the daemon is shutting down and out of time."""
+
+    def __init__(self, session: Session):
+        super().__init__(f"the checkpoint of job {session.job!r} rank {session.rank} at step {session.steps} was "
+                         f"given up: the daemon is shutting down and --shutdown-timeout ran out; the previous "
+                         f"checkpoint stays whole")
+
+
+def write_checkpoint(session: Session, engine, state_dir: str, abandon: threading.Event | None = None) -> Written:
     """Writes and commits the checkpoint of the session's current step, then prunes older ones. A
     failure (disk full, EIO, an unusable state directory) removes what it wrote, leaves the committed
     checkpoints as they were, and is raised as the error that names it."""
+    abandon = abandon or threading.Event()
     try:
-        return _write_checkpoint(session, engine, state_dir)
+        return _write_checkpoint(session, engine, state_dir, abandon)
     except OSError as exc:
         raise storage_error(exc, exc.filename or state_dir, 0, write=True) from exc
 
 
-def _write_checkpoint(session: Session, engine, state_dir: str) -> Written:
+def _write_checkpoint(session: Session, engine, state_dir: str, abandon: threading.Event) -> Written:
     start = time.perf_counter()
     directory = job_files.rank_directory(state_dir, session.job, session.rank, create=True)
     step = session.steps
@@ -81,7 +92,9 @@ def _write_checkpoint(session: Session, engine, state_dir: str) -> Written:
         previous = None  # its files are gone (dropped by hand?): write every page
     regions = describe_regions(session)
     try:
-        sums, places, nbytes = _write_pages(session, engine, directory, step, previous)
+        sums, places, nbytes = _write_pages(session, engine, directory, step, previous, abandon)
+        if abandon.is_set():
+            raise CheckpointAbandoned(session)
         param_sums = _write_params(session, job_files.data_path(directory, step, ".params"))
         small = _small_state_bytes(session)
         small_file = DirectFile.create(job_files.data_path(directory, step, ".small"), len(small))
@@ -119,8 +132,8 @@ def _prune(directory: str, kept: list[Manifest]) -> None:
     job_files.prune(directory, keep={m.step for m in kept}, pages_of=set().union(*(m.page_files for m in kept)))
 
 
-def _write_pages(session: Session, engine, directory: str, step: int,
-                 previous: Manifest | None) -> tuple[list[int], list[list[int]], int]:
+def _write_pages(session: Session, engine, directory: str, step: int, previous: Manifest | None,
+                 abandon: threading.Event) -> tuple[list[int], list[list[int]], int]:
     """Writes the pages that changed since `previous` into `<step>.pages`; returns every page's
     checksum and [step, slot], and the bytes written."""
     count, slot = len(session.table), align_up(session.page_bytes)
@@ -136,6 +149,8 @@ def _write_pages(session: Session, engine, directory: str, step: int,
     out = DirectFile.create(job_files.data_path(directory, step, ".pages"), len(order) * slot)
     try:
         def write(bound) -> None:
+            if abandon.is_set():
+                raise CheckpointAbandoned(session)
             data = bound.buffer[: session.page_bytes]
             hashing = _hasher.submit(checksum_of, data.numpy())
             out.write_at(position[bound.page] * slot, data, session.page_bytes)

@@ -27,6 +27,7 @@ async def checkpoint_all(servicer, seconds: float) -> tuple[int, int]:
             done += 1
         except asyncio.TimeoutError:
             left += 1
+            store.abandon.set()  # a checkpoint behind a step that holds the lock gives up too
             log.warning("shutdown: job=%s rank=%d not made durable within --shutdown-timeout; it stays at its "
                         "last checkpoint (%s)", session.job, session.rank,
                         f"step {session.durable.step}" if session.durable else "none")
@@ -46,8 +47,15 @@ async def _checkpoint_within(servicer, session, deadline: float) -> None:
     if lock is not None:
         await asyncio.wait_for(lock.acquire(), deadline - loop.time())
     try:
-        work = servicer._run(servicer.store.checkpoint, session)
-        await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
+        work = asyncio.ensure_future(servicer._run(servicer.store.checkpoint, session))
+        try:
+            await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            servicer.store.abandon.set()  # it stops at its next page and removes what it wrote
+            outcome = (await asyncio.gather(work, return_exceptions=True))[0]
+            if isinstance(outcome, BaseException):
+                raise asyncio.TimeoutError from None
+            # It had got past its last page: it finished, and is durable.
     finally:
         if lock is not None:
             lock.release()

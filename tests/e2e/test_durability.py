@@ -415,3 +415,24 @@ def test_a_failed_checkpoint_without_waiting_is_raised_by_the_next_step(spawn):
     os.rename(state_dir + ".away", state_dir)
     assert opt.checkpoint() == 2
     opt.close()
+
+
+def test_sigterm_keeps_to_its_shutdown_timeout_and_the_previous_checkpoint_stays_whole(spawn):
+    """A checkpoint that --shutdown-timeout cuts short gives up at its next page and removes what it
+    wrote: the daemon stops within the bound and the checkpoint before it is what a new daemon finds."""
+    proc = spawn("daemon", "--shutdown-timeout", "0.05s", "--page-size", "1MiB")
+    job = unique("big")
+    p = torch.nn.Parameter(torch.zeros(40_000_000))  # 480 MB to checkpoint: far more than 0.05 s
+    opt = stated.AdamW([p], address=proc.address, job=job)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.checkpoint() == 1
+    opt.step()
+    started = time.monotonic()
+    assert proc.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    assert "shutdown: 0 checkpoints written, 1 left at their last checkpoint" in proc.log()
+    assert files_of(proc, job) == ["1.manifest", "1.pages", "1.params", "1.small"]
+    proc = restart(proc)
+    assert (jobs(proc)[(job, 0)].state, jobs(proc)[(job, 0)].step) == ("recovered", 1)
+    proc.stop()
