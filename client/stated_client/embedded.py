@@ -40,8 +40,11 @@ class EmbeddedDaemon:
         self.socket = os.path.join(self.directory, "stated.sock")
         self.log_path = os.path.join(self.directory, "daemon.log")
         self._log = open(self.log_path, "wb")
+        # The private daemon lives and dies with this process, its state directory with it: checkpoints
+        # asked for work, but nothing is written at its shutdown, for no later daemon will read it.
         command = [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "127.0.0.1:0",
-                   "--state-dir", os.path.join(self.directory, "state"), "--exit-with-parent", *extra]
+                   "--state-dir", os.path.join(self.directory, "state"), "--exit-with-parent",
+                   "--shutdown-timeout", "0", *extra]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                         preexec_fn=_die_with_parent, close_fds=True)
 
