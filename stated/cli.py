@@ -54,8 +54,9 @@ def _add_serve(sub) -> None:
                        help="directory for checkpoints and page files; one daemon holds it at a time, and a daemon "
                             "started on it recovers every job checkpointed there (default: %(default)s)")
     serve.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                       help="checkpoint every session every N steps, in the step that reaches it (default: 0, only "
-                            "when the trainer calls opt.checkpoint() and at shutdown)")
+                       help="checkpoint every session every N steps, written behind the reply of the step that "
+                            "reaches it while the trainer computes its next one (default: 0, only when the trainer "
+                            "calls opt.checkpoint() and at shutdown)")
     serve.add_argument("--retain", type=parse_duration, default=DEFAULT_RETAIN_SECONDS, metavar="DURATION",
                        help="how long the state of a trainer that died (or closed with keep=True) stays for it to "
                             "resume, such as 90s, 30m, 2h or 'forever'; a recovered job is kept as long from the "
