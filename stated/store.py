@@ -21,7 +21,8 @@ from stated.durability.checkpoint import Written, load_checkpoint, write_checkpo
 from stated.durability.keeper import Keeper, Retained
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
-from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from stated.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                           ResourceExhausted, ServiceError)
 from stated.inconsistency import Inconsistency
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
@@ -421,7 +422,14 @@ class Store:
         session.changed_since_durable = True
         result = self.engine.step(session, full, has_grad, grad_scale, max_grad_norm)
         if self.checkpoint_every and session.steps % self.checkpoint_every == 0:
-            self.checkpoint(session)
+            try:
+                self.checkpoint(session)
+            except ServiceError as exc:
+                # The step is applied: failing it would make its trainer retry a step the session already
+                # took. The checkpoint before stays the durable one (stated jobs shows it), and this says why.
+                log.error("checkpoint of job %r rank %d at step %d (--checkpoint-every %d) failed, step %s stays "
+                          "the durable one: %s", session.job, session.rank, session.steps, self.checkpoint_every,
+                          self.durable_step(session), exc)
         return result
 
     @staticmethod
