@@ -21,7 +21,7 @@ from stated.durability.checkpoint import Written, load_checkpoint, write_checkpo
 from stated.durability.keeper import Keeper, Retained
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
-from stated.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+from stated.errors import (AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                            ResourceExhausted, ServiceError)
 from stated.inconsistency import Inconsistency
 from stated.metrics import Metrics
@@ -156,7 +156,8 @@ class Store:
                 raise
             session.durable, session.changed_since_durable = manifest, False
             return session
-        raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems))
+        raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems)
+                       + f"; run `stated drop {held.job}` to start over")
 
     def get(self, session_id: str, token: bytes) -> Session:
         """The session a call names, after checking its token (PERMISSION_DENIED changes nothing)."""
