@@ -18,6 +18,7 @@ and the checksum of every page and file, so torn data is found when it is read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import xxhash
 
+from stated.durability.direct_file import storage_error as transfer_error
 from stated.durability.direct_file import sync_directory
 from stated.errors import DataLoss
 
@@ -93,16 +95,31 @@ def write_manifest(directory: str, manifest: Manifest) -> str:
     text = json.dumps({**body, "checksum": _body_checksum(body)}, sort_keys=True, indent=1)
     final = os.path.join(directory, f"{manifest.step}{SUFFIX}")
     temporary = final + ".tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    data = text.encode()
     try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, final)
-    sync_directory(directory)
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, final)
+        sync_directory(directory)
+    except OSError as e:  # a full disk is RESOURCE_EXHAUSTED, EIO DATA_LOSS, each naming the file and bytes
+        raise transfer_error(e, final, len(data), write=True) from e
     manifest.path = final
     return final
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Writes every byte: a nearly full disk takes the first blocks and refuses the rest (a short write,
+    then ENOSPC), and a manifest committed short is a torn one that the caller was told was durable."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
 
 
 def read_manifest(path: str) -> Manifest:

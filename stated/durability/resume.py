@@ -80,7 +80,8 @@ def _from_checkpoints(store, held: Retained, algo, pid: int) -> Session:
             raise
         session.durable, session.changed_since_durable = manifest, False
         return session
-    raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems))
+    raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems)
+                   + f"; run `stated drop {held.job}` to start over")
 
 def register_again(session: Session, groups: list[Hyperparameters],
                     tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]], device: str):
