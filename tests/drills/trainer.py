@@ -25,11 +25,14 @@ import sys
 import time
 import traceback
 
+import torch
+
+# Before tests/ goes on sys.path: its folder tests/stated would otherwise shadow the editable install's
+# `stated` as a namespace package (the install's finder comes after the path's).
+import stated
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-
-import stated  # noqa: E402
 from drills.units import Unit  # noqa: E402
 
 CHECKPOINT_EVERY = (1, 9)  # steps between a unit's opt.checkpoint() calls, drawn from this range
