@@ -18,4 +18,4 @@ def test_kill_9_at_random_moments_loses_nothing_durable(tmp_path):
     print(f"kill drill seed {seed} (STATED_DRILL_SEED={seed} repeats it)")
     summary = KillDrill(tmp_path, seed, kills, paged_width=width).run()
     print(f"kill drill: {summary}")
-    assert summary["kills"] == kills >= 20 or "STATED_DRILL_KILLS" in os.environ
+    assert summary["sigkills"] >= kills >= 20 or "STATED_DRILL_KILLS" in os.environ
