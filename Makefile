@@ -22,9 +22,9 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q
 
-# The long form of the drills in tests/drills (about 10 minutes): 150 kill -9s of a daemon with a bigger
-# paged job, then the torn-checkpoint, disk-full and EIO drills (root for the last two). DRILL_SEED=N
-# repeats a run.
+# The long form of the drills in tests/drills, 5 to 10 minutes: 150 kill -9s of daemons with a bigger
+# paged job, and the torn-checkpoint, disk-full and EIO drills (those that mount a tmpfs or a loop
+# device need root and skip without it). DRILL_SEED=N repeats a run.
 DRILL_KILLS ?= 150
 drill: venv
 	STATED_DRILL_KILLS=$(DRILL_KILLS) STATED_DRILL_WIDTH=1024 STATED_DRILL_SEED=$(DRILL_SEED) \

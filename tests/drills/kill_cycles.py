@@ -104,8 +104,8 @@ class Seen:
 
 
 class KillDrill:
-    """`kills` cycles on one state directory; `run` returns what happened, raises DrillFailure naming the
-    seed and the cycle on the first broken promise."""
+    """Cycles on one state directory until `kills` daemons were killed with SIGKILL; `run` returns what
+    happened, raises DrillFailure naming the seed and the cycle on the first broken promise."""
 
     def __init__(self, directory: str, seed: int, kills: int, paged_width: int = 384, every: int = 7):
         self.directory, self.seed, self.kills, self.every = str(directory), seed, kills, every
@@ -133,7 +133,8 @@ class KillDrill:
         try:
             expected = {u: 0 for u in self.units}  # the trainer checkpoints every unit at its first attach
             self.attach(trainer, {u: None for u in self.units})
-            for self.cycle in range(1, self.kills + 1):
+            while self.sigkills < self.kills:
+                self.cycle += 1
                 moment = self.rng.choice(MOMENTS)
                 self.moments[moment] += 1
                 if moment in COMING_BACK:
@@ -147,8 +148,13 @@ class KillDrill:
         finally:
             trainer.stop()
             self.node.kill()
-        return {"cycles": self.kills, "sigkills": len(self.node.pids) - 1, "moments": dict(self.moments),
+        return {"cycles": self.cycle, "sigkills": self.sigkills, "moments": dict(self.moments),
                 "half_written": self.half_written, "seconds": round(time.monotonic() - started, 1)}
+
+    @property
+    def sigkills(self) -> int:
+        """Every daemon started but the last was killed with SIGKILL."""
+        return len(self.node.pids) - 1
 
     def close(self, trainer: Trainer) -> None:
         trainer.send(cmd="close")
