@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test protos bench clean
+.PHONY: venv demo test drill protos bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,14 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The long form of the drills in tests/drills, 5 to 10 minutes: 150 kill -9s of daemons with a bigger
+# paged job, and the torn-checkpoint, disk-full and EIO drills (those that mount a tmpfs or a loop
+# device need root and skip without it). DRILL_SEED=N repeats a run.
+DRILL_KILLS ?= 150
+drill: venv
+	STATED_DRILL_KILLS=$(DRILL_KILLS) STATED_DRILL_WIDTH=1024 STATED_DRILL_SEED=$(DRILL_SEED) \
+		$(BIN)/python -m pytest -q -s tests/drills
 
 # Regenerates stated/v1 from protos/ with the pinned generator (grpcio-tools 1.66.2, see pyproject.toml).
 protos: venv

@@ -57,12 +57,17 @@ def committed_steps(directory: str) -> list[int]:
 
 def prune(directory: str, keep: set[int], pages_of: set[int] = frozenset()) -> list[str]:
     """Removes every file of the directory that is not part of a checkpoint in `keep`, except the
-    `.pages` files of the steps in `pages_of` (which kept checkpoints still read); returns them."""
-    removed = []
+    `.pages` files of the steps in `pages_of` (which kept checkpoints still read); returns them.
+
+    Note [checkpoint order] backwards: the manifests go first, and the directory is synced, before any
+    data file. A crash half-way then leaves data files without a manifest, orphans the next recovery
+    removes, never a manifest without its data, which that recovery would report as a damaged
+    checkpoint (and, after `stated drop`, bring back as a recovered job)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return removed
+        return []
+    doomed = []
     for name in names:
         match = _NAME.match(name)
         if match and not match.group(3) and (int(match.group(1)) in keep
@@ -70,16 +75,26 @@ def prune(directory: str, keep: set[int], pages_of: set[int] = frozenset()) -> l
             continue
         path = os.path.join(directory, name)
         if os.path.isfile(path) or os.path.islink(path):
+            doomed.append(path)
+    removed = []
+    for commits in (True, False):
+        batch = [p for p in doomed if p.endswith(".manifest") == commits]
+        for path in batch:
             os.unlink(path)
             removed.append(path)
-    if removed:
-        sync_directory(directory)
+        if batch:
+            sync_directory(directory)
     return removed
 
 
 def remove_rank(state_dir: str, job: str, rank: int) -> None:
-    """Deletes every checkpoint of (job, rank), and the job's directory once no rank is left."""
+    """Deletes every checkpoint of (job, rank), manifests first (see `prune`), and the job's directory
+    once no rank is left."""
     directory = rank_directory(state_dir, job, rank)
+    try:
+        prune(directory, keep=set())
+    except OSError:
+        pass  # what is left goes below, or stays for the next recovery to remove
     shutil.rmtree(directory, ignore_errors=True)
     parent = os.path.dirname(directory)
     try:

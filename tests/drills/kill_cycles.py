@@ -1,7 +1,7 @@
 """The kill drill: `kill -9` of a daemon at random moments while a trainer process trains on it.
 
-Each cycle trains, kills the daemon (SIGKILL) at a moment drawn from a seeded generator, and checks what
-a new daemon on the same --state-dir makes of it:
+Each cycle kills the daemon (SIGKILL) at a moment drawn from a seeded generator (MOMENTS), and checks
+what a new daemon on the same --state-dir makes of it:
   - every (job, rank) comes back "recovered" (GetStats' jobs) at the newest checkpoint committed on disk,
     which is no older than the newest one opt.checkpoint() returned (nothing durable is lost) and is
     one the trainer asked for, or a --checkpoint-every one;
@@ -28,7 +28,12 @@ from drills import state_dir
 from drills.node import PAGE, Node
 
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer.py")
-MOMENTS = ("any time", "mid-checkpoint", "mid-step of the paged job", "mid-step of a --checkpoint-every step")
+# When the kill lands. The first five while the trainer trains; "mid-shutdown" is a SIGTERM that a
+# SIGKILL cuts short (a service manager's stop timeout) while the daemon checkpoints every session.
+WHILE_TRAINING = ("any time", "mid-checkpoint", "mid-step of the paged job", "mid-step of a --checkpoint-every step",
+                  "mid-shutdown")
+COMING_BACK = ("mid-recovery", "mid-resume")
+MOMENTS = WHILE_TRAINING + COMING_BACK
 
 
 class DrillFailure(AssertionError):
@@ -72,9 +77,35 @@ class Trainer:
         self._log.close()
 
 
+class Seen:
+    """What the trainer said in one cycle: each unit's last step, durable steps and checkpoint under way."""
+
+    def __init__(self, durable: dict[str, int]):
+        self.durable = {unit: [step] for unit, step in durable.items()}
+        self.last_step = dict(durable)
+        self.in_flight: dict[str, int] = {}
+
+    def note(self, event: dict) -> None:
+        unit = event.get("unit")
+        if event["event"] == "step":
+            self.last_step[unit] = event["step"]
+        elif event["event"] == "checkpointing":
+            self.in_flight[unit] = event["step"]
+        elif event["event"] == "checkpointed":
+            self.in_flight.pop(unit, None)
+            self.durable[unit].append(event["step"])
+
+    def wait(self, trainer: Trainer, match) -> dict:
+        while True:
+            event = trainer.next()
+            self.note(event)
+            if match(event):
+                return event
+
+
 class KillDrill:
-    """`kills` cycles on one state directory; `run` returns what happened, raises DrillFailure naming the
-    seed and the cycle on the first broken promise."""
+    """Cycles on one state directory until `kills` daemons were killed with SIGKILL; `run` returns what
+    happened, raises DrillFailure naming the seed and the cycle on the first broken promise."""
 
     def __init__(self, directory: str, seed: int, kills: int, paged_width: int = 384, every: int = 7):
         self.directory, self.seed, self.kills, self.every = str(directory), seed, kills, every
@@ -100,101 +131,105 @@ class KillDrill:
         trainer = Trainer(daemon.address, self.seed, [f"{u}/{w}" for u, w in self.units.items()],
                           os.path.join(self.directory, "trainer.log"))
         try:
+            expected = {u: 0 for u in self.units}  # the trainer checkpoints every unit at its first attach
             self.attach(trainer, {u: None for u in self.units})
-            known: dict[str, list[int]] = {u: [0] for u in self.units}
-            for self.cycle in range(1, self.kills + 1):
-                expected = self.kill_at_random(trainer, known)
+            while self.sigkills < self.kills:
+                self.cycle += 1
+                moment = self.rng.choice(MOMENTS)
+                self.moments[moment] += 1
+                if moment in COMING_BACK:
+                    self.kill_coming_back(trainer, moment, expected)
+                else:
+                    expected = self.kill_training(trainer, moment, expected)
                 self.node.start()
                 self.check_recovered(expected)
                 self.attach(trainer, expected)
-                known = {u: [step] for u, step in expected.items()}
-            trainer.send(cmd="close")
-            self.expect(trainer, "closed")
-            left = state_dir.orphans(self.state)
-            if left:
-                raise self.fail(f"closing every optimizer left {left} in the state directory")
-            self.node.stop()
-            leaked = self.node.leaked_segments()
-            if leaked:
-                raise self.fail(f"shared memory segments of the drill's daemons are left: {leaked}")
+            self.close(trainer)
         finally:
             trainer.stop()
             self.node.kill()
-        return {"kills": self.kills, "moments": dict(self.moments), "half_written": self.half_written,
-                "seconds": time.monotonic() - started}
+        return {"cycles": self.cycle, "sigkills": self.sigkills, "moments": dict(self.moments),
+                "half_written": self.half_written, "seconds": round(time.monotonic() - started, 1)}
 
-    def expect(self, trainer: Trainer, event: str) -> dict:
-        while True:
-            found = trainer.next()
-            if found["event"] == event:
-                return found
+    @property
+    def sigkills(self) -> int:
+        """Every daemon started but the last was killed with SIGKILL."""
+        return len(self.node.pids) - 1
+
+    def close(self, trainer: Trainer) -> None:
+        trainer.send(cmd="close")
+        Seen({}).wait(trainer, lambda e: e["event"] == "closed")
+        left = state_dir.orphans(self.state)
+        if left:
+            raise self.fail(f"closing every optimizer left {left} in the state directory")
+        self.node.stop()
+        leaked = self.node.leaked_segments()
+        if leaked:
+            raise self.fail(f"shared memory segments of the drill's daemons are left: {leaked}")
 
     def attach(self, trainer: Trainer, expect: dict) -> None:
         trainer.send(cmd="attach", expect=expect)
-        report = self.expect(trainer, "attached")["units"]
-        for unit, result in report.items():
+        self.check_attached(Seen({}).wait(trainer, lambda e: e["event"] == "attached"), expect)
+
+    def check_attached(self, event: dict, expect: dict) -> None:
+        for unit, result in event["units"].items():
             if result["differences"]:
                 raise self.fail(f"{unit} resumed at step {result['resumed_step']} (expected {expect[unit]}) is not "
                                 f"the reference's state: {result['differences'][:4]}")
 
-    def kill_at_random(self, trainer: Trainer, known: dict[str, list[int]]) -> dict[str, int]:
-        """Trains, kills the daemon at a drawn moment, and returns the step each unit must come back at."""
-        moment = self.rng.choice(MOMENTS)
-        self.moments[moment] += 1
+    def kill_training(self, trainer: Trainer, moment: str, durable: dict[str, int]) -> dict[str, int]:
+        """Trains, kills the daemon at `moment`, and returns the step each unit must come back at."""
+        seen = Seen(durable)
         trainer.send(cmd="train")
-        last_step, in_flight, durations = {}, {}, []
-
-        def note(event: dict) -> None:
-            unit = event.get("unit")
-            if event["event"] == "step":
-                last_step[unit] = event["step"]
-            elif event["event"] == "checkpointing":
-                in_flight[unit] = event["step"]
-            elif event["event"] == "checkpointed":
-                in_flight.pop(unit, None)
-                known[unit].append(event["step"])
-                durations.append(event["seconds"])
-
-        def wait_for(match) -> None:
-            while True:
-                event = trainer.next()
-                note(event)
-                if match(event):
-                    return
-
-        wait_for(lambda e: e["event"] == "step")
-        if moment == "any time":
-            time.sleep(self.rng.uniform(0.0, 0.5))
-        elif moment == "mid-checkpoint":
-            wait_for(lambda e: e["event"] == "checkpointing")
-            time.sleep(self.rng.uniform(0.0, 0.004))
+        seen.wait(trainer, lambda e: e["event"] == "step")
+        if moment == "mid-checkpoint":
+            seen.wait(trainer, lambda e: e["event"] == "checkpointing")
         elif moment == "mid-step of the paged job":
-            wait_for(lambda e: e["event"] == "step" and e["unit"].startswith("paged"))
-            time.sleep(self.rng.uniform(0.0, 0.004))
-        else:
-            wait_for(lambda e: e["event"] == "step" and e["step"] % self.every == 0)
-            time.sleep(self.rng.uniform(0.0, 0.006))
+            seen.wait(trainer, lambda e: e["event"] == "step" and e["unit"].startswith("paged"))
+        elif moment == "mid-step of a --checkpoint-every step":
+            seen.wait(trainer, lambda e: e["event"] == "step" and e["step"] % self.every == 0)
+        time.sleep(self.rng.uniform(0.0, 0.5 if moment in ("any time", "mid-shutdown") else 0.005))
+        if moment == "mid-shutdown":
+            self.node.daemon.process.terminate()
+            time.sleep(self.rng.uniform(0.0, 0.1))
         self.node.kill()
-        wait_for(lambda e: e["event"] == "gone")
+        seen.wait(trainer, lambda e: e["event"] == "gone")
         if state_dir.uncommitted(self.state):
             self.half_written += 1
-        return {unit: self.expected_step(unit, steps, last_step.get(unit, steps[-1]), in_flight.get(unit))
-                for unit, steps in known.items()}
+        return {unit: self.expected_step(unit, seen, shutdown=moment == "mid-shutdown") for unit in durable}
 
-    def expected_step(self, unit: str, durable: list[int], last_step: int, in_flight: int | None) -> int:
+    def kill_coming_back(self, trainer: Trainer, moment: str, expected: dict[str, int]) -> None:
+        """Kills the daemon (between steps: the trainer waits), then the next one while it recovers, or
+        while the trainer resumes: nothing changes on disk."""
+        self.node.kill()
+        if moment == "mid-recovery":
+            self.node.start(kill_after=self.rng.uniform(0.0, 3.0))
+            return
+        self.node.start()
+        self.check_recovered(expected)
+        trainer.send(cmd="attach", expect=expected)
+        time.sleep(self.rng.uniform(0.0, 0.5))
+        self.node.kill()
+        event = Seen({}).wait(trainer, lambda e: e["event"] in ("attached", "gone"))
+        if event["event"] == "attached":
+            self.check_attached(event, expected)
+
+    def expected_step(self, unit: str, seen: Seen, shutdown: bool) -> int:
         """The newest committed checkpoint of `unit` on disk, checked against what the trainer knows."""
         job, rank = unit.split("/")
         on_disk = state_dir.committed(self.state, job, int(rank))
+        durable, last = seen.durable[unit], seen.last_step[unit]
         if not on_disk:
             raise self.fail(f"{unit} has no committed checkpoint on disk; opt.checkpoint() returned {durable}")
         newest = on_disk[0]
         if newest < max(durable):
             raise self.fail(f"{unit}: the newest checkpoint on disk is step {newest}, but opt.checkpoint() "
                             f"returned step {max(durable)}: a durable step was lost")
-        if newest > last_step or not (newest in durable or newest == in_flight or newest % self.every == 0):
+        asked = set(durable) | {seen.in_flight.get(unit)} | ({last - 1, last} if shutdown else set())
+        if newest > last or not (newest in asked or newest % self.every == 0):
             raise self.fail(f"{unit}: a checkpoint at step {newest} is on disk, which the trainer never asked "
-                            f"for (its last step {last_step}, checkpoints {durable}, --checkpoint-every "
-                            f"{self.every})")
+                            f"for (its last step {last}, checkpoints {durable}, --checkpoint-every {self.every}"
+                            f"{', a shutdown' if shutdown else ''})")
         return newest
 
     def check_recovered(self, expected: dict[str, int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 from drills import state_dir
 from drills.units import Unit
@@ -30,12 +31,27 @@ class Node:
     def address(self) -> str:
         return self.daemon.address
 
-    def start(self) -> DaemonProcess:
+    def start(self, kill_after: float | None = None) -> DaemonProcess:
+        """A new daemon, serving once this returns; with `kill_after`, killed that many seconds after it
+        was started, whether it serves by then or not (it may be recovering)."""
         daemon = DaemonProcess(self.directory, *self.flags)
         daemon.log_path = os.path.join(self.logs, f"daemon-{len(self.pids)}.log")
-        daemon.start()
-        self.pids.append(daemon.process.pid)
         self.daemon = daemon
+        killer = None
+        if kill_after is not None:
+            killer = threading.Timer(kill_after, lambda: daemon.process and daemon.process.kill())
+            killer.start()
+        try:
+            daemon.start()
+        except RuntimeError:
+            if killer is None or daemon.process.returncode != -signal.SIGKILL:
+                raise
+        finally:
+            if daemon.process is not None:
+                self.pids.append(daemon.process.pid)
+        if killer is not None:
+            killer.join()
+            self.kill()
         return daemon
 
     def kill(self) -> None:

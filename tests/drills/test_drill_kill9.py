@@ -1,7 +1,7 @@
 """Item 7 of issue 11, first drill: `kill -9` of the daemon at random moments, 20 times (drills.kill_cycles).
 
-STATED_DRILL_SEED repeats a run; STATED_DRILL_KILLS and STATED_DRILL_WIDTH make it longer and bigger
-(`make drill`)."""
+STATED_DRILL_SEED repeats a run; STATED_DRILL_KILLS (the SIGKILLs) and STATED_DRILL_WIDTH (of the paged
+job's layers) make it longer and bigger (`make drill`)."""
 
 from __future__ import annotations
 
@@ -18,4 +18,4 @@ def test_kill_9_at_random_moments_loses_nothing_durable(tmp_path):
     print(f"kill drill seed {seed} (STATED_DRILL_SEED={seed} repeats it)")
     summary = KillDrill(tmp_path, seed, kills, paged_width=width).run()
     print(f"kill drill: {summary}")
-    assert summary["kills"] == kills >= 20 or "STATED_DRILL_KILLS" in os.environ
+    assert summary["sigkills"] >= kills

@@ -5,7 +5,8 @@ JSON line at a time on stdout (tests/drills/kill_cycles.py reads them):
 
   {"cmd": "attach", "expect": {"JOB/RANK": step or null}}
       every unit attaches with resume=True and is compared with its reference at the step it resumed at;
-      -> {"event": "attached", "units": {"JOB/RANK": {"resumed_step": ..., "differences": [...]}}}
+      -> {"event": "attached", "units": {"JOB/RANK": {"resumed_step": ..., "differences": [...]}}}, or
+      {"event": "gone", "error": ...} when the daemon went away meanwhile
   {"cmd": "train"}
       steps the units in turn, each calling opt.checkpoint() every few steps (seeded), until the daemon
       goes away; -> {"event": "step", "unit", "step"} before each step, {"event": "checkpointing", ...}
@@ -43,18 +44,23 @@ def emit(**fields) -> None:
 
 
 def attach(units: list[Unit], address: str, expect: dict) -> None:
-    report = {}
-    for unit in units:
-        unit.forget()
-        resumed = unit.attach(address)
-        wanted = expect.get(unit.name)
-        differences = unit.verify(resumed if resumed is not None else 0)
-        if resumed != wanted:
-            differences.insert(0, f"resumed at step {resumed}, expected {wanted}")
-        if resumed is None:  # a first attach: durable from step 0, so every kill has a checkpoint to go back to
-            unit.checkpoint()
-        report[unit.name] = {"resumed_step": resumed, "differences": differences}
+    try:
+        report = {unit.name: resume(unit, address, expect.get(unit.name)) for unit in units}
+    except stated.DaemonUnavailableError as exc:  # killed while the units resumed
+        emit(event="gone", error=str(exc).splitlines()[0])
+        return
     emit(event="attached", units=report)
+
+
+def resume(unit: Unit, address: str, wanted: int | None) -> dict:
+    unit.forget()
+    resumed = unit.attach(address)
+    differences = unit.verify(resumed if resumed is not None else 0)
+    if resumed != wanted:
+        differences.insert(0, f"resumed at step {resumed}, expected {wanted}")
+    if resumed is None:  # a first attach: durable from step 0, so every kill has a checkpoint to go back to
+        unit.checkpoint()
+    return {"resumed_step": resumed, "differences": differences}
 
 
 def train(units: list[Unit], rng: random.Random) -> None:
