@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import stated
 from drills import state_dir
@@ -66,6 +67,10 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
                 assert os.path.getsize(files["manifest"]) > 8192
                 spacer = fill(directory, leave(allocated(files[s] for s in DATA)))
                 unit.train(2)  # its --checkpoint-every checkpoint fails, the step does not
+                # That checkpoint is written behind the step's reply (Note [checkpoints behind the step]).
+                deadline = time.monotonic() + 20
+                while f"{named}: " not in node.log() and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 assert f"{named}: " in node.log(), f"{unit.job}: the daemon's log does not name {named}"
                 try:
                     unit.opt.checkpoint()
