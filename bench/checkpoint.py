@@ -2,7 +2,7 @@
 
 A model of --params float32 CPU parameters with stated.AdamW, once fully resident and once paged
 (--host-memory at 25% of the optimizer state), each on its own daemon whose --state-dir is under --dir.
-Four things are timed in one rotation (PERFORMANCE.md: A, B, C, D, A, B, ...), each sample after a step
+These are timed in one rotation (PERFORMANCE.md: A, B, C, D, A, B, ...), each sample after a step
 so that the checkpoint has something new to write:
 
 - checkpoint: `opt.checkpoint()`, the daemon writing every page, the param arenas and the small state
@@ -11,9 +11,10 @@ so that the checkpoint has something new to write:
 - torch.save: `torch.save({"optimizer": opt.state_dict(), "model": model.state_dict()}, file)` to a new
   file in --dir, then `os.fsync` of it (durable, as the checkpoint is). The state_dict() is fetched from
   the daemon before the timer starts: a torch.optim.AdamW's user has it at hand, so only the save counts;
-- disk: the disk's sequential write bandwidth, measured the same way each round: as many bytes as the
-  checkpoint holds, written to a new posix_fallocate'd file in --dir opened with O_DIRECT, 64 MiB per
-  pwrite from one 4096-aligned buffer, one write in flight, then fsync;
+- disk: the disk's sequential write bandwidth, measured twice each round: as many bytes as the
+  checkpoint holds, written to a new posix_fallocate'd file in --dir opened with O_DIRECT from one
+  4096-aligned 64 MiB buffer, then fsync; once in 64 MiB pwrites one at a time (as `dd oflag=direct
+  bs=64M conv=fsync` writes), once in 8 MiB pwrites four at a time. The round's bandwidth is the faster;
 - step: a normal step (one that follows a step).
 
 Then the restart: after a step and a checkpoint the daemon is killed with SIGKILL and a new one started
@@ -22,6 +23,12 @@ the new process: until it answers the health check SERVING, until a `resume=True
 constructed (the pages are read from the checkpoint then), and until that optimizer's first step returns.
 
     python bench/checkpoint.py [--params 200M] [--samples 5] [--restarts 3] [--modes resident,paged]
+                               [--baseline-tree DIR]
+
+With --baseline-tree, a second job runs on a daemon from another checkout (`git worktree add DIR REV`):
+its checkpoints take turns with this tree's in the rotation, its restarts with this tree's restarts, and
+the last lines give this tree's times over the baseline tree's, so that a change is measured against
+the code before it in one run.
 
 Targets (issue 11): checkpoint bytes/s at least 0.8 of the disk's write bandwidth; torch.save at least 2x
 the checkpoint's time. Memory: the trainer holds the model, its gradients and, for torch.save, a copy of
@@ -31,6 +38,8 @@ the optimizer state (about 16 bytes per parameter); the daemon the arenas and th
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import dataclasses
 import gc
 import mmap
 import os
@@ -50,22 +59,31 @@ from cpu_step import make_params, parse_count  # noqa: E402
 from paging import session_stats  # noqa: E402
 
 JOB = "checkpoint-bench"
-PROBE_WRITE = 64 << 20
+PROBE_BUFFER = 64 << 20
+# The disk probe's two ways to write (bytes per pwrite, writes in flight): one large write at a time, as
+# `dd oflag=direct bs=64M` does, and 8 MiB writes four at a time; each round takes the faster.
+PROBES = ((64 << 20, 1), (8 << 20, 4))
 
 
-def disk_write(directory: str, nbytes: int, buffer: mmap.mmap) -> float:
-    """Seconds to write `nbytes` sequentially to a new file in `directory` with O_DIRECT, then fsync."""
+def disk_write(directory: str, nbytes: int, buffer: mmap.mmap, piece: int, in_flight: int) -> float:
+    """Seconds to write `nbytes` sequentially to a new posix_fallocate'd file in `directory` opened with
+    O_DIRECT, in `piece`-byte pwrites of `buffer`, `in_flight` of them at a time, then fsync."""
     path = os.path.join(directory, f"disk-probe-{os.getpid()}")
     nbytes = -(-nbytes // 4096) * 4096  # O_DIRECT moves whole 4096-byte blocks
+    view = memoryview(buffer)
+
+    def write(offset: int) -> None:
+        n = min(piece, nbytes - offset)
+        start = offset % len(buffer) // piece * piece
+        if os.pwrite(fd, view[start: start + n], offset) != n:
+            raise OSError(f"short write to {path}")
+
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
     try:
         os.posix_fallocate(fd, 0, nbytes)
-        view = memoryview(buffer)
-        for offset in range(0, nbytes, PROBE_WRITE):
-            n = min(PROBE_WRITE, nbytes - offset)
-            if os.pwrite(fd, view[:n], offset) != n:
-                raise OSError(f"short write to {path}")
+        with cf.ThreadPoolExecutor(in_flight) as pool:
+            list(pool.map(write, range(0, nbytes, piece)))
         os.fsync(fd)
         return time.perf_counter() - start
     finally:
@@ -103,20 +121,22 @@ def daemon_flags(state_dir: str, budget: int | None) -> list[str]:
 
 
 class Job:
-    """A daemon and a stated.AdamW over a model of its own; `state()` is what torch.save is given."""
+    """A daemon (from this tree, or from `tree`) and a stated.AdamW over a model of its own."""
 
-    def __init__(self, daemon: BenchDaemon, flags: list[str], params: list[torch.nn.Parameter], resume: bool = False):
+    def __init__(self, daemon: BenchDaemon, flags: list[str], params: list[torch.nn.Parameter], tree: str | None,
+                 resume: bool = False):
         import stated
 
-        self.daemon, self.flags, self.params = daemon, flags, params
+        self.daemon, self.flags, self.params, self.tree = daemon, flags, params, tree
         self.model = torch.nn.ParameterList(params)
         self.opt = stated.AdamW(params, lr=1e-3, address=daemon.address, job=JOB, resume=resume)
 
     @classmethod
-    def start(cls, n: int, flags: list[str]) -> Job:
-        return cls(BenchDaemon(*flags), flags, make_params(n))
+    def start(cls, n: int, flags: list[str], tree: str | None = None) -> Job:
+        return cls(BenchDaemon(*flags, tree=tree), flags, make_params(n), tree)
 
     def state(self) -> dict:
+        """What torch.save is given."""
         return {"optimizer": self.opt.state_dict(), "model": self.model.state_dict()}
 
     def close(self) -> None:
@@ -130,24 +150,37 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def rotation(job: Job, work_dir: str, nbytes: int, samples: int, warmup: int, label: str):
-    """The four timings of the module docstring, rotated: (checkpoint, torch.save, disk, step) seconds,
-    the steps right after each timed checkpoint, the bytes the pager moved during each (a paged job's
-    pages are read back from its state file), and the torch.save file's size."""
-    buffer = mmap.mmap(-1, PROBE_WRITE)
-    buffer.write(os.urandom(PROBE_WRITE))
-    after: list[float] = []
-    paged: list[int] = []  # bytes the pager read and wrote back during each checkpoint
-    saved = [0]
+class Checkpoints:
+    """The rotation's checkpoint of one job: a step, then the timed opt.checkpoint(), then the step right
+    after it (timed too), and the bytes the pager moved meanwhile (a paged job reads its spilled pages
+    back from its state file)."""
 
-    def checkpoint() -> float:
-        job.opt.step()
-        before = session_stats(job.opt)
-        seconds = timed(job.opt.checkpoint)
-        later = session_stats(job.opt)
-        after.append(timed(job.opt.step))
-        paged.append(later.bytes_read - before.bytes_read + later.bytes_written - before.bytes_written)
+    def __init__(self, job: Job):
+        self.job, self.seconds, self.after, self.paged = job, [], [], []
+
+    def __call__(self) -> float:
+        opt = self.job.opt
+        opt.step()
+        before = session_stats(opt)
+        seconds = timed(opt.checkpoint)
+        later = session_stats(opt)
+        self.after.append(timed(opt.step))
+        self.paged.append(later.bytes_read - before.bytes_read + later.bytes_written - before.bytes_written)
         return seconds
+
+    def drop_warmup(self, warmup: int) -> Checkpoints:
+        self.after, self.paged = self.after[warmup:], self.paged[warmup:]
+        return self
+
+
+def rotation(jobs: list[Job], work_dir: str, nbytes: int, samples: int, warmup: int, label: str):
+    """The timings of the module docstring, rotated: a checkpoint of each job (this tree's, then the
+    baseline tree's), then torch.save, the disk probes and a normal step of the first job."""
+    job = jobs[0]
+    buffer = mmap.mmap(-1, PROBE_BUFFER)
+    buffer.write(os.urandom(PROBE_BUFFER))
+    checkpoints = [Checkpoints(j) for j in jobs]
+    saved = [0]
 
     def save() -> float:
         job.opt.step()
@@ -164,28 +197,49 @@ def rotation(job: Job, work_dir: str, nbytes: int, samples: int, warmup: int, la
     def progress(done: int, total: int) -> None:
         print(f"  {label}: round {done} of {total} done{' (warm-up)' if done <= warmup else ''}", flush=True)
 
-    times = rotated([checkpoint, save, lambda: disk_write(work_dir, nbytes, buffer), step], samples, warmup,
-                    progress)
-    return times, after[warmup:], paged[warmup:], saved[0]
+    probes = [lambda piece=piece, k=k: disk_write(work_dir, nbytes, buffer, piece, k) for piece, k in PROBES]
+    times = rotated([*checkpoints, save, *probes, step], samples, warmup, progress)
+    for c, seconds in zip(checkpoints, times):
+        c.seconds = seconds
+        c.drop_warmup(warmup)
+    return Rounds(nbytes, checkpoints, times[len(jobs)], times[len(jobs) + 1: -1], times[-1], saved[0])
 
 
-def restart(job: Job, n: int, label: str) -> tuple[Job, tuple[float, float, float]]:
-    """SIGKILL after a checkpoint, a new daemon on the same state directory, a resumed job. Returns the
-    new job and the seconds from the new process's start until it was healthy, the resumed optimizer
+@dataclasses.dataclass
+class Rounds:
+    """What one mode's rotation measured, each list one entry per timed round."""
+
+    nbytes: int  # a checkpoint's data bytes
+    checkpoints: list[Checkpoints]  # this tree's, then the baseline tree's
+    save: list[float]
+    probes: list[list[float]]  # seconds of each of PROBES
+    step: list[float]
+    saved: int  # the torch.save file's bytes
+
+    @property
+    def disk(self) -> list[float]:
+        """Each round's disk write time: the faster of the probes."""
+        return [min(seconds) for seconds in zip(*self.probes)]
+
+
+def restart(jobs: list[Job | None], i: int, n: int, label: str) -> tuple[float, float, float]:
+    """SIGKILL after a checkpoint, a new daemon on the same state directory, a resumed job in place of
+    jobs[i]. Returns the seconds from the new process's start until it was healthy, the resumed optimizer
     existed, and its first step returned."""
+    job, jobs[i] = jobs[i], None
     job.opt.step()
     step = job.opt.checkpoint()
     params = make_params(n)  # the restarted trainer's model, built before the clock starts
-    flags = job.flags
+    flags, tree = job.flags, job.tree
     job.daemon.kill()
     del job  # the trainer lets go of the dead daemon's arenas (the new daemon removes their names)
     gc.collect()
     start = time.perf_counter()
-    daemon = BenchDaemon(*flags)
+    daemon = BenchDaemon(*flags, tree=tree)
     while not daemon.healthy():
         time.sleep(0.01)
     healthy = time.perf_counter() - start
-    job = Job(daemon, flags, params, resume=True)
+    job = jobs[i] = Job(daemon, flags, params, tree, resume=True)
     attached = time.perf_counter() - start
     job.opt.step()
     served = time.perf_counter() - start
@@ -194,7 +248,7 @@ def restart(job: Job, n: int, label: str) -> tuple[Job, tuple[float, float, floa
     recovered = re.search(r"recovered 1 jobs from .* in ([0-9.]+) s", open(daemon.log.name).read())
     print(f"  {label}: restart: healthy after {healthy:.2f} s (recovery itself {recovered.group(1) if recovered else '?'}"
           f" s), resumed optimizer after {attached:.2f} s, first step returned after {served:.2f} s", flush=True)
-    return job, (healthy, attached, served)
+    return healthy, attached, served
 
 
 def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -213,35 +267,57 @@ def verdict(a: list[float], b: list[float], target: float) -> str:
 
 
 def run_mode(n: int, mode: str, work_dir: str, args) -> list[str]:
-    """One mode's rotation and restarts; prints a table as it goes and returns the summary lines."""
+    """One mode's rotation and restarts; prints the figures as it goes and returns the summary lines."""
     budget = 8 * n // 4 if mode == "paged" else None  # 25% of AdamW's fp32 state (8 bytes per parameter)
     label = f"{human(n)} {mode}" + (f" (--host-memory {budget})" if budget else "")
-    state_dir = os.path.join(work_dir, f"state-{mode}")
-    print(f"{label}: starting the daemon and the job ...", flush=True)
-    job = Job.start(n, daemon_flags(state_dir, budget))
+    trees = [None] + ([args.baseline_tree] if args.baseline_tree else [])
+    print(f"{label}: starting the daemon{'s' if len(trees) > 1 else ''} and the job ...", flush=True)
+    jobs: list[Job | None] = []
     try:
-        job.opt.step()  # the first step creates every page
-        job.opt.step()
-        job.opt.checkpoint()
-        nbytes = checkpoint_bytes(state_dir)
+        for i, tree in enumerate(trees):
+            jobs.append(Job.start(n, daemon_flags(os.path.join(work_dir, f"state-{mode}-{i}"), budget), tree))
+            jobs[-1].opt.step()  # the first step creates every page
+            jobs[-1].opt.step()
+            jobs[-1].opt.checkpoint()
+        nbytes = checkpoint_bytes(os.path.join(work_dir, f"state-{mode}-0"))
         print(f"{label}: a checkpoint holds {nbytes / 1e9:.2f} GB; {args.warmup} + {args.samples} rounds of "
-              f"checkpoint, torch.save, disk write, step", flush=True)
-        (ckpt, save, disk, step), after, paged, saved = rotation(job, work_dir, nbytes, args.samples, args.warmup, label)
-        restarts = []
+              f"checkpoint{' (this tree, baseline tree)' if len(trees) > 1 else ''}, torch.save, disk write, step",
+              flush=True)
+        rounds = rotation(jobs, work_dir, nbytes, args.samples, args.warmup, label)
+        restarts: list[list[tuple[float, float, float]]] = [[] for _ in jobs]
         for _ in range(args.restarts):
-            job, seconds = restart(job, n, label)
-            restarts.append(seconds)
+            for i, tree in enumerate(trees):
+                restarts[i].append(restart(jobs, i, n, label + (" (baseline tree)" if tree else "")))
     finally:
-        job.close()
-    return report(label, nbytes, ckpt, save, disk, step, after, paged, saved, restarts)
+        for job in jobs:
+            if job is not None:
+                job.close()
+    lines = report(label, rounds, restarts[0])
+    if len(trees) > 1:
+        lines.append(against_baseline(label, rounds.checkpoints, restarts))
+    return lines
 
 
-def report(label, nbytes, ckpt, save, disk, step, after, paged, saved, restarts) -> list[str]:
+def against_baseline(label: str, checkpoints: list[Checkpoints], restarts) -> str:
+    mine, base = checkpoints
+    line = (f"adamw checkpoint {label}: this tree over the baseline tree: checkpoint time "
+            f"{ratio_text(mine.seconds, base.seconds)}, step after a checkpoint {ratio_text(mine.after, base.after)}")
+    if restarts[0]:
+        served = [[seconds[2] for seconds in r] for r in restarts]
+        line += f", restart until the first step returned {ratio_text(*served)}"
+    return line
+
+
+def report(label: str, rounds: Rounds, restarts: list[tuple[float, float, float]]) -> list[str]:
     """Prints the mode's figures; returns its summary lines (ratios are medians of the rounds' ratios)."""
+    nbytes, disk, save, step = rounds.nbytes, rounds.disk, rounds.save, rounds.step
+    ckpt, after, paged = rounds.checkpoints[0].seconds, rounds.checkpoints[0].after, rounds.checkpoints[0].paged
+    probes = "; ".join(f"{piece >> 20} MiB writes, {k} in flight: {spread([nbytes / t for t in seconds], 1e-9)}"
+                       for (piece, k), seconds in zip(PROBES, rounds.probes))
     print(f"{label}: checkpoint s {spread(ckpt)}, {nbytes / statistics.median(ckpt) / 1e9:.2f} GB/s; "
-          f"torch.save + fsync s {spread(save)} ({saved / 1e9:.2f} GB file); disk write (O_DIRECT, "
-          f"{PROBE_WRITE >> 20} MiB writes, fsync) GB/s {spread([nbytes / t for t in disk], 1e-9)}; "
-          f"step ms {spread(step, 1e3, 1)}, step after a checkpoint ms {spread(after, 1e3, 1)}", flush=True)
+          f"torch.save + fsync s {spread(save)} ({rounds.saved / 1e9:.2f} GB file); step ms {spread(step, 1e3, 1)}, "
+          f"step after a checkpoint ms {spread(after, 1e3, 1)}; disk write GB/s (O_DIRECT, fsync) {probes}",
+          flush=True)
     lines = [
         f"adamw checkpoint {label}: checkpoint bytes/s over disk write bandwidth {ratio_text(disk, ckpt)} "
         f"(target >= 0.8: {verdict(disk, ckpt, 0.8)}); torch.save time over checkpoint time "
@@ -271,6 +347,10 @@ def main() -> int:
     parser.add_argument("--dir", default=None, metavar="DIR",
                         help="where the state directories, the torch.save files and the disk probe go, all on "
                              "one file system (default: a new directory in /var/tmp)")
+    parser.add_argument("--baseline-tree", default=None, metavar="DIR",
+                        help="also run a job on a daemon from this checkout of the repository (an older commit: "
+                             "`git worktree add DIR REV`), its checkpoints in the same rotation and its restarts "
+                             "in turn with this tree's, and report this tree's times over it (twice the memory)")
     args = parser.parse_args()
     n = parse_count(args.params)
     modes = args.modes.split(",")
