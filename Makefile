@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test drill protos bench clean
+.PHONY: venv demo test drill protos bench bench-checkpoint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ protos: venv
 
 bench: venv
 	$(BIN)/python bench/cpu_step.py
+
+# Checkpoint time of a 200M AdamW job against torch.save and the disk's write bandwidth (BENCHMARKS.md).
+bench-checkpoint: venv
+	$(BIN)/python bench/checkpoint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -41,8 +41,26 @@ class BenchDaemon:
     def address(self) -> str:
         return "unix://" + self.socket
 
+    def healthy(self) -> bool:
+        """Whether the daemon answers the gRPC health check with SERVING."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.RpcError:
+                return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
     def stop(self) -> None:
         self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon gets no chance to write or remove anything."""
+        self.process.kill()
         self.process.wait(timeout=60)
         self.log.close()
 
@@ -53,17 +71,25 @@ def interleaved(candidate, baseline, samples: int, warmup: int = 2) -> tuple[lis
     return a, b
 
 
-def rotated(functions, samples: int, warmup: int = 2) -> list[list[float]]:
-    """Times each function in turn (A, B, C, A, B, C, ...); returns one list of seconds per function."""
-    for _ in range(warmup):
+def rotated(functions, samples: int, warmup: int = 2, progress=None) -> list[list[float]]:
+    """Times each function in turn (A, B, C, A, B, C, ...); returns one list of seconds per function.
+
+    A function that returns a number has timed itself (its untimed preparation, such as a step before a
+    checkpoint, stays out of the sample): that number is its sample. `progress(done, total)` is called
+    after each round, warm-up rounds included, for benchmarks whose rounds take seconds."""
+    for round_ in range(warmup):
         for f in functions:
             f()
+        if progress:
+            progress(round_ + 1, warmup + samples)
     times: list[list[float]] = [[] for _ in functions]
-    for _ in range(samples):
+    for round_ in range(samples):
         for f, seconds in zip(functions, times):
             t0 = time.perf_counter()
-            f()
-            seconds.append(time.perf_counter() - t0)
+            inner = f()
+            seconds.append(inner if isinstance(inner, (int, float)) else time.perf_counter() - t0)
+        if progress:
+            progress(warmup + round_ + 1, warmup + samples)
     return times
 
 

@@ -5,10 +5,20 @@ and the page cache] in stated.paging.state_file), and a checkpoint is only durab
 the device, so they bypass the cache and `finish` fsyncs. Buffers that are 4096-aligned (page pool
 slots, shared-memory arenas) go to the device as they are; an unaligned tail goes through a bounce
 buffer. A file system that refuses O_DIRECT gets buffered I/O, which fsync makes just as durable.
+
+Note [transfers in flight]
+--------------------------
+One buffer moves in CHUNK pieces, IN_FLIGHT of them at a time on a shared pool of threads, and the call
+returns once every piece is done. Several requests queued keep the device busy across each request's
+completion, and reading into memory never touched before (a resumed job's new arenas) is bound by the
+page faults, which then run on more than one core: bench/checkpoint.py measured a restart's load at
+0.35 GB/s with one piece at a time. Only whole 4096-byte blocks of an aligned buffer go to the pool; an
+unaligned buffer goes through the bounce buffer one piece at a time, as before.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import errno
 import fcntl
 import os
@@ -21,6 +31,8 @@ from stated.paging.state_file import DIRECT_ALIGN, DiskSpaceError, StateDirError
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Bytes moved per system call: large enough for the device's full speed, small enough for a bounce.
 CHUNK = 8 << 20
+IN_FLIGHT = 4  # Note [transfers in flight]
+_movers = cf.ThreadPoolExecutor(max_workers=IN_FLIGHT, thread_name_prefix="stated-direct-io")
 
 
 class CheckpointIOError(DataLoss):
@@ -109,28 +121,41 @@ class DirectFile:
         if offset % DIRECT_ALIGN:
             raise ValueError(f"offset {offset} is not a multiple of {DIRECT_ALIGN}")
         try:
-            done = 0
-            while done < arr.nbytes:
-                n = min(CHUNK, arr.nbytes - done)
-                piece = arr[done: done + n]
-                aligned = piece.ctypes.data % DIRECT_ALIGN == 0 and n % DIRECT_ALIGN == 0
-                if aligned or not self.direct:
-                    self._io(piece, offset + done, write)
-                else:  # through the bounce buffer, padded to whole 4096-byte blocks
-                    padded = align_up(n)
-                    bounce = self._bounce[:padded]
-                    if write:
-                        bounce[:n] = piece
-                        bounce[n:] = 0
-                        self._io(bounce, offset + done, write)
-                    else:
-                        self._io(bounce, offset + done, write, allow_short=True)
-                        piece[:] = bounce[:n]
-                done += n
+            whole = arr.nbytes - arr.nbytes % DIRECT_ALIGN if arr.ctypes.data % DIRECT_ALIGN == 0 else 0
+            if not self.direct:
+                whole = arr.nbytes
+            self._move_in_flight(offset, arr[:whole], write)
+            for done in range(whole, arr.nbytes, CHUNK):  # the unaligned rest, through the bounce buffer
+                self._bounced(offset + done, arr[done: done + CHUNK], write)
             if write:
                 self.size = max(self.size, offset + align_up(arr.nbytes))
         except OSError as e:
             raise storage_error(e, self.path, arr.nbytes, write) from e
+
+    def _move_in_flight(self, offset: int, arr: np.ndarray, write: bool) -> None:
+        """Moves `arr` (whole blocks) in CHUNK pieces, IN_FLIGHT at a time; returns when all are done,
+        raising the first error (no piece is still moving when it raises)."""
+        pieces = [(arr[done: done + CHUNK], offset + done) for done in range(0, arr.nbytes, CHUNK)]
+        if len(pieces) <= 1:
+            for piece, at in pieces:
+                self._io(piece, at, write)
+            return
+        futures = [_movers.submit(self._io, piece, at, write) for piece, at in pieces]
+        cf.wait(futures)
+        for future in futures:
+            future.result()
+
+    def _bounced(self, offset: int, piece: np.ndarray, write: bool) -> None:
+        """Moves `piece` (at most CHUNK bytes) through the bounce buffer, padded to whole blocks."""
+        n = piece.nbytes
+        bounce = self._bounce[:align_up(n)]
+        if write:
+            bounce[:n] = piece
+            bounce[n:] = 0
+            self._io(bounce, offset, write)
+        else:
+            self._io(bounce, offset, write, allow_short=True)
+            piece[:] = bounce[:n]
 
     def _io(self, arr: np.ndarray, offset: int, write: bool, allow_short: bool = False) -> None:
         view, done = memoryview(arr), 0
