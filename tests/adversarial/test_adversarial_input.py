@@ -1,0 +1,44 @@
+"""Bad input to the durability features, tried as an adversarial user would: ranks the wire cannot carry,
+job names with odd characters and names too long for a file name, `stated jobs` with long names, `stated
+drop` of what is not there, and resumes built with another layout. Each is a refusal that says what was
+wrong and what to do; the daemon keeps serving another job, and nothing durable is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+import stated
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files, cli,
+                                 jobs, make_model, params_of, train, unique)
+
+NOWHERE = "unix:///nonexistent/stated.sock"
+
+
+# Each through checkpoint, a SIGTERM recovery, `stated jobs` and `stated drop`.
+ODD_NAMES = ["ünïcødé ジョブ", "has space", "per%cent", "a%2Fb", "..", ".hidden", "x" * 200, "tab\tsemi;quote'\""]
+
+
+def test_stated_drop_of_what_is_not_there_says_so(daemons, capsys):
+    proc = daemons("daemon", *SMALL_PAGES)
+    bystander = Bystander(proc)
+    bystander.step_and_checkpoint()
+    for args, says in ((("nojob",), "job 'nojob' holds no retained state"),
+                       (("nojob", "--rank", "4294967295"), "job 'nojob' rank 4294967295 holds no retained state"),
+                       ((bystander.job,), f"job {bystander.job!r} holds no retained state (ranks [0] are live)"),
+                       ((bystander.job, "--rank", "0"), "is live")):
+        status, _, err = cli(capsys, "drop", *args, "--address", proc.address)
+        assert status == 1 and says in err, err
+        assert "stated jobs" in err or "opt.close()" in err
+    bystander.step_and_checkpoint()
+    assert jobs(proc)[(bystander.job, 0)].durable_step == 4
+    bystander.close()
+    assert_clean_log(proc)
+
+
+def _groups(model, split: int) -> list[dict]:
+    params = list(model.parameters())
+    return [{"params": params[:split]}, {"params": params[split:]}]

@@ -1,0 +1,181 @@
+"""Races around retained state: trainers resuming the same (job, rank) at once, many ranks resuming after a
+daemon restart, a resume against `stated drop` and against retention running out, a trainer killed and
+another started at once, a checkpoint against close. Whatever wins, the outcome is one of the promised
+ones: the state resumed whole, or gone for good and started afresh; never half of each, never INTERNAL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import stated
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files, jobs,
+                                 make_model, params_of, train, unique)
+from e2e.test_durability import TRAINER
+from stated.v1 import state_service_pb2 as pb
+
+
+def at_once(*calls):
+    """Runs the calls on threads released together; returns each one's result or exception, in order."""
+    barrier = threading.Barrier(len(calls))
+    results: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def retained_job(proc, steps: int = 2, rank: int = 0, job: str | None = None, checkpoint: bool = True):
+    """A job trained `steps` steps, checkpointed, then closed with keep: (job, its parameters)."""
+    job = job or unique("job")
+    model = make_model(rank)
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, rank=rank, **HYPER)
+    train(model, opt, 1, steps)
+    if checkpoint:
+        assert opt.checkpoint() == steps
+    opt.close(keep=True)
+    return job, params_of(model)
+
+
+def resumer(proc, job: str, rank: int = 0):
+    def resume():
+        fresh = make_model(seed=50 + rank)
+        opt = stated.AdamW(fresh.parameters(), address=proc.address, job=job, rank=rank, resume=True, **HYPER)
+        return opt, params_of(fresh)
+    return resume
+
+
+def test_two_trainers_resuming_one_rank_at_once_one_wins_the_other_is_told(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    job, saved = retained_job(proc)
+    results = at_once(resumer(proc, job), resumer(proc, job))
+    won = [r for r in results if not isinstance(r, Exception)]
+    lost = [r for r in results if isinstance(r, Exception)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert isinstance(lost[0], stated.AlreadyAttachedError) and f"job {job!r} rank 0 is already attached" in str(lost[0])
+    opt, params = won[0]
+    assert opt.resumed_step == 2
+    assert_same(params, saved)
+    opt.close(keep=True)
+    again, params = resumer(proc, job)()  # the one that lost resumes once the other let go
+    assert again.resumed_step == 2
+    assert_same(params, saved)
+    again.close()
+    assert_clean_log(proc)
+
+
+def test_many_ranks_resume_at_once_after_a_daemon_restart(daemons):
+    paged = ("--host-memory", "256KiB", *SMALL_PAGES)
+    proc = daemons("daemon", *paged)
+    job, ranks = unique("job"), 6
+    saved = {rank: retained_job(proc, steps=3, rank=rank, job=job)[1] for rank in range(ranks)}
+    assert proc.stop(signal.SIGKILL) != 0
+    proc = daemons("daemon", *paged)
+    results = at_once(*(resumer(proc, job, rank) for rank in range(ranks) for _ in range(2)))
+    for rank in range(ranks):
+        pair = results[2 * rank: 2 * rank + 2]
+        won = [r for r in pair if not isinstance(r, Exception)]
+        assert len(won) == 1, pair
+        assert all(isinstance(r, stated.AlreadyAttachedError) for r in pair if isinstance(r, Exception)), pair
+        opt, params = won[0]
+        assert opt.resumed_step == 3
+        assert_same(params, saved[rank])
+        opt.close()
+    assert checkpoint_files(proc) == []
+    assert_clean_log(proc)
+
+
+def drop(proc, job: str):
+    channel, stub = proc.stub()
+    with channel:
+        return stub.Drop(pb.DropRequest(job=job))
+
+
+def test_a_resume_racing_stated_drop_gets_all_of_the_state_or_none(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    outcomes = set()
+    for _ in range(4):
+        job, saved = retained_job(proc)
+        resumed, dropped = at_once(resumer(proc, job), lambda: drop(proc, job))
+        opt, params = resumed
+        if isinstance(dropped, Exception):  # the resume came first: the drop is refused, naming the live rank
+            assert "holds no retained state (ranks [0] are live)" in dropped.details(), dropped
+            assert opt.resumed_step == 2
+            assert_same(params, saved)
+            outcomes.add("resumed")
+        else:  # the drop came first: its files are gone, and the resume starts afresh
+            assert [j.step for j in dropped.dropped] == [2]
+            assert opt.resumed_step is None
+            assert not any(path.startswith(job) for path in checkpoint_files(proc))
+            outcomes.add("dropped")
+        opt.close()
+    assert outcomes, "no round finished"
+    assert_clean_log(proc)
+
+
+def test_retention_running_out_during_a_resume_leaves_all_of_the_state_or_none(daemons):
+    proc = daemons("daemon", "--retain", "1s", *SMALL_PAGES)
+    bystander = Bystander(proc)
+    for wait in (0.7, 1.0, 1.3, 1.6):  # around the deadline (retention is checked every second)
+        job, saved = retained_job(proc)
+        time.sleep(wait)
+        opt, params = resumer(proc, job)()
+        if opt.resumed_step is None:
+            assert not any(path.startswith(job) for path in checkpoint_files(proc)), "retention took the files"
+        else:
+            assert opt.resumed_step == 2
+            assert_same(params, saved)
+        opt.close()
+        bystander.step_and_checkpoint()
+    bystander.close()
+    assert_clean_log(proc)
+
+
+def trainer(proc, job: str) -> subprocess.Popen:
+    """A trainer process that trains 3 steps of `job` and says "ready"."""
+    here = os.path.join(os.path.dirname(os.path.dirname(__file__)), "e2e")
+    process = subprocess.Popen([sys.executable, "-c", TRAINER, proc.address, job, here], stdout=subprocess.PIPE,
+                               text=True, env=dict(os.environ, STATED_EMBEDDED="0"))
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
+def test_a_trainer_killed_and_another_started_at_once(daemons, resume):
+    proc = daemons("daemon", *SMALL_PAGES)
+    job = unique("job")
+    process = trainer(proc, job)
+    process.kill()
+    process.wait()
+    fresh = make_model(seed=6)
+    if resume:
+        opt = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+        assert opt.resumed_step == 3
+        replay = make_model()
+        train(replay, stated.AdamW(replay.parameters(), address=proc.address, job=unique("replay"), **HYPER), 1, 3)
+        assert_same(params_of(fresh), params_of(replay))
+        opt.close()
+    else:  # the daemon waits for the old trainer's end, then says what it retained and both ways out
+        with pytest.raises(stated.FailedPreconditionError) as refused:
+            stated.AdamW(fresh.parameters(), address=proc.address, job=job, **HYPER)
+        for part in (f"job {job!r} rank 0 has retained state at step 3", f"pid {process.pid}", "resume=True",
+                     f"stated drop {job}"):
+            assert part in str(refused.value), str(refused.value)
+        assert jobs(proc)[(job, 0)].state == "retained"
+    assert_clean_log(proc)

@@ -1,0 +1,93 @@
+"""The state directory, as an adversarial user or a careless neighbour leaves it: held by another daemon,
+a symlink, a file, read-only, and a checkpoints folder holding what someone else put there. A daemon
+that cannot use it refuses to start with a sentence naming --state-dir and what to do; one that can
+leaves others' files alone, recovers only what it wrote, and says why a checkpoint cannot be written."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import stated
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, jobs, make_model,
+                                 params_of, train, unique)
+
+
+def serve_refused(tmp_path, *state_dirs: str) -> list[str]:
+    """Runs `stated serve` on each of `state_dirs` at once; each must refuse to start. Returns what they said."""
+    runs = [subprocess.Popen([sys.executable, "-m", "stated", "serve", "--socket", str(tmp_path / f"other-{i}.sock"),
+                              "--metrics-addr", "none", "--state-dir", state_dir], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, STATED_EMBEDDED="0"))
+            for i, state_dir in enumerate(state_dirs)]
+    said = []
+    for run in runs:
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 1, err
+        assert "Traceback" not in err, err
+        said.append(err)
+    return said
+
+
+def test_a_second_daemon_on_the_same_state_dir_refuses_and_the_first_serves_on(daemons, tmp_path):
+    proc = daemons("daemon", *SMALL_PAGES)
+    bystander = Bystander(proc)
+    bystander.step_and_checkpoint()
+    state_dir = os.path.join(proc.directory, "state")
+    [said] = serve_refused(tmp_path, state_dir)
+    assert f"another stated daemon uses --state-dir {state_dir}; stop it or pick another directory" in said
+    bystander.step_and_checkpoint()
+    assert jobs(proc)[(bystander.job, 0)].durable_step == 4
+    bystander.close()
+    assert_clean_log(proc)
+
+
+@contextlib.contextmanager
+def read_only_mount(path):
+    """An empty read-only tmpfs at `path` (root only)."""
+    os.makedirs(path)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root and mount(8)")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_state_dir_that_is_a_symlink_recovers_through_it(daemons, tmp_path):
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (tmp_path / "daemon").mkdir()
+    os.symlink(real, tmp_path / "daemon" / "state")
+    proc = daemons("daemon", *SMALL_PAGES)
+    job = unique("job")
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 2)
+    assert opt.checkpoint() == 2
+    saved = params_of(model)
+    assert proc.stop(signal.SIGKILL) != 0
+    assert os.listdir(real / "checkpoints") == [job]
+    proc = daemons("daemon", *SMALL_PAGES)
+    fresh = make_model(seed=4)
+    again = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert again.resumed_step == 2
+    assert_same(params_of(fresh), saved)
+    again.close()
+    assert os.listdir(real / "checkpoints") == []
+    assert_clean_log(proc)
+
+
+def block_checkpoints(proc, job: str) -> str:
+    """Puts a file where the job's checkpoint directory goes, as someone else might; returns its path."""
+    blocker = os.path.join(proc.directory, "state", "checkpoints", job)
+    os.makedirs(os.path.dirname(blocker), exist_ok=True)
+    with open(blocker, "w") as f:
+        f.write("someone else's")
+    return blocker
