@@ -10,11 +10,19 @@ import sys
 from stated.durations import DEFAULT_RETAIN_SECONDS, parse_duration
 from stated.sizes import parse_size
 from stated_client.address import ENV_ADDRESS, default_socket
+from stated_client.protocol import MAX_RANK
 
 
 def _default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "stated")
+
+
+def _rank(text: str) -> int:
+    """`--rank`: what the wire can carry (a uint32), refused here with the bad text instead of later."""
+    if not text.strip().isdigit() or int(text) > MAX_RANK:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: a rank is a whole number from 0 to {MAX_RANK}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +136,7 @@ def _add_jobs(sub) -> None:
                                       "memory and its checkpoints on disk. A live rank is not dropped: its trainer "
                                       "ends it with opt.close().")
     drop.add_argument("job", metavar="JOB", help="the job's name, as `stated jobs` shows it")
-    drop.add_argument("--rank", type=int, default=None, metavar="R", help="only this rank (default: every rank)")
+    drop.add_argument("--rank", type=_rank, default=None, metavar="R", help="only this rank (default: every rank)")
     drop.add_argument("--address", default=None, metavar="TARGET",
                       help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
 

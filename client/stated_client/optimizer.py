@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import os
-import sys
 import threading
 import warnings
 import weakref
@@ -37,6 +36,7 @@ from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas, device_buffers
 from stated_client.connection import Connection, connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
+from stated_client.identity import default_job, resolve_rank
 from stated_client.step_line import StepLine
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
 
@@ -47,15 +47,6 @@ _background = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_p
 # GradScaler hands itself to optimizers whose step() takes `grad_scaler` (so that it makes no inf-check
 # pass over the gradients itself) and warns that this contract will change; the daemon relies on it.
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
-
-
-def default_job() -> str:
-    """STATED_JOB, else torchrun's run id, else the script's name and this process's id."""
-    job = os.environ.get("STATED_JOB") or os.environ.get("TORCHELASTIC_RUN_ID")
-    if job and job != "none":
-        return job
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    return f"{script or 'python'}-{os.getpid()}"
 
 
 def _close_session(connection: Connection, session: pb.SessionRef, watch=None, line: StepLine | None = None,
@@ -95,10 +86,10 @@ class StatedOptimizer(torch.optim.Optimizer):
         # GradScaler asked the daemon to compute it), and whether that step was skipped for inf/nan.
         self.last_grad_norm: float | None = None
         self.last_step_skipped = False
+        self._rank = resolve_rank(rank)
         self._connection = connect(address)
         instance = next(_instances)
         self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
-        self._rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
         self._master_weights = bool(master_weights)
         reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
                                                                  algorithm=self.algorithm, pid=os.getpid(),

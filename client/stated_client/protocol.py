@@ -28,6 +28,9 @@ SHUTTING_DOWN = "the stated daemon is shutting down"
 # Options for grpc.insecure_channel and grpc.aio.server alike.
 MESSAGE_OPTIONS = (("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES))
+# A rank travels as uint32 (AttachRequest.rank, DropRequest.rank): a rank outside 0..MAX_RANK is refused
+# where it is given, naming it, instead of failing inside protobuf.
+MAX_RANK = (1 << 32) - 1
 
 # --- the step channel ------------------------------------------------------------------------------
 

@@ -18,6 +18,23 @@ from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log
 NOWHERE = "unix:///nonexistent/stated.sock"
 
 
+def test_a_rank_the_wire_cannot_carry_is_refused_naming_it(monkeypatch):
+    monkeypatch.setenv("STATED_EMBEDDED", "0")
+    for rank in (-1, 1 << 32, 2.5, "first"):
+        with pytest.raises(stated.InvalidArgumentError, match=r"a rank is a whole number from 0 to 4294967295"):
+            stated.AdamW(make_model().parameters(), address=NOWHERE, job="j", rank=rank)
+    monkeypatch.setenv("RANK", "-3")
+    with pytest.raises(stated.InvalidArgumentError, match=r"\$RANK is '-3'"):
+        stated.AdamW(make_model().parameters(), address=NOWHERE, job="j")
+
+
+@pytest.mark.parametrize("rank", ["-1", "4294967296", "two"])
+def test_stated_drop_refuses_a_rank_the_wire_cannot_carry(capsys, rank):
+    status, _, err = cli(capsys, "drop", "job", "--rank", rank, "--address", NOWHERE)
+    assert status == 2, err
+    assert f"invalid rank {rank!r}: a rank is a whole number from 0 to 4294967295" in err
+
+
 # Each through checkpoint, a SIGTERM recovery, `stated jobs` and `stated drop`.
 ODD_NAMES = ["ünïcødé ジョブ", "has space", "per%cent", "a%2Fb", "..", ".hidden", "x" * 200, "tab\tsemi;quote'\""]
 
