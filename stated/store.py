@@ -26,6 +26,7 @@ from stated.engine import Engine, StepResult
 from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
+from stated.paging.state_file import MAX_NAME_BYTES, STATE_SUFFIX, encoded_job_name
 from stated.session import Session
 from stated.state_transfer import StateTransfer
 from stated_client.wire import dtype_name
@@ -41,6 +42,21 @@ MAX_TENSORS_PER_REQUEST = 1 << 20
 IPC_HANDLE_BYTES = 64
 MAX_DEVICE_NAME = 64
 MAX_JOB_NAME = 200
+
+
+def check_job_name(job: str) -> None:
+    """Refuses a job name the daemon cannot use: its state file and checkpoint directory are named after it."""
+    if not job:
+        raise InvalidArgument("job must be a non-empty name")
+    if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
+        raise InvalidArgument(f"job {job[:40]!r} must be at most {MAX_JOB_NAME} characters without "
+                              f"slashes, NUL or newlines")
+    name_bytes = len(encoded_job_name(job).encode()) + len(STATE_SUFFIX)
+    if name_bytes > MAX_NAME_BYTES:
+        raise InvalidArgument(
+            f"job {job[:40]!r} is too long as a file name: its state file and checkpoints are named after it, "
+            f"percent-encoded (a space, '%' or other sign takes 3 bytes, a letter outside ASCII 6 or more), "
+            f"which takes {name_bytes} bytes of the {MAX_NAME_BYTES} a file name may have; choose a shorter name")
 
 
 class Store(StateTransfer):
@@ -71,11 +87,7 @@ class Store(StateTransfer):
                resume: bool = False) -> Session:
         """A new session for (job, rank), or with `resume` the one it retains (its `resume_left` regions
         to register again); retained state without `resume` is refused, naming both ways out."""
-        if not job:
-            raise InvalidArgument("job must be a non-empty name")
-        if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
-            raise InvalidArgument(f"job {job[:40]!r} must be at most {MAX_JOB_NAME} characters without "
-                                  f"slashes, NUL or newlines")
+        check_job_name(job)
         algo = lookup(algorithm)
         if algo is None:
             from stated_kernels import ALGORITHMS

@@ -15,15 +15,11 @@ import shutil
 import urllib.parse
 
 from stated.durability.direct_file import sync_directory
+from stated.paging.state_file import encoded_job_name
 
 KEEP = 2
 DATA_SUFFIXES = (".pages", ".params", ".small")
 _NAME = re.compile(r"^(\d+)\.(pages|params|small|manifest)(\.tmp)?$")
-
-
-def _encode(job: str) -> str:
-    name = urllib.parse.quote(job, safe="-_.")
-    return "%2E" + name[1:] if name.startswith(".") else name
 
 
 def checkpoints_root(state_dir: str) -> str:
@@ -31,7 +27,7 @@ def checkpoints_root(state_dir: str) -> str:
 
 
 def rank_directory(state_dir: str, job: str, rank: int, create: bool = False) -> str:
-    path = os.path.join(checkpoints_root(state_dir), _encode(job), f"rank-{rank}")
+    path = os.path.join(checkpoints_root(state_dir), encoded_job_name(job), f"rank-{rank}")
     if create:
         os.makedirs(path, mode=0o700, exist_ok=True)
     return path

@@ -106,15 +106,24 @@ def allocate_aligned(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, align_up(max(nbytes, 1)))
 
 
+# A file name holds at most NAME_MAX bytes; a job's state file and checkpoint directory are named after it.
+MAX_NAME_BYTES = 255
+STATE_SUFFIX = ".state"
+
+
+def encoded_job_name(job: str) -> str:
+    """`job` as a file name: percent-encoded, so that no job name can leave its directory, with a leading
+    dot escaped, so that none is hidden or '..'."""
+    name = urllib.parse.quote(job, safe="-_.")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
 def state_path(directory: str, job: str) -> str:
-    """The state file of `job`: its name percent-encoded, so no job name can leave the directory."""
+    """The state file of `job`, named after it (`encoded_job_name`)."""
     if not isinstance(job, str) or not job:
         raise ValueError(f"invalid job name {job!r}: expected a non-empty string")
-    name = urllib.parse.quote(job, safe="-_.")
-    if name.startswith("."):
-        name = "%2E" + name[1:]
-    name += ".state"
-    if len(name.encode()) > 255:
+    name = encoded_job_name(job) + STATE_SUFFIX
+    if len(name.encode()) > MAX_NAME_BYTES:
         raise ValueError(f"invalid job name {job[:40]!r}...: too long for a state file name")
     return os.path.join(directory, name)
 

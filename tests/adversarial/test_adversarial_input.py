@@ -39,6 +39,25 @@ def test_stated_drop_refuses_a_rank_the_wire_cannot_carry(capsys, rank):
 ODD_NAMES = ["ünïcødé ジョブ", "has space", "per%cent", "a%2Fb", "..", ".hidden", "x" * 200, "tab\tsemi;quote'\""]
 
 
+def test_a_job_name_too_long_for_a_file_name_is_refused_at_attach(daemons):
+    # A paging daemon: the job's state file is named after it too.
+    proc = daemons("daemon", "--host-memory", "256KiB", *SMALL_PAGES)
+    bystander = Bystander(proc)
+    for job in (" " * 100, "é" * 200, "ジ" * 30):
+        with pytest.raises(stated.InvalidArgumentError, match=r"too long as a file name.*choose a shorter name"):
+            stated.AdamW(torch.nn.Linear(256, 256).parameters(), address=proc.address, job=job, **HYPER)
+        bystander.step_and_checkpoint()
+    longest = "ジ" * 27  # 27 * 9 bytes percent-encoded, and ".state": 249 bytes
+    model = torch.nn.Linear(256, 256)
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=longest, **HYPER)
+    model.weight.grad, model.bias.grad = torch.ones(256, 256), torch.ones(256)
+    opt.step()
+    assert opt.checkpoint() == 1
+    opt.close()
+    bystander.close()
+    assert_clean_log(proc)
+
+
 def test_stated_drop_of_what_is_not_there_says_so(daemons, capsys):
     proc = daemons("daemon", *SMALL_PAGES)
     bystander = Bystander(proc)
