@@ -39,6 +39,36 @@ def test_stated_drop_refuses_a_rank_the_wire_cannot_carry(capsys, rank):
 ODD_NAMES = ["ünïcødé ジョブ", "has space", "per%cent", "a%2Fb", "..", ".hidden", "x" * 200, "tab\tsemi;quote'\""]
 
 
+def test_odd_job_names_survive_checkpoint_restart_jobs_and_drop(daemons, capsys):
+    proc = daemons("daemon", *SMALL_PAGES)
+    saved = {}
+    for seed, job in enumerate(ODD_NAMES):
+        model = make_model(seed)
+        opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+        train(model, opt, 1, 2)
+        assert opt.checkpoint() == 2
+        saved[job] = params_of(model)
+        opt.close(keep=True)
+    assert proc.stop(signal.SIGTERM) == 0
+    proc = daemons("daemon", *SMALL_PAGES)
+    assert {k: (j.state, j.step) for k, j in jobs(proc).items()} == {(job, 0): ("recovered", 2) for job in ODD_NAMES}
+    status, listing, err = cli(capsys, "jobs", "--address", proc.address)
+    assert status == 0, err
+    for job in ODD_NAMES:  # in full, as `stated drop` takes it
+        assert any(line.startswith(job + " ") for line in listing.splitlines()), (job, listing)
+    for job in ODD_NAMES:
+        fresh = make_model(seed=99)
+        opt = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+        assert opt.resumed_step == 2
+        assert_same(params_of(fresh), saved[job])
+        opt.close(keep=True)
+    for job in ODD_NAMES:
+        status, out, err = cli(capsys, "drop", job, "--address", proc.address)
+        assert status == 0 and f"dropped job {job!r} rank 0" in out, err
+    assert jobs(proc) == {} and checkpoint_files(proc) == []
+    assert_clean_log(proc)
+
+
 def test_a_job_name_too_long_for_a_file_name_is_refused_at_attach(daemons):
     # A paging daemon: the job's state file is named after it too.
     proc = daemons("daemon", "--host-memory", "256KiB", *SMALL_PAGES)
