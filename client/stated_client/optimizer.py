@@ -66,6 +66,15 @@ def _close_session(connection: Connection, session: pb.SessionRef, watch=None, l
     connection.close()
 
 
+def _count_groups(params) -> tuple[Any, int]:
+    """`params` (an iterable made a list, as torch.optim.Optimizer makes it) and how many param groups it
+    holds: a list of dicts is one group each, anything else one group."""
+    if isinstance(params, torch.Tensor):
+        return params, 1  # torch refuses it, with its own message
+    params = list(params)
+    return params, len(params) if params and isinstance(params[0], dict) else 1
+
+
 class StatedOptimizer(torch.optim.Optimizer):
     """Base of the client optimizers. Subclasses set `algorithm` and `_hyperparameters(group)`."""
 
@@ -118,19 +127,28 @@ class StatedOptimizer(torch.optim.Optimizer):
         self._step_number = self.resumed_step or 0
         self._checkpointing: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        # While resuming, the groups are the retained ones registered again: none may be added beyond them
+        # (the daemon would take it for a new group and the retained state would change).
+        self._resuming = self.resumed_step is not None
+        params, self._groups_asked = _count_groups(params)
         try:
             super().__init__(params, defaults)
             if len(self.param_groups) != self._resume_regions and self.resumed_step is not None:
-                raise InvalidArgumentError(
-                    f"resume of job {self._job!r} rank {self._rank}: the retained state has {self._resume_regions} "
-                    f"param groups, this optimizer {len(self.param_groups)}; build it with the param groups it "
-                    f"had (the retained state is kept)")
+                raise self._groups_mismatch()
+            self._resuming = False
         except BaseException:
             # A refused group (bad lr, float64 params, ...) must not leave the session attached until
             # garbage collection: the traceback keeps `self` alive, and a retry with the same job and
-            # rank would be refused as already attached.
+            # rank would be refused as already attached. A resume that fails keeps the retained state.
+            self._keep[0] = self.resumed_step is not None
             self._finalizer()
             raise
+
+    def _groups_mismatch(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"resume of job {self._job!r} rank {self._rank}: the retained state has {self._resume_regions} param "
+            f"groups, this optimizer {self._groups_asked}; build it with the param groups it had (the retained "
+            f"state is kept)")
 
     # --- identity --------------------------------------------------------------------------------
 
@@ -198,6 +216,8 @@ class StatedOptimizer(torch.optim.Optimizer):
         return name
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._resuming and len(self.param_groups) >= self._resume_regions:
+            raise self._groups_mismatch()
         super().add_param_group(param_group)
         self._register(self.param_groups[-1])
 

@@ -108,3 +108,70 @@ def test_stated_drop_of_what_is_not_there_says_so(daemons, capsys):
 def _groups(model, split: int) -> list[dict]:
     params = list(model.parameters())
     return [{"params": params[:split]}, {"params": params[split:]}]
+
+
+def test_a_resume_built_otherwise_is_refused_naming_it_and_keeps_the_state(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    job = unique("job")
+    model = make_model()
+    opt = stated.AdamW(model.named_parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 3)
+    assert opt.checkpoint() == 3
+    saved = params_of(model)
+    opt.close(keep=True)
+    files = checkpoint_files(proc)
+    other = make_model(seed=5)
+    extra = torch.nn.Parameter(torch.zeros(3))
+    attempts = [
+        # One group more than the retained state: the extra group must not be registered into it.
+        (lambda: [{"params": list(other.named_parameters())}, {"params": [("extra", extra)]}],
+         {}, stated.InvalidArgumentError, "the retained state has 1 param groups, this optimizer 2"),
+        (lambda: other.named_parameters(), {"amsgrad": True}, stated.InvalidArgumentError,
+         "would change the state layout"),
+        (lambda: other.named_parameters(), {"master_weights": True}, stated.InvalidArgumentError,
+         "master_weights False, this optimizer True"),
+        (lambda: other.parameters(), {}, stated.InvalidArgumentError, r"tensors\[0\]\.name is '', the retained state "
+                                                                      r"has '0\.weight'"),
+        (lambda: reversed(list(other.named_parameters())), {}, stated.InvalidArgumentError,
+         r"tensors\[0\]\.shape is \[4\], the retained state has \[256, 16\]"),
+        (lambda: [(n, p.detach().double().requires_grad_()) for n, p in other.named_parameters()], {},
+         stated.InvalidArgumentError, "float64"),
+    ]
+    for params, extra_args, error, says in attempts:
+        with pytest.raises(error, match=says):
+            stated.AdamW(params(), address=proc.address, job=job, resume=True, **{**HYPER, **extra_args})
+        assert jobs(proc)[(job, 0)].state == "retained" and jobs(proc)[(job, 0)].step == 3
+        assert checkpoint_files(proc) == files, "a refused resume leaves the checkpoints alone"
+    # Another learning rate changes no state layout: it resumes, with the state it had.
+    opt = stated.AdamW(other.named_parameters(), address=proc.address, job=job, resume=True,
+                       **{**HYPER, "lr": 1e-4})
+    assert opt.resumed_step == 3
+    assert_same(params_of(other), saved)
+    train(other, opt, 4, 4)
+    opt.close()
+    assert checkpoint_files(proc) == []
+    assert_clean_log(proc)
+
+
+def test_a_layout_mismatch_after_a_daemon_restart_keeps_the_recovered_checkpoint(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    job = unique("job")
+    model = make_model()
+    opt = stated.AdamW(_groups(model, 2), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 2)
+    assert opt.checkpoint() == 2
+    saved = params_of(model)
+    proc.stop(signal.SIGKILL)
+    proc = daemons("daemon", *SMALL_PAGES)
+    other = make_model(seed=3)
+    for params in (lambda: other.parameters(), lambda: _groups(other, 2) + [{"params": [torch.nn.Parameter(
+            torch.zeros(2))]}], lambda: _groups(other, 1)):
+        with pytest.raises(stated.InvalidArgumentError, match="resume of job"):
+            stated.AdamW(params(), address=proc.address, job=job, resume=True, **HYPER)
+        assert jobs(proc)[(job, 0)].step == 2
+    opt = stated.AdamW(_groups(other, 2), address=proc.address, job=job, resume=True, **HYPER)
+    assert opt.resumed_step == 2
+    assert_same(params_of(other), saved)
+    opt.close()
+    assert_clean_log(proc)
+    assert os.listdir(os.path.join(proc.directory, "state", "checkpoints")) == []
