@@ -167,12 +167,14 @@ class StatedOptimizer(torch.optim.Optimizer):
     def close(self, keep: bool = False) -> None:
         """Detaches from the daemon now. Parameters stay usable; the optimizer does not. The daemon drops
         the state and its checkpoints, or with `keep` retains them (for `stated serve --retain`) for an
-        optimizer made later with resume=True."""
-        self._keep[0] = bool(keep)
+        optimizer made later with resume=True. A step or checkpoint under way in another thread ends first;
+        one called after is refused as closed."""
         pending, self._checkpointing = self._checkpointing, None
         if pending is not None:
             concurrent.futures.wait([pending])  # its error, if any, is for whoever asked; close goes on
-        self._finalizer()
+        with self._lock:
+            self._keep[0] = bool(keep)
+            self._finalizer()
 
     def checkpoint(self, wait: bool = True) -> int:
         """Makes the optimizer's current state durable in the daemon (under its --state-dir): pages,

@@ -179,3 +179,24 @@ def test_a_trainer_killed_and_another_started_at_once(daemons, resume):
             assert part in str(refused.value), str(refused.value)
         assert jobs(proc)[(job, 0)].state == "retained"
     assert_clean_log(proc)
+
+
+def test_a_checkpoint_racing_close_with_keep_leaves_the_state_to_resume(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    for _ in range(6):
+        job = unique("job")
+        model = make_model()
+        opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+        train(model, opt, 1, 3)
+        saved = params_of(model)
+        checkpointed, closed = at_once(opt.checkpoint, lambda: opt.close(keep=True))
+        assert closed is None
+        assert checkpointed == 3 or isinstance(checkpointed, stated.FailedPreconditionError), checkpointed
+        held = jobs(proc)[(job, 0)]
+        assert (held.state, held.step) == ("retained", 3)
+        again, params = resumer(proc, job)()
+        assert again.resumed_step == 3
+        assert_same(params, saved)
+        again.close()
+    assert checkpoint_files(proc) == []
+    assert_clean_log(proc)
