@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import fcntl
 import glob
 import grp
@@ -200,7 +201,10 @@ class Daemon:
 
     def _recover(self) -> None:
         started = time.monotonic()
-        recovered = self.store.keeper.recover()
+        try:
+            recovered = self.store.keeper.recover()
+        except OSError as exc:
+            raise RuntimeError(state_dir_unusable(self.config.state_dir, exc)) from None
         if recovered:
             log.info("recovered %d jobs from %s in %.2f s: %s", len(recovered), self.config.state_dir,
                      time.monotonic() - started,
@@ -229,8 +233,11 @@ def _hold_state_dir(directory: str) -> int:
     """Creates the state directory and locks it for this daemon; removes the state files (the disk tier
     of pages, never checkpoints) that a daemon which died left there. Raises RuntimeError when another
     live daemon holds it."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise RuntimeError(state_dir_unusable(directory, exc)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -243,6 +250,12 @@ def _hold_state_dir(directory: str) -> int:
     if stale:
         log.info("removed %d page files left in %s by a daemon that is gone", len(stale), directory)
     return fd
+
+
+def state_dir_unusable(directory: str, exc: OSError) -> str:
+    reason = "it is not a directory" if exc.errno == errno.EEXIST else exc.strerror or str(exc)  # from makedirs
+    return (f"--state-dir {directory} cannot be used: {reason}: {exc.filename or directory}; give a "
+            f"directory this user can write (it holds the checkpoints and the page files)")
 
 
 def serve(config: DaemonConfig) -> int:

@@ -60,6 +60,21 @@ def read_only_mount(path):
         subprocess.run(["umount", str(path)], check=True)
 
 
+def test_a_state_dir_the_daemon_cannot_use_is_refused_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "checkpoints").write_text("someone else's file")
+    with read_only_mount(tmp_path / "ro") as read_only:
+        said = serve_refused(tmp_path, str(tmp_path / "a-file"), str(tmp_path / "blocked"),
+                             os.path.join(read_only, "state"))
+    assert f"--state-dir {tmp_path / 'a-file'} cannot be used: it is not a directory" in said[0]
+    assert (f"--state-dir {tmp_path / 'blocked'} cannot be used: Not a directory: "
+            f"{tmp_path / 'blocked' / 'checkpoints'}") in said[1]
+    assert f"--state-dir {read_only}/state cannot be used: Read-only file system" in said[2]
+    for sentence in said:
+        assert "give a directory this user can write" in sentence
+
+
 def test_a_state_dir_that_is_a_symlink_recovers_through_it(daemons, tmp_path):
     real = tmp_path / "elsewhere"
     real.mkdir()
