@@ -9,6 +9,7 @@ checkpoint whose manifest was never committed, temporary manifests) is removed b
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,8 @@ import urllib.parse
 
 from stated.durability.direct_file import sync_directory
 from stated.paging.state_file import encoded_job_name
+
+log = logging.getLogger("stated.durability.job_files")
 
 KEEP = 2
 DATA_SUFFIXES = (".pages", ".params", ".small")
@@ -113,8 +116,16 @@ def scan(state_dir: str) -> list[tuple[str, int, str]]:
             continue
         for name in sorted(os.listdir(job_dir)):
             match = re.match(r"^rank-(\d+)$", name)
-            if match and os.path.isdir(os.path.join(job_dir, name)):
-                found.append((urllib.parse.unquote(encoded), int(match.group(1)), os.path.join(job_dir, name)))
+            path = os.path.join(job_dir, name)
+            if match and os.path.isdir(path):
+                job, rank = urllib.parse.unquote(encoded), int(match.group(1))
+                if rank_directory(state_dir, job, rank) != path:
+                    # Not a name this daemon writes ("rank-007", "my job"): resume and drop would look for
+                    # the other, so it is left alone, not recovered.
+                    log.warning("ignored %s: it is not named as this daemon names job %r rank %d (%s)", path, job,
+                                rank, rank_directory(state_dir, job, rank))
+                    continue
+                found.append((job, rank, path))
     return found
 
 

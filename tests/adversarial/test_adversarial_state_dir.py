@@ -99,6 +99,50 @@ def test_a_state_dir_that_is_a_symlink_recovers_through_it(daemons, tmp_path):
     assert_clean_log(proc)
 
 
+def test_strays_in_the_checkpoints_folder_are_left_alone_and_not_recovered(daemons):
+    proc = daemons("daemon", *SMALL_PAGES)
+    job = unique("job")
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 2)
+    assert opt.checkpoint() == 2
+    saved = params_of(model)
+    opt.close(keep=True)
+    assert proc.stop(signal.SIGTERM) == 0
+    root = os.path.join(proc.directory, "state", "checkpoints")
+    ranks = os.path.join(root, job)
+    strays = [os.path.join(root, "README"), os.path.join(ranks, "notes.txt")]
+    for path in strays:
+        with open(path, "w") as f:
+            f.write("someone else's")
+    os.makedirs(os.path.join(root, "stray-job", "not-a-rank"))
+    os.makedirs(os.path.join(ranks, "rank-0", "9.manifest"))  # a directory named like a newer manifest
+    # Copies under names this daemon never writes: neither recovered (resume and drop could not find
+    # them) nor removed.
+    shutil.copytree(os.path.join(ranks, "rank-0"), os.path.join(ranks, "rank-007"))
+    shutil.copytree(ranks, os.path.join(root, "copy of " + job))
+    # A manifest whose data files are missing.
+    os.makedirs(os.path.join(root, "ghost", "rank-0"))
+    shutil.copy(os.path.join(ranks, "rank-0", "2.manifest"), os.path.join(root, "ghost", "rank-0", "5.manifest"))
+
+    proc = daemons("daemon", *SMALL_PAGES)
+    assert {k: (j.state, j.step) for k, j in jobs(proc).items()} == {(job, 0): ("recovered", 2)}
+    log = proc.log()
+    assert f"ignored {os.path.join(ranks, 'rank-007')}: it is not named as this daemon names job {job!r} rank 7" in log
+    assert "checkpoint file" in log and "ghost" in log and "is missing" in log
+    fresh = make_model(seed=8)
+    again = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert again.resumed_step == 2
+    assert_same(params_of(fresh), saved)
+    train(fresh, again, 3, 3)
+    assert again.checkpoint() == 3
+    again.close()
+    for path in strays + [os.path.join(ranks, "rank-007", "2.manifest"), os.path.join(root, "copy of " + job)]:
+        assert os.path.exists(path), path
+    assert not os.path.exists(os.path.join(ranks, "rank-0")), "a clean close removes the job's own checkpoints"
+    assert "Traceback" not in proc.log()
+
+
 def block_checkpoints(proc, job: str) -> str:
     """Puts a file where the job's checkpoint directory goes, as someone else might; returns its path."""
     blocker = os.path.join(proc.directory, "state", "checkpoints", job)
