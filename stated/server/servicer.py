@@ -18,6 +18,7 @@ import torch
 from stated import __version__
 from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
+from stated.server.calls import is_set_within, run_to_end
 from stated.server.job_calls import JobCalls
 from stated.server.job_table import job_stats
 from stated.server.session_lock import SessionLock
@@ -55,15 +56,6 @@ def keepalive_interval(asked: float) -> float | None:
     return min(max(asked, KEEPALIVE_SECONDS[0]), KEEPALIVE_SECONDS[1])
 
 
-async def _is_set_within(event: asyncio.Event, seconds: float | None) -> bool:
-    """Whether `event` is set within `seconds` (None: waits until it is)."""
-    try:
-        await asyncio.wait_for(event.wait(), seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True
-
-
 def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
     return {**dict(msg.scalars), **dict(msg.flags)}
 
@@ -75,6 +67,8 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
         self.locks: dict[str, SessionLock] = {}
         self.closed: dict[str, asyncio.Event] = {}
+        # Sessions whose trainer went away (their Watch broke), detached once the work under way ends.
+        self.orphaned: set[str] = set()
         # The step channel's socket (stated.server.step_channel), told to clients at Attach; "" when none.
         self.step_socket = ""
         # Set when the daemon starts to shut down (stated.server.daemon), before any session is detached.
@@ -84,7 +78,7 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         self.jobs_lock = asyncio.Lock()
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return await run_to_end(self.pool, fn, *args)  # Note [work outlives its call]
 
     def _session(self, ref: pb.SessionRef) -> Session:
         self._check_serving()
@@ -140,8 +134,8 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         """If (job, rank) is live, waits a little for it to end (Watch breaking: its trainer died)."""
         session_id = self.store.by_job_rank.get((job, rank))
         event = self.closed.get(session_id) if session_id else None
-        if event is not None:
-            await _is_set_within(event, REATTACH_WAIT_SECONDS)
+        if event is not None and not await is_set_within(event, REATTACH_WAIT_SECONDS) and session_id in self.orphaned:
+            await event.wait()  # its trainer is gone: its end waits only for the work under way
 
     async def detach(self, session: Session, reason: str, keep: bool = False) -> None:
         lock = self.locks.get(session.id)
@@ -153,6 +147,7 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
             async with self.jobs_lock:
                 kept = await self._run(self.store.detach, session, keep, reason)
         self.locks.pop(session.id, None)
+        self.orphaned.discard(session.id)
         event = self.closed.pop(session.id, None)
         if event is not None:
             event.set()
@@ -175,11 +170,13 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         interval = keepalive_interval(request.keepalive_seconds)
         await context.write(pb.WatchResponse(attached=True))
         try:
-            while not await _is_set_within(closed, interval):
+            while not await is_set_within(closed, interval):
                 await context.write(pb.WatchResponse(keepalive=True))
         finally:
             if session.id in self.store.sessions and not closed.is_set():
-                # The stream broke while the session was live: its client is gone, its state stays retained.
+                # The stream broke while the session was live: its client is gone, its state stays retained
+                # once the work under way ends (Note [work outlives its call] in stated.server.calls).
+                self.orphaned.add(session.id)
                 await asyncio.shield(self.detach(session, f"its trainer (pid {session.pid}) died", keep=True))
         if self.stopping:
             raise Unavailable(SHUTTING_DOWN)

@@ -5,6 +5,7 @@ ones: the state resumed whole, or gone for good and started afresh; never half o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 import stated
 from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files, jobs,
@@ -199,4 +201,50 @@ def test_a_checkpoint_racing_close_with_keep_leaves_the_state_to_resume(daemons)
         assert_same(params, saved)
         again.close()
     assert checkpoint_files(proc) == []
+    assert_clean_log(proc)
+
+
+# A trainer whose checkpoint (or resume) takes a while: 16.8M parameters, about 200 MB to write or read.
+BIG_TRAINER = """
+import sys, time, torch, stated
+torch.manual_seed(0)
+model = torch.nn.Linear(4096, 4096)
+opt = stated.AdamW(model.parameters(), address=sys.argv[1], job=sys.argv[2], resume=sys.argv[3] == "resume")
+if sys.argv[3] != "resume":
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    opt.step()
+    print("ready", flush=True)
+    opt.checkpoint()
+time.sleep(600)
+"""
+
+
+def big_trainer(proc, job: str, mode: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", BIG_TRAINER, proc.address, job, mode], stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, STATED_EMBEDDED="0"))
+
+
+def wait_for(condition, what: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.002)
+
+
+def test_a_trainer_killed_mid_checkpoint_stays_attached_until_the_checkpoint_ends(daemons):
+    proc = daemons("daemon", "--host-memory", "1MiB", *SMALL_PAGES)  # 2048 pages read from disk: seconds
+    job = unique("job")
+    trainer = big_trainer(proc, job, "train")
+    assert trainer.stdout.readline().strip() == "ready"
+    rank_dir = os.path.join(proc.directory, "state", "checkpoints", job, "rank-0")
+    wait_for(lambda: os.path.exists(os.path.join(rank_dir, "1.pages")), "checkpoint under way")
+    trainer.kill()
+    trainer.wait()
+    # Until its checkpoint ends the session is handed to no one (a resume could step during it).
+    wait_for(lambda: jobs(proc)[(job, 0)].state == "retained", "retained state")
+    assert os.path.exists(os.path.join(rank_dir, "1.manifest")), "retained while its checkpoint was still written"
+    fresh = torch.nn.Linear(4096, 4096)
+    opt = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert opt.resumed_step == 1 and jobs(proc)[(job, 0)].durable_step == 1
+    opt.close()
     assert_clean_log(proc)
