@@ -7,9 +7,10 @@ Note [work outlives its call]
 gRPC cancels a handler when its client goes away (a trainer killed with kill -9 mid-step, mid-checkpoint,
 mid-resume), but no cancellation stops the worker thread that does the call's work. A handler that gave
 up at once would leave the session's lock, or the jobs lock, while that thread still changes the session:
-a trainer resuming it could step during the checkpoint (which would then hold pages of two steps), and
-`stated drop` could free its memory under the thread. So a cancelled handler first waits for its work
-to end, keeping whatever lock it holds; then it is cancelled.
+a trainer resuming it could step during the checkpoint (which would then hold pages of two steps),
+`stated drop` could free its memory under the thread, a resume's new session would stay attached with
+no one to detach it. So a cancelled handler first waits for its work to end, keeping whatever lock it
+holds, and hands a result no one will read to `abandoned` (the Attach's undo); then it is cancelled.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 import asyncio
 
 
-async def run_to_end(pool, fn, *args):
-    """fn(*args) on `pool`; a caller cancelled meanwhile waits for it to end before it is cancelled (Note
-    [work outlives its call])."""
+async def run_to_end(pool, fn, *args, abandoned=None):
+    """fn(*args) on `pool`; a caller cancelled meanwhile waits for it to end before it is cancelled, and
+    `abandoned(result)` undoes what a finished fn did for it (Note [work outlives its call])."""
     work = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     try:
         return await asyncio.shield(work)
@@ -29,6 +30,8 @@ async def run_to_end(pool, fn, *args):
                 await asyncio.wait([work])
             except asyncio.CancelledError:
                 pass  # cancelled again: the work still runs, and the lock must stay held until it ends
+        if abandoned is not None and not work.cancelled() and work.exception() is None:
+            abandoned(work.result())
         raise
 
 

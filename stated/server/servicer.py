@@ -116,8 +116,9 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         self._check_serving()
         await self._wait_for_end(request.job, request.rank)
         async with self.jobs_lock:
-            session = await self._run(self.store.attach, request.job, request.rank, request.algorithm, request.pid,
-                                      request.master_weights, request.resume)
+            session = await run_to_end(self.pool, self.store.attach, request.job, request.rank, request.algorithm,
+                                       request.pid, request.master_weights, request.resume,
+                                       abandoned=self._attach_abandoned)
             self.locks[session.id] = SessionLock()
             self.closed[session.id] = asyncio.Event()
         resumed = bool(session.resume_left)
@@ -129,6 +130,13 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
                                  daemon_version=__version__, step_socket=self.step_socket, resumed=resumed,
                                  resumed_step=session.steps if resumed else 0,
                                  resumed_regions=session.resume_left)
+
+    def _attach_abandoned(self, session: Session) -> None:
+        """Its trainer went away before the Attach answered: a resume's state is retained again, a new
+        session dropped (no Watch would ever end it)."""
+        kept = self.store.detach(session, reason="its trainer went away before the attach answered")
+        log.info("attach job=%s rank=%d: its trainer went away before the attach answered; %s", session.job,
+                 session.rank, "retained" if kept else "dropped")
 
     async def _wait_for_end(self, job: str, rank: int) -> None:
         """If (job, rank) is live, waits a little for it to end (Watch breaking: its trainer died)."""

@@ -248,3 +248,40 @@ def test_a_trainer_killed_mid_checkpoint_stays_attached_until_the_checkpoint_end
     assert opt.resumed_step == 1 and jobs(proc)[(job, 0)].durable_step == 1
     opt.close()
     assert_clean_log(proc)
+
+
+def test_a_trainer_killed_while_its_resume_loads_leaves_the_state_retained(daemons):
+    proc = daemons("daemon")
+    job = unique("job")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4096, 4096)
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    opt.step()
+    assert opt.checkpoint() == 1
+    saved = [p.detach().clone() for p in model.parameters()]
+    assert proc.stop(signal.SIGKILL) != 0
+    proc = daemons("daemon")
+    trainer = big_trainer(proc, job, "resume")
+
+    def loading() -> bool:  # the daemon has the checkpoint's data files open: the resume reads them
+        fds = f"/proc/{proc.process.pid}/fd"
+        names = []
+        for fd in os.listdir(fds):
+            with contextlib.suppress(OSError):
+                names.append(os.readlink(os.path.join(fds, fd)))
+        return any(name.endswith((".pages", ".params", ".small")) for name in names)
+
+    wait_for(loading, "resume loading")
+    trainer.kill()
+    trainer.wait()
+    wait_for(lambda: not loading(), "the resume's load to end")
+    time.sleep(0.5)  # the attach it did for no one is undone on the event loop, right after
+    held = jobs(proc)[(job, 0)]
+    assert held.state == "retained" and held.pid != trainer.pid, "the dead trainer's session stayed attached"
+    fresh = torch.nn.Linear(4096, 4096)
+    again = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert again.resumed_step == 1
+    assert_same([p.detach() for p in fresh.parameters()], saved)
+    again.close()
+    assert_clean_log(proc)
