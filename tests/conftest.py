@@ -30,11 +30,12 @@ def address(daemon):
 
 @pytest.fixture
 def spawn(tmp_path):
-    """Starts extra daemons for one test, each in its own directory; stops whatever is left at the end."""
+    """Starts extra daemons for one test, each in its own directory (the same name again starts a new one
+    on that directory's socket and --state-dir: a restart); stops whatever is left at the end."""
     started: list[DaemonProcess] = []
 
     def start(name: str, *extra: str, socket: str | None = None) -> DaemonProcess:
-        (tmp_path / name).mkdir()
+        (tmp_path / name).mkdir(exist_ok=True)
         proc = DaemonProcess(tmp_path / name, *extra)
         if socket is not None:
             proc.socket = socket

@@ -10,7 +10,7 @@ from e2e.test_durability import HYPER, assert_same, jobs, make_model, params_of,
 from stated.cli import main
 
 __all__ = ["HYPER", "assert_same", "jobs", "make_model", "params_of", "train", "unique", "Bystander",
-           "assert_clean_log", "checkpoint_files", "cli"]
+           "assert_clean_log", "checkpoint_files", "checkpointed_job", "cli"]
 
 SMALL_PAGES = ("--page-size", "64KiB")
 
@@ -38,6 +38,17 @@ def checkpoint_files(proc) -> list[str]:
     """Every file under the daemon's checkpoints folder, relative to it."""
     root = os.path.join(proc.directory, "state", "checkpoints")
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, names in os.walk(root) for f in names)
+
+
+def checkpointed_job(proc, steps: int = 2, rank: int = 0, job: str | None = None, named: bool = False):
+    """A job trained `steps` steps and checkpointed there: (its optimizer, its job, its parameters)."""
+    job = job or unique("job")
+    model = make_model(rank)
+    opt = stated.AdamW(model.named_parameters() if named else model.parameters(), address=proc.address, job=job,
+                       rank=rank, **HYPER)
+    train(model, opt, 1, steps)
+    assert opt.checkpoint() == steps
+    return opt, job, params_of(model)
 
 
 class Bystander:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import stated
-from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files, cli,
-                                 jobs, make_model, params_of, train, unique)
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files,
+                                 checkpointed_job, cli, jobs, make_model, params_of, train, unique)
 
 NOWHERE = "unix:///nonexistent/stated.sock"
 
@@ -39,8 +39,8 @@ def test_stated_drop_refuses_a_rank_the_wire_cannot_carry(capsys, rank):
 ODD_NAMES = ["ünïcødé ジョブ", "has space", "per%cent", "a%2Fb", "..", ".hidden", "x" * 200, "tab\tsemi;quote'\""]
 
 
-def test_odd_job_names_survive_checkpoint_restart_jobs_and_drop(daemons, capsys):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_odd_job_names_survive_checkpoint_restart_jobs_and_drop(spawn, capsys):
+    proc = spawn("daemon", *SMALL_PAGES)
     saved = {}
     for seed, job in enumerate(ODD_NAMES):
         model = make_model(seed)
@@ -50,7 +50,7 @@ def test_odd_job_names_survive_checkpoint_restart_jobs_and_drop(daemons, capsys)
         saved[job] = params_of(model)
         opt.close(keep=True)
     assert proc.stop(signal.SIGTERM) == 0
-    proc = daemons("daemon", *SMALL_PAGES)
+    proc = spawn("daemon", *SMALL_PAGES)
     assert {k: (j.state, j.step) for k, j in jobs(proc).items()} == {(job, 0): ("recovered", 2) for job in ODD_NAMES}
     status, listing, err = cli(capsys, "jobs", "--address", proc.address)
     assert status == 0, err
@@ -69,9 +69,9 @@ def test_odd_job_names_survive_checkpoint_restart_jobs_and_drop(daemons, capsys)
     assert_clean_log(proc)
 
 
-def test_a_job_name_too_long_for_a_file_name_is_refused_at_attach(daemons):
+def test_a_job_name_too_long_for_a_file_name_is_refused_at_attach(spawn):
     # A paging daemon: the job's state file is named after it too.
-    proc = daemons("daemon", "--host-memory", "256KiB", *SMALL_PAGES)
+    proc = spawn("daemon", "--host-memory", "256KiB", *SMALL_PAGES)
     bystander = Bystander(proc)
     for job in (" " * 100, "é" * 200, "ジ" * 30):
         with pytest.raises(stated.InvalidArgumentError, match=r"too long as a file name.*choose a shorter name"):
@@ -88,8 +88,8 @@ def test_a_job_name_too_long_for_a_file_name_is_refused_at_attach(daemons):
     assert_clean_log(proc)
 
 
-def test_stated_drop_of_what_is_not_there_says_so(daemons, capsys):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_stated_drop_of_what_is_not_there_says_so(spawn, capsys):
+    proc = spawn("daemon", *SMALL_PAGES)
     bystander = Bystander(proc)
     bystander.step_and_checkpoint()
     for args, says in ((("nojob",), "job 'nojob' holds no retained state"),
@@ -110,14 +110,9 @@ def _groups(model, split: int) -> list[dict]:
     return [{"params": params[:split]}, {"params": params[split:]}]
 
 
-def test_a_resume_built_otherwise_is_refused_naming_it_and_keeps_the_state(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
-    job = unique("job")
-    model = make_model()
-    opt = stated.AdamW(model.named_parameters(), address=proc.address, job=job, **HYPER)
-    train(model, opt, 1, 3)
-    assert opt.checkpoint() == 3
-    saved = params_of(model)
+def test_a_resume_built_otherwise_is_refused_naming_it_and_keeps_the_state(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
+    opt, job, saved = checkpointed_job(proc, steps=3, named=True)
     opt.close(keep=True)
     files = checkpoint_files(proc)
     other = make_model(seed=5)
@@ -153,8 +148,8 @@ def test_a_resume_built_otherwise_is_refused_naming_it_and_keeps_the_state(daemo
     assert_clean_log(proc)
 
 
-def test_a_layout_mismatch_after_a_daemon_restart_keeps_the_recovered_checkpoint(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_a_layout_mismatch_after_a_daemon_restart_keeps_the_recovered_checkpoint(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
     job = unique("job")
     model = make_model()
     opt = stated.AdamW(_groups(model, 2), address=proc.address, job=job, **HYPER)
@@ -162,7 +157,7 @@ def test_a_layout_mismatch_after_a_daemon_restart_keeps_the_recovered_checkpoint
     assert opt.checkpoint() == 2
     saved = params_of(model)
     proc.stop(signal.SIGKILL)
-    proc = daemons("daemon", *SMALL_PAGES)
+    proc = spawn("daemon", *SMALL_PAGES)
     other = make_model(seed=3)
     for params in (lambda: other.parameters(), lambda: _groups(other, 2) + [{"params": [torch.nn.Parameter(
             torch.zeros(2))]}], lambda: _groups(other, 1)):

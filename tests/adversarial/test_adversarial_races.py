@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import stated
-from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files, jobs,
-                                 make_model, params_of, train, unique)
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpoint_files,
+                                 checkpointed_job, jobs, make_model, params_of, train, unique)
 from e2e.test_durability import TRAINER
 from stated.v1 import state_service_pb2 as pb
 
@@ -43,16 +43,11 @@ def at_once(*calls):
     return results
 
 
-def retained_job(proc, steps: int = 2, rank: int = 0, job: str | None = None, checkpoint: bool = True):
+def retained_job(proc, steps: int = 2, rank: int = 0, job: str | None = None):
     """A job trained `steps` steps, checkpointed, then closed with keep: (job, its parameters)."""
-    job = job or unique("job")
-    model = make_model(rank)
-    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, rank=rank, **HYPER)
-    train(model, opt, 1, steps)
-    if checkpoint:
-        assert opt.checkpoint() == steps
+    opt, job, saved = checkpointed_job(proc, steps, rank, job)
     opt.close(keep=True)
-    return job, params_of(model)
+    return job, saved
 
 
 def resumer(proc, job: str, rank: int = 0):
@@ -63,8 +58,8 @@ def resumer(proc, job: str, rank: int = 0):
     return resume
 
 
-def test_two_trainers_resuming_one_rank_at_once_one_wins_the_other_is_told(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_two_trainers_resuming_one_rank_at_once_one_wins_the_other_is_told(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
     job, saved = retained_job(proc)
     results = at_once(resumer(proc, job), resumer(proc, job))
     won = [r for r in results if not isinstance(r, Exception)]
@@ -82,13 +77,13 @@ def test_two_trainers_resuming_one_rank_at_once_one_wins_the_other_is_told(daemo
     assert_clean_log(proc)
 
 
-def test_many_ranks_resume_at_once_after_a_daemon_restart(daemons):
+def test_many_ranks_resume_at_once_after_a_daemon_restart(spawn):
     paged = ("--host-memory", "256KiB", *SMALL_PAGES)
-    proc = daemons("daemon", *paged)
+    proc = spawn("daemon", *paged)
     job, ranks = unique("job"), 6
     saved = {rank: retained_job(proc, steps=3, rank=rank, job=job)[1] for rank in range(ranks)}
     assert proc.stop(signal.SIGKILL) != 0
-    proc = daemons("daemon", *paged)
+    proc = spawn("daemon", *paged)
     results = at_once(*(resumer(proc, job, rank) for rank in range(ranks) for _ in range(2)))
     for rank in range(ranks):
         pair = results[2 * rank: 2 * rank + 2]
@@ -109,8 +104,8 @@ def drop(proc, job: str):
         return stub.Drop(pb.DropRequest(job=job))
 
 
-def test_a_resume_racing_stated_drop_gets_all_of_the_state_or_none(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_a_resume_racing_stated_drop_gets_all_of_the_state_or_none(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
     outcomes = set()
     for _ in range(4):
         job, saved = retained_job(proc)
@@ -131,8 +126,8 @@ def test_a_resume_racing_stated_drop_gets_all_of_the_state_or_none(daemons):
     assert_clean_log(proc)
 
 
-def test_retention_running_out_during_a_resume_leaves_all_of_the_state_or_none(daemons):
-    proc = daemons("daemon", "--retain", "1s", *SMALL_PAGES)
+def test_retention_running_out_during_a_resume_leaves_all_of_the_state_or_none(spawn):
+    proc = spawn("daemon", "--retain", "1s", *SMALL_PAGES)
     bystander = Bystander(proc)
     for wait in (0.7, 1.0, 1.3, 1.6):  # around the deadline (retention is checked every second)
         job, saved = retained_job(proc)
@@ -159,8 +154,8 @@ def trainer(proc, job: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
-def test_a_trainer_killed_and_another_started_at_once(daemons, resume):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_a_trainer_killed_and_another_started_at_once(spawn, resume):
+    proc = spawn("daemon", *SMALL_PAGES)
     job = unique("job")
     process = trainer(proc, job)
     process.kill()
@@ -183,8 +178,8 @@ def test_a_trainer_killed_and_another_started_at_once(daemons, resume):
     assert_clean_log(proc)
 
 
-def test_a_checkpoint_racing_close_with_keep_leaves_the_state_to_resume(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_a_checkpoint_racing_close_with_keep_leaves_the_state_to_resume(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
     for _ in range(6):
         job = unique("job")
         model = make_model()
@@ -231,8 +226,8 @@ def wait_for(condition, what: str, seconds: float = 60.0) -> None:
         time.sleep(0.002)
 
 
-def test_a_trainer_killed_mid_checkpoint_stays_attached_until_the_checkpoint_ends(daemons):
-    proc = daemons("daemon", "--host-memory", "1MiB", *SMALL_PAGES)  # 2048 pages read from disk: seconds
+def test_a_trainer_killed_mid_checkpoint_stays_attached_until_the_checkpoint_ends(spawn):
+    proc = spawn("daemon", "--host-memory", "1MiB", *SMALL_PAGES)  # 2048 pages read from disk: seconds
     job = unique("job")
     trainer = big_trainer(proc, job, "train")
     assert trainer.stdout.readline().strip() == "ready"
@@ -250,8 +245,8 @@ def test_a_trainer_killed_mid_checkpoint_stays_attached_until_the_checkpoint_end
     assert_clean_log(proc)
 
 
-def test_a_trainer_killed_while_its_resume_loads_leaves_the_state_retained(daemons):
-    proc = daemons("daemon")
+def test_a_trainer_killed_while_its_resume_loads_leaves_the_state_retained(spawn):
+    proc = spawn("daemon")
     job = unique("job")
     torch.manual_seed(0)
     model = torch.nn.Linear(4096, 4096)
@@ -261,7 +256,7 @@ def test_a_trainer_killed_while_its_resume_loads_leaves_the_state_retained(daemo
     assert opt.checkpoint() == 1
     saved = [p.detach().clone() for p in model.parameters()]
     assert proc.stop(signal.SIGKILL) != 0
-    proc = daemons("daemon")
+    proc = spawn("daemon")
     trainer = big_trainer(proc, job, "resume")
 
     def loading() -> bool:  # the daemon has the checkpoint's data files open: the resume reads them

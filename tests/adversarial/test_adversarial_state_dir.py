@@ -15,8 +15,8 @@ import sys
 import pytest
 
 import stated
-from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, jobs, make_model,
-                                 params_of, train, unique)
+from adversarial_helpers import (HYPER, SMALL_PAGES, Bystander, assert_clean_log, assert_same, checkpointed_job, jobs,
+                                 make_model, params_of, train, unique)
 
 
 def serve_refused(tmp_path, *state_dirs: str) -> list[str]:
@@ -34,8 +34,8 @@ def serve_refused(tmp_path, *state_dirs: str) -> list[str]:
     return said
 
 
-def test_a_second_daemon_on_the_same_state_dir_refuses_and_the_first_serves_on(daemons, tmp_path):
-    proc = daemons("daemon", *SMALL_PAGES)
+def test_a_second_daemon_on_the_same_state_dir_refuses_and_the_first_serves_on(spawn, tmp_path):
+    proc = spawn("daemon", *SMALL_PAGES)
     bystander = Bystander(proc)
     bystander.step_and_checkpoint()
     state_dir = os.path.join(proc.directory, "state")
@@ -75,21 +75,16 @@ def test_a_state_dir_the_daemon_cannot_use_is_refused_naming_it(tmp_path):
         assert "give a directory this user can write" in sentence
 
 
-def test_a_state_dir_that_is_a_symlink_recovers_through_it(daemons, tmp_path):
+def test_a_state_dir_that_is_a_symlink_recovers_through_it(spawn, tmp_path):
     real = tmp_path / "elsewhere"
     real.mkdir()
     (tmp_path / "daemon").mkdir()
     os.symlink(real, tmp_path / "daemon" / "state")
-    proc = daemons("daemon", *SMALL_PAGES)
-    job = unique("job")
-    model = make_model()
-    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
-    train(model, opt, 1, 2)
-    assert opt.checkpoint() == 2
-    saved = params_of(model)
+    proc = spawn("daemon", *SMALL_PAGES)
+    _, job, saved = checkpointed_job(proc)
     assert proc.stop(signal.SIGKILL) != 0
     assert os.listdir(real / "checkpoints") == [job]
-    proc = daemons("daemon", *SMALL_PAGES)
+    proc = spawn("daemon", *SMALL_PAGES)
     fresh = make_model(seed=4)
     again = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
     assert again.resumed_step == 2
@@ -99,14 +94,9 @@ def test_a_state_dir_that_is_a_symlink_recovers_through_it(daemons, tmp_path):
     assert_clean_log(proc)
 
 
-def test_strays_in_the_checkpoints_folder_are_left_alone_and_not_recovered(daemons):
-    proc = daemons("daemon", *SMALL_PAGES)
-    job = unique("job")
-    model = make_model()
-    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
-    train(model, opt, 1, 2)
-    assert opt.checkpoint() == 2
-    saved = params_of(model)
+def test_strays_in_the_checkpoints_folder_are_left_alone_and_not_recovered(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
+    opt, job, saved = checkpointed_job(proc)
     opt.close(keep=True)
     assert proc.stop(signal.SIGTERM) == 0
     root = os.path.join(proc.directory, "state", "checkpoints")
@@ -125,7 +115,7 @@ def test_strays_in_the_checkpoints_folder_are_left_alone_and_not_recovered(daemo
     os.makedirs(os.path.join(root, "ghost", "rank-0"))
     shutil.copy(os.path.join(ranks, "rank-0", "2.manifest"), os.path.join(root, "ghost", "rank-0", "5.manifest"))
 
-    proc = daemons("daemon", *SMALL_PAGES)
+    proc = spawn("daemon", *SMALL_PAGES)
     assert {k: (j.state, j.step) for k, j in jobs(proc).items()} == {(job, 0): ("recovered", 2)}
     log = proc.log()
     assert f"ignored {os.path.join(ranks, 'rank-007')}: it is not named as this daemon names job {job!r} rank 7" in log
@@ -150,3 +140,45 @@ def block_checkpoints(proc, job: str) -> str:
     with open(blocker, "w") as f:
         f.write("someone else's")
     return blocker
+
+
+def test_a_checkpoint_that_cannot_be_written_says_why(spawn):
+    proc = spawn("daemon", *SMALL_PAGES)
+    job = unique("job")
+    blocker = block_checkpoints(proc, job)
+    bystander = Bystander(proc)
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 2)
+    with pytest.raises(stated.FailedPreconditionError) as refused:
+        opt.checkpoint()
+    for part in (f"checkpoint of job {job!r} rank 0 at step 2 failed", "Not a directory", "last checkpoint (none)",
+                 f"--state-dir {os.path.join(proc.directory, 'state')} must be a directory this daemon can write"):
+        assert part in str(refused.value), str(refused.value)
+    bystander.step_and_checkpoint()
+    os.unlink(blocker)
+    train(model, opt, 3, 3)  # the refusal changed nothing: the steps go on, and the checkpoint once it can
+    assert opt.checkpoint() == 3
+    opt.close()
+    bystander.close()
+    assert_clean_log(proc)
+
+
+def test_a_periodic_checkpoint_that_fails_does_not_fail_its_step(spawn):
+    proc = spawn("daemon", "--checkpoint-every", "2", *SMALL_PAGES)
+    job = unique("job")
+    blocker = block_checkpoints(proc, job)
+    bystander = Bystander(proc)
+    model = make_model()
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 4)  # steps 2 and 4 checkpoint, and cannot: the steps stand all the same
+    bystander.step_and_checkpoint()
+    held = jobs(proc)[(job, 0)]
+    assert (held.step, held.durable) == (4, False)
+    assert "the checkpoint of step 4 (--checkpoint-every 2) failed; the step stands" in proc.log()
+    os.unlink(blocker)
+    train(model, opt, 5, 6)
+    assert jobs(proc)[(job, 0)].durable_step == 6
+    opt.close()
+    bystander.close()
+    assert_clean_log(proc)
