@@ -6,6 +6,7 @@ counts, sizes, dtypes and hyperparameters, each problem raised as an error that 
 
 from __future__ import annotations
 
+import errno
 import hmac
 import logging
 import math
@@ -23,7 +24,8 @@ from stated.durability.checkpoint import Written, write_checkpoint
 from stated.durability.keeper import Keeper, Retained
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
-from stated.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from stated.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
+                           ResourceExhausted, ServiceError)
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.paging.state_file import MAX_NAME_BYTES, STATE_SUFFIX, encoded_job_name
@@ -206,9 +208,21 @@ class Store(StateTransfer):
             raise FailedPrecondition("checkpoints of CUDA parameters are not supported yet; CPU sessions only")
         if not session.changed_since_durable and session.durable is not None:
             return None
-        written = write_checkpoint(session, self.engine, self.state_dir, self.abandon)
+        try:
+            written = write_checkpoint(session, self.engine, self.state_dir, self.abandon)
+        except OSError as exc:  # the data files' errors are refusals already; the directory's and manifest's not
+            raise self._checkpoint_failure(session, exc) from None
         session.durable, session.changed_since_durable = written.manifest, False
         return written
+
+    def _checkpoint_failure(self, session: Session, exc: OSError) -> ServiceError:
+        """A checkpoint's file-system error as a refusal that names the path and what to do."""
+        kind = ResourceExhausted if exc.errno in (errno.ENOSPC, errno.EDQUOT) else FailedPrecondition
+        last = "none" if session.durable is None else f"step {session.durable.step}"
+        return kind(f"checkpoint of job {session.job!r} rank {session.rank} at step {session.steps} failed: "
+                    f"{exc.strerror or exc}: {exc.filename or self.state_dir}; the job stays at its last checkpoint "
+                    f"({last}). --state-dir {self.state_dir} must be a directory this daemon can write, with room "
+                    f"for the checkpoint: put that right and checkpoint again")
 
     def checkpoint_due(self, session: Session) -> bool:
         """Whether --checkpoint-every asks for a checkpoint of the session's last step (one that can be

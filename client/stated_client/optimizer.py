@@ -34,9 +34,10 @@ import torch
 
 from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas, device_buffers
-from stated_client.connection import Connection, connect
+from stated_client.connection import connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
 from stated_client.identity import default_job, resolve_rank
+from stated_client.session_end import close_session as _close_session
 from stated_client.step_line import StepLine
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
 
@@ -49,21 +50,12 @@ _background = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_p
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
-def _close_session(connection: Connection, session: pb.SessionRef, watch=None, line: StepLine | None = None,
-                   keep: list[bool] | None = None) -> None:
-    """Detaches (finalizer: runs at garbage collection or exit, never raises); `keep[0]` retains the state."""
-    if line is not None:
-        line.close()
-    try:
-        connection.call("Detach", pb.DetachRequest(session=session, keep=bool(keep and keep[0])), timeout=10)
-    except Exception:
-        pass
-    try:
-        if watch is not None:
-            watch.cancel()
-    except Exception:
-        pass
-    connection.close()
+def _check_options(defaults: dict[str, Any], max_grad_norm) -> None:
+    for flag in ("capturable", "differentiable"):
+        if defaults.get(flag):
+            raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
+        raise InvalidArgumentError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
 
 
 def _count_groups(params) -> tuple[Any, int]:
@@ -85,11 +77,7 @@ class StatedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict[str, Any], *, address: str | None = None, job: str | None = None,
                  rank: int | None = None, master_weights: bool = False, max_grad_norm: float | None = None,
                  resume: bool = False):
-        for flag in ("capturable", "differentiable"):
-            if defaults.get(flag):
-                raise InvalidArgumentError(f"{flag}=True is not supported by stated: the update runs in the daemon")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
-            raise InvalidArgumentError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+        _check_options(defaults, max_grad_norm)
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else None
         # Global L2 norm of the unscaled gradients at the last step (None unless clipping or a
         # GradScaler asked the daemon to compute it), and whether that step was skipped for inf/nan.

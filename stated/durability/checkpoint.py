@@ -35,7 +35,7 @@ import time
 import torch
 
 from stated.durability import job_files
-from stated.durability.direct_file import DirectFile, storage_error
+from stated.durability.direct_file import DirectFile
 from stated.durability.manifest import Manifest, read_manifest, write_manifest
 from stated.errors import DataLoss, Unavailable
 from stated.paging.state_file import align_up, checksum_of
@@ -89,13 +89,10 @@ class CheckpointAbandoned(Unavailable):
 
 def write_checkpoint(session: Session, engine, state_dir: str, abandon: threading.Event | None = None) -> Written:
     """Writes and commits the checkpoint of the session's current step, then prunes older ones. A
-    failure (disk full, EIO, an unusable state directory) removes what it wrote, leaves the committed
-    checkpoints as they were, and is raised as the error that names it."""
-    abandon = abandon or threading.Event()
-    try:
-        return _write_checkpoint(session, engine, state_dir, abandon)
-    except OSError as exc:
-        raise storage_error(exc, exc.filename or state_dir, 0, write=True) from exc
+    failure (disk full, EIO, an unusable state directory) removes what it wrote and leaves the committed
+    checkpoints as they were; the data files' failures are refusals that name them, the directory's and
+    the manifest's plain OSErrors (the store says what to do)."""
+    return _write_checkpoint(session, engine, state_dir, abandon or threading.Event())
 
 
 def _write_checkpoint(session: Session, engine, state_dir: str, abandon: threading.Event) -> Written:

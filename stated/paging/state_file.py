@@ -218,23 +218,6 @@ class StateFile:
             os.close(dir_fd)
         return cls(path, job, page_bytes, pages, directory)
 
-    @classmethod
-    def open(cls, directory: str, job: str, page_bytes: int) -> StateFile:
-        """An existing state file (a restarted daemon recovering its jobs); checksums come from the
-        manifest, so `read` must be given them or `checksums` filled in."""
-        path = state_path(directory, job)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            raw, size = os.pread(fd, HEADER_BYTES, 0), os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        magic, version, _, stored_page, slot, name_len = _HEADER.unpack_from(raw.ljust(_HEADER.size, b"\0"))
-        name = raw[_HEADER.size : _HEADER.size + name_len].decode(errors="replace")
-        if (magic, version, name, stored_page, slot) != (_MAGIC, _VERSION, job, page_bytes, align_up(page_bytes)):
-            raise DataLoss(f"state file {path} does not hold job {job!r} with {page_bytes}-byte pages "
-                           f"(header: {magic!r} v{version}, job {name!r}, {stored_page}-byte pages)")
-        return cls(path, job, page_bytes, (size - HEADER_BYTES) // slot, directory)
-
     def grow(self, pages: int) -> None:
         """Makes room for `pages` pages in all (a job registered more tensors); on failure nothing changes."""
         if pages <= self.pages:

@@ -69,8 +69,8 @@ class JobCalls:
             if session.id in self.store.sessions:
                 self._checkpoint(session)
         except Exception as exc:  # noqa: BLE001 - the previous checkpoint stays; the next one tries again
-            log.error("checkpoint job=%s rank=%d step=%d (--checkpoint-every) failed: %s", session.job,
-                      session.rank, session.steps, exc)
+            log.error("job %r rank %d: the checkpoint of step %d (--checkpoint-every %d) failed; the step stands: %s",
+                      session.job, session.rank, session.steps, self.store.checkpoint_every, exc)
         finally:
             lock.release()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import shutil
 import signal
 import subprocess
@@ -178,6 +179,10 @@ def test_a_periodic_checkpoint_that_fails_does_not_fail_its_step(spawn):
     assert "the checkpoint of step 4 (--checkpoint-every 2) failed; the step stands" in proc.log()
     os.unlink(blocker)
     train(model, opt, 5, 6)
+    # Step 6's checkpoint is written behind its reply (Note [checkpoints behind the step]).
+    deadline = time.monotonic() + 20
+    while jobs(proc)[(job, 0)].durable_step != 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert jobs(proc)[(job, 0)].durable_step == 6
     opt.close()
     bystander.close()
