@@ -246,8 +246,9 @@ def restart(jobs: list[Job | None], i: int, n: int, label: str) -> tuple[float, 
     if job.opt.resumed_step != step:
         raise RuntimeError(f"{label}: resumed at step {job.opt.resumed_step}, the checkpoint holds {step}")
     recovered = re.search(r"recovered 1 jobs from .* in ([0-9.]+) s", open(daemon.log.name).read())
-    print(f"  {label}: restart: healthy after {healthy:.2f} s (recovery itself {recovered.group(1) if recovered else '?'}"
-          f" s), resumed optimizer after {attached:.2f} s, first step returned after {served:.2f} s", flush=True)
+    recovery = recovered.group(1) if recovered else "?"
+    print(f"  {label}: restart: healthy after {healthy:.2f} s (recovery itself {recovery} s), resumed optimizer "
+          f"after {attached:.2f} s, first step returned after {served:.2f} s", flush=True)
     return healthy, attached, served
 
 
