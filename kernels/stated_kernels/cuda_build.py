@@ -100,7 +100,9 @@ def compile_source(algorithm: str, arch: str = "sm_80", extra_options: Sequence[
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
         size = _check(nvrtc, nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        log = b" " * size
+        # NVRTC writes into the buffer: a fresh one. b" " * 1 would be CPython's shared one-byte b" ", and an
+        # empty log (its NUL) would turn every b" " of the process into b"\0".
+        log = bytes(size)
         _check(nvrtc, nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
         lowered: dict[str, str] = {}
         code_bytes = 0

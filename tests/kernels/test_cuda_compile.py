@@ -36,6 +36,12 @@ def test_source_compiles_with_every_instantiation(reports, arch, algorithm):
     assert "warning" not in report.log, report.log
 
 
+def test_compiling_leaves_python_s_shared_bytes_alone(reports):
+    # A clean build has an empty log: NVRTC wrote its NUL into the buffer it was given.
+    assert any(not s.log for r in reports.values() for s in r.sources)
+    assert b" "[0] == 32 and " ".encode()[0] == 32
+
+
 def test_every_kernel_is_instantiated_for_every_dtype_pair():
     for algorithm, spec in cuda_sources.kernel_sets().items():
         kernels = spec.kernels
