@@ -45,6 +45,20 @@ def small_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
 
 
+def wait_until_stopped(pid: int, timeout: float = 10.0) -> None:
+    """Until every thread of `pid` is stopped (state T in /proc), as SIGSTOP makes them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(state in "Tt" for state in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout} s")
+
+
 def train(model, opt, steps: int = 1) -> None:
     for _ in range(steps):
         opt.zero_grad()
@@ -155,6 +169,7 @@ def test_sigstopped_daemon_is_given_up_on_within_the_timeout(spawn, wire, what):
     opt = stated.AdamW(model.parameters(), address=proc.address, job="stopped")
     train(model, opt, 2)
     os.kill(proc.process.pid, signal.SIGSTOP)
+    wait_until_stopped(proc.process.pid)  # the signal lands asynchronously: a step sent at once may be answered
     try:
         started = time.monotonic()
         with pytest.raises(stated.DaemonUnavailableError) as info:

@@ -222,6 +222,9 @@ def test_sigkill_of_one_client_while_others_train(daemon, stub, workers):
     while victim["session"] in sessions(stub):
         assert time.monotonic() - killed < DETACH_DEADLINE, "the daemon did not notice the dead client"
         time.sleep(0.05)
+    # The session leaves the table before its detach is logged: wait for the line.
+    while not detach_lines(daemon.log(), victim["session"]) and time.monotonic() - killed < DETACH_DEADLINE:
+        time.sleep(0.05)
     assert detach_lines(daemon.log(), victim["session"]) == [f"its trainer (pid {doomed.process.pid}) died"]
     # Its state stays retained for a restarted trainer (tests/e2e/test_durability.py); a drop frees it.
     jobs_held = {(j.job, j.rank): j.state for j in stub.GetStats(pb.GetStatsRequest()).jobs}
