@@ -36,7 +36,7 @@ import torch
 
 from stated.durability import job_files
 from stated.durability.direct_file import DirectFile
-from stated.durability.manifest import Manifest, read_manifest, write_manifest
+from stated.durability.manifest import Manifest, committed_manifests, param_offsets, prune_to, write_manifest
 from stated.errors import DataLoss, Unavailable
 from stated.paging.state_file import align_up, checksum_of
 from stated.session import Session
@@ -91,18 +91,16 @@ def write_checkpoint(session: Session, engine, state_dir: str, abandon: threadin
     """Writes and commits the checkpoint of the session's current step, then prunes older ones. A
     failure (disk full, EIO, an unusable state directory) removes what it wrote and leaves the committed
     checkpoints as they were; the data files' failures are refusals that name them, the directory's and
-    the manifest's plain OSErrors (the store says what to do)."""
-    return _write_checkpoint(session, engine, state_dir, abandon or threading.Event())
-
-
-def _write_checkpoint(session: Session, engine, state_dir: str, abandon: threading.Event) -> Written:
+    the manifest's plain OSErrors (the store says what to do). `abandon`, once set, makes it give up at
+    its next page (CheckpointAbandoned)."""
+    abandon = abandon or threading.Event()
     start = time.perf_counter()
     directory = job_files.rank_directory(state_dir, session.job, session.rank, create=True)
     _settle_removal(directory)
     step = session.steps
-    kept = _committed(directory, exclude=step)
+    kept = _committed(session, directory, exclude=step)
     # A checkpoint of this same step (state loaded since) is replaced: the others stay to fall back to.
-    _prune(directory, kept)
+    prune_to(directory, kept)
     previous = session.durable if session.durable is not None and session.durable.step != step else None
     if previous is not None and previous.path not in {m.path for m in kept}:
         previous = None  # its files are gone (dropped by hand?): write every page
@@ -123,29 +121,18 @@ def _write_checkpoint(session: Session, engine, state_dir: str, abandon: threadi
                             time.time())
         write_manifest(directory, manifest)
     except BaseException:
-        _prune(directory, kept)
+        prune_to(directory, kept)
         raise
     session.changed_pages.clear()
-    _remove_older(directory, _committed(directory)[: job_files.KEEP])
+    _remove_older(directory, _committed(session, directory)[: job_files.KEEP])
     nbytes += _param_offsets(session)[-1] + len(small)
     return Written(manifest, nbytes, time.perf_counter() - start)
 
 
-def _committed(directory: str, exclude: int | None = None) -> list[Manifest]:
-    """The committed checkpoints' manifests, newest first (a damaged one is left out, to be pruned)."""
-    manifests = []
-    for step in job_files.committed_steps(directory):
-        if step == exclude:
-            continue
-        try:
-            manifests.append(read_manifest(job_files.data_path(directory, step, ".manifest")))
-        except DataLoss as exc:
-            log.error("%s; it is removed", exc)
-    return manifests
-
-
-def _prune(directory: str, kept: list[Manifest]) -> None:
-    job_files.prune(directory, keep={m.step for m in kept}, pages_of=set().union(*(m.page_files for m in kept)))
+def _committed(session: Session, directory: str, exclude: int | None = None) -> list[Manifest]:
+    """The rank's committed checkpoints, newest first, as far as their manifests read back (their data
+    files are checked when they are read: a damaged one is left out, to be pruned)."""
+    return committed_manifests(directory, f"job {session.job!r} rank {session.rank}", files=False, exclude=exclude)
 
 
 def _remove_older(directory: str, kept: list[Manifest]) -> None:
@@ -154,7 +141,7 @@ def _remove_older(directory: str, kept: list[Manifest]) -> None:
     steps = {m.step for m in kept}
     old = [step for step in job_files.committed_steps(directory) if step not in steps]
     if _data_bytes(directory, old) < BACKGROUND_BYTES:
-        _prune(directory, kept)
+        prune_to(directory, kept)
         return
     for step in old:
         os.unlink(job_files.data_path(directory, step, ".manifest"))
@@ -174,7 +161,7 @@ def _data_bytes(directory: str, steps: list[int]) -> int:
 
 def _prune_quietly(directory: str, kept: list[Manifest]) -> None:
     try:
-        _prune(directory, kept)
+        prune_to(directory, kept)
     except OSError as exc:  # the job was dropped meanwhile: its directory went with everything in it
         log.debug("removing old checkpoint files in %s: %s", directory, exc)
 
@@ -235,13 +222,8 @@ def _write_params(session: Session, path: str) -> list[int]:
     return sums
 
 
-def _param_offsets(session_or_manifest) -> list[int]:
-    """Where each region's param arena starts in the .params file, and the file's size last."""
-    sizes = [r.arena_bytes if hasattr(r, "arena_bytes") else r["arena_bytes"] for r in session_or_manifest.regions]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + align_up(size))
-    return offsets
+def _param_offsets(session: Session) -> list[int]:
+    return param_offsets([region.arena_bytes for region in session.regions])
 
 
 def _small_state_bytes(session: Session) -> bytes:
@@ -300,13 +282,3 @@ def load_checkpoint(session: Session, engine, manifest: Manifest) -> None:
     session.master_pending.clear()
     session.changed_pages.clear()  # every page is as the checkpoint has it
     session.steps = step
-
-
-def expected_sizes(manifest: Manifest) -> dict[tuple[int, str], int]:
-    """The bytes each data file (step, suffix) that the manifest's checkpoint reads must have at least."""
-    slot = align_up(manifest.page_bytes)
-    sizes = {(manifest.step, ".params"): _param_offsets(manifest)[-1], (manifest.step, ".small"): manifest.small_bytes}
-    for file_step, file_slot in manifest.page_places:
-        key = (file_step, ".pages")
-        sizes[key] = max(sizes.get(key, 0), (file_slot + 1) * slot)
-    return sizes

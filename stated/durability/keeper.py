@@ -12,12 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 
 from stated.durability import job_files
-from stated.durability.manifest import Manifest, read_manifest
-from stated.errors import DataLoss
+from stated.durability.manifest import Manifest, committed_manifests, prune_to
 from stated.session import Session
 
 log = logging.getLogger("stated.durability.keeper")
@@ -79,19 +77,9 @@ class Keeper:
             return []
         found = []
         for job, rank, directory in job_files.scan(self.state_dir):
-            good = []
-            for step in job_files.committed_steps(directory):
-                path = job_files.data_path(directory, step, ".manifest")
-                try:
-                    manifest = read_manifest(path)
-                    _check_files(manifest, directory)
-                except DataLoss as exc:
-                    log.error("checkpoint at step %d of job %r rank %d is unusable, skipped: %s", step, job, rank, exc)
-                    continue
-                good.append(manifest)
+            good = committed_manifests(directory, f"job {job!r} rank {rank}")
             kept = good[: job_files.KEEP]
-            removed = job_files.prune(directory, keep={m.step for m in kept},
-                                      pages_of=set().union(*(m.page_files for m in kept)))
+            removed = prune_to(directory, kept)
             if removed:
                 log.info("removed %d files of unfinished or damaged checkpoints of job %r rank %d", len(removed),
                          job, rank)
@@ -106,27 +94,4 @@ class Keeper:
     def fallbacks(self, entry: Retained) -> list[Manifest]:
         """The committed checkpoints of an entry, newest first, each read and checked again."""
         directory = job_files.rank_directory(self.state_dir, entry.job, entry.rank)
-        manifests = []
-        for step in job_files.committed_steps(directory):
-            try:
-                manifest = read_manifest(job_files.data_path(directory, step, ".manifest"))
-                _check_files(manifest, directory)
-            except DataLoss as exc:
-                log.error("checkpoint at step %d of job %r rank %d is unusable: %s", step, entry.job, entry.rank, exc)
-                continue
-            manifests.append(manifest)
-        return manifests
-
-
-def _check_files(manifest: Manifest, directory: str) -> None:
-    """The data files exist and have the sizes the manifest says (a cut-short file is torn data)."""
-    from stated.durability.checkpoint import expected_sizes
-
-    for (step, suffix), size in expected_sizes(manifest).items():
-        path = job_files.data_path(directory, step, suffix)
-        try:
-            found = os.stat(path).st_size
-        except FileNotFoundError:
-            raise DataLoss(f"checkpoint file {path} is missing") from None
-        if found < size:
-            raise DataLoss(f"checkpoint file {path} is {found} bytes, expected {size}: it was cut short")
+        return committed_manifests(directory, f"job {entry.job!r} rank {entry.rank}")

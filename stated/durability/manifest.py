@@ -21,14 +21,18 @@ import dataclasses
 import errno
 import hashlib
 import json
+import logging
 import os
 from typing import Any
 
 import xxhash
 
 from stated.durability.direct_file import storage_error as transfer_error
+from stated.durability import job_files
 from stated.durability.direct_file import sync_directory
 from stated.errors import DataLoss
+
+log = logging.getLogger("stated.durability.manifest")
 
 FORMAT = 2
 SUFFIX = ".manifest"
@@ -143,3 +147,62 @@ def read_manifest(path: str) -> Manifest:
     if manifest.fingerprint != fingerprint:
         raise DataLoss(f"checkpoint manifest {path} does not match its own layout fingerprint")
     return manifest
+
+
+def param_offsets(arena_bytes: list[int]) -> list[int]:
+    """Where each region's param arena (of `arena_bytes`) starts in the .params file, and its size last."""
+    from stated.paging.state_file import align_up
+
+    offsets = [0]
+    for size in arena_bytes:
+        offsets.append(offsets[-1] + align_up(size))
+    return offsets
+
+
+def expected_sizes(manifest: Manifest) -> dict[tuple[int, str], int]:
+    """The bytes each data file (step, suffix) that the manifest's checkpoint reads must have at least."""
+    from stated.paging.state_file import align_up
+
+    slot = align_up(manifest.page_bytes)
+    params = param_offsets([r["arena_bytes"] for r in manifest.regions])[-1]
+    sizes = {(manifest.step, ".params"): params, (manifest.step, ".small"): manifest.small_bytes}
+    for file_step, file_slot in manifest.page_places:
+        key = (file_step, ".pages")
+        sizes[key] = max(sizes.get(key, 0), (file_slot + 1) * slot)
+    return sizes
+
+
+def check_files(manifest: Manifest, directory: str) -> None:
+    """The data files exist and have the sizes the manifest says (a cut-short file is torn data)."""
+    for (step, suffix), size in expected_sizes(manifest).items():
+        path = job_files.data_path(directory, step, suffix)
+        try:
+            found = os.stat(path).st_size
+        except FileNotFoundError:
+            raise DataLoss(f"checkpoint file {path} is missing") from None
+        if found < size:
+            raise DataLoss(f"checkpoint file {path} is {found} bytes, expected {size}: it was cut short")
+
+
+def committed_manifests(directory: str, whose: str, files: bool = True, exclude: int | None = None) -> list[Manifest]:
+    """The manifests of the directory's committed checkpoints, newest first, each read whole and (with
+    `files`) its data files checked; an unusable one is logged, naming `whose` checkpoint it is, and
+    left out (for the caller to prune)."""
+    manifests = []
+    for step in job_files.committed_steps(directory):
+        if step == exclude:
+            continue
+        try:
+            manifest = read_manifest(job_files.data_path(directory, step, SUFFIX))
+            if files:
+                check_files(manifest, directory)
+        except DataLoss as exc:
+            log.error("checkpoint at step %d of %s is unusable, skipped: %s", step, whose, exc)
+            continue
+        manifests.append(manifest)
+    return manifests
+
+
+def prune_to(directory: str, kept: list[Manifest]) -> list[str]:
+    """Removes every file of the directory but those the `kept` checkpoints read; returns them."""
+    return job_files.prune(directory, keep={m.step for m in kept}, pages_of=set().union(*(m.page_files for m in kept)))

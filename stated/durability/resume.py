@@ -47,6 +47,7 @@ def retained_session(store, held: Retained, algo, pid: int, master_weights: bool
     session.resume_left = len(session.regions)
     return session
 
+
 def _from_checkpoints(store, held: Retained, algo, pid: int) -> Session:
     """A session built and filled from the newest of `held`'s checkpoints that reads back whole."""
     manifests = store.keeper.fallbacks(held) if store.state_dir else []
@@ -82,6 +83,7 @@ def _from_checkpoints(store, held: Retained, algo, pid: int) -> Session:
         return session
     raise DataLoss(f"job {held.job!r} rank {held.rank} cannot be resumed: " + "; ".join(problems)
                    + f"; run `stated drop {held.job}` to start over")
+
 
 def register_again(session: Session, groups: list[Hyperparameters],
                     tensors: list[tuple[tuple[int, ...], torch.dtype | None, int, str]], device: str):
