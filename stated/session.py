@@ -113,6 +113,11 @@ class Session:
     # --- registration -----------------------------------------------------------------------
 
     @property
+    def on_device(self) -> bool:
+        """Whether the session's parameters live on a CUDA device (its buffers are the client's)."""
+        return any(region.device for region in self.regions)
+
+    @property
     def parameters(self) -> int:
         return sum(t.info.numel for t in self.tensors)
 

@@ -136,7 +136,7 @@ class Store(StateTransfer):
         if self.sessions.pop(session.id, None) is None:
             return None
         self.by_job_rank.pop((session.job, session.rank), None)
-        if keep and any(region.device for region in session.regions):
+        if keep and session.on_device:
             log.info("job %r rank %d has CUDA parameters, whose buffers die with their trainer: not retained",
                      session.job, session.rank)
             keep = False
@@ -204,7 +204,7 @@ class Store(StateTransfer):
         if not self.state_dir:
             raise FailedPrecondition("this daemon has no --state-dir: start `stated serve --state-dir DIR` "
                                      "for checkpoints")
-        if any(region.device for region in session.regions):
+        if session.on_device:
             raise FailedPrecondition("checkpoints of CUDA parameters are not supported yet; CPU sessions only")
         if not session.changed_since_durable and session.durable is not None:
             return None
@@ -224,12 +224,17 @@ class Store(StateTransfer):
                     f"({last}). --state-dir {self.state_dir} must be a directory this daemon can write, with room "
                     f"for the checkpoint: put that right and checkpoint again")
 
+    @staticmethod
+    def has_news(session: Session) -> bool:
+        """Whether the session holds state a checkpoint should make durable: changed since its last
+        checkpoint, consistent, and not half-way through a resume."""
+        return session.changed_since_durable and session.inconsistent is None and not session.resume_left
+
     def checkpoint_due(self, session: Session) -> bool:
         """Whether --checkpoint-every asks for a checkpoint of the session's last step (one that can be
-        taken: a state dir, a consistent CPU session whose state changed)."""
+        taken: a state dir, a CPU session with news)."""
         return bool(self.checkpoint_every and self.state_dir and session.steps % self.checkpoint_every == 0
-                    and session.changed_since_durable and session.inconsistent is None and not session.resume_left
-                    and not any(region.device for region in session.regions))
+                    and self.has_news(session) and not session.on_device)
 
     @staticmethod
     def _check_resumed(session: Session, action: str) -> None:

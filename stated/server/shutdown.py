@@ -20,7 +20,7 @@ async def checkpoint_all(servicer, seconds: float) -> tuple[int, int]:
     sessions = list(store.sessions.values()) + [e.session for e in store.keeper.held.values() if e.session]
     done = left = 0
     for session in sessions:
-        if not session.changed_since_durable or session.inconsistent is not None or session.resume_left:
+        if not store.has_news(session):
             continue
         try:
             await _checkpoint_within(servicer, session, deadline)
