@@ -47,7 +47,7 @@ async def _checkpoint_within(servicer, session, deadline: float) -> None:
     if lock is not None:
         await asyncio.wait_for(lock.acquire(), deadline - loop.time())
     try:
-        work = asyncio.ensure_future(servicer._run(servicer.store.checkpoint, session))
+        work = asyncio.ensure_future(servicer._run(servicer._checkpoint, session))  # counted and logged as any
         try:
             await asyncio.wait_for(asyncio.shield(work), max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
