@@ -84,6 +84,23 @@ def files_of(proc: DaemonProcess, job: str, rank: int = 0) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
+def assert_resumes_exactly_after_kill_9(proc, job: str, model, opt, fresh, step: int, saved_params=None,
+                                        saved_state=None) -> None:
+    """kill -9 of the daemon, a new one on its --state-dir, and `fresh` (other initial values) resumed:
+    at `step`, with the parameters and state the trainer had then (by default, those of `model` and
+    `opt` now)."""
+    if saved_params is None:
+        saved_params, saved_state = params_of(model), opt.state_dict()
+    kill9(proc)
+    proc = restart(proc)
+    resumed = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
+    assert resumed.resumed_step == step
+    assert_same(params_of(fresh), saved_params)
+    assert_same_state(resumed.state_dict(), saved_state)
+    resumed.close()
+    proc.stop()
+
+
 PAGED = ("--host-memory", str(8 * PAGE), "--page-size", str(PAGE))
 
 
@@ -363,17 +380,8 @@ def test_a_checkpoint_writes_only_the_pages_that_changed_and_keeps_the_files_it_
     # Checkpoints 3 and 4 are kept; 2 goes, but for the pages file they both still read.
     assert files_of(proc, job) == ["2.pages"] + sorted(f"{s}.{k}" for s in (3, 4)
                                                       for k in ("manifest", "pages", "params", "small"))
-    saved_params, saved_state = params_of(model), opt.state_dict()
-    kill9(proc)
-
-    proc = restart(proc)
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 4))
-    resumed = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
-    assert resumed.resumed_step == 4
-    assert_same(params_of(fresh), saved_params)
-    assert_same_state(resumed.state_dict(), saved_state)
-    resumed.close()
-    proc.stop()
+    assert_resumes_exactly_after_kill_9(proc, job, model, opt, fresh, 4)
 
 
 def test_a_checkpoint_without_waiting_overlaps_the_next_forward_and_is_exact(spawn):
@@ -386,15 +394,7 @@ def test_a_checkpoint_without_waiting_overlaps_the_next_forward_and_is_exact(spa
     assert opt.checkpoint(wait=False) == 3  # returns at once; the next step waits for it
     train(model, opt, 4, 4)
     assert jobs(proc)[(job, 0)].durable_step == 3
-    kill9(proc)
-    proc = restart(proc)
-    fresh = make_model(seed=2)
-    resumed = stated.AdamW(fresh.parameters(), address=proc.address, job=job, resume=True, **HYPER)
-    assert resumed.resumed_step == 3
-    assert_same(params_of(fresh), saved_params)
-    assert_same_state(resumed.state_dict(), saved_state)
-    resumed.close()
-    proc.stop()
+    assert_resumes_exactly_after_kill_9(proc, job, model, opt, make_model(seed=2), 3, saved_params, saved_state)
 
 
 def test_a_failed_checkpoint_without_waiting_is_raised_by_the_next_step(spawn):
