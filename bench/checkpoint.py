@@ -5,9 +5,11 @@ A model of --params float32 CPU parameters with stated.AdamW, once fully residen
 These are timed in one rotation (PERFORMANCE.md: A, B, C, D, A, B, ...), each sample after a step
 so that the checkpoint has something new to write:
 
-- checkpoint: `opt.checkpoint()`, the daemon writing every page, the param arenas and the small state
-  with O_DIRECT, fsyncing them, then committing the manifest (stated/durability/checkpoint.py); the
-  bytes are the committed manifest's data files; and the step right after it returns;
+- checkpoint: `opt.checkpoint()`, the daemon writing every page (a paged job: its resident pages into
+  its state file, which it then freezes as the checkpoint's pages file, its spilled pages being there
+  already), the param arenas and the small state with O_DIRECT, fsyncing them, then committing the
+  manifest (stated/durability/checkpoint.py); the bytes are the committed manifest's data files (all
+  its pages, wherever they were written); and the step right after it returns;
 - torch.save: `torch.save({"optimizer": opt.state_dict(), "model": model.state_dict()}, file)` to a new
   file in --dir, then `os.fsync` of it (durable, as the checkpoint is). The state_dict() is fetched from
   the daemon before the timer starts: a torch.optim.AdamW's user has it at hand, so only the save counts;
@@ -105,14 +107,17 @@ def torch_save(directory: str, state: dict) -> tuple[float, int]:
         os.unlink(path)
 
 
-def checkpoint_bytes(state_dir: str) -> int:
-    """The data bytes of the newest committed checkpoint of the bench's job (its manifest says)."""
+def checkpoint_bytes(state_dir: str) -> tuple[int, int]:
+    """The data bytes of the newest committed checkpoint of the bench's job, and those of its pages (its
+    manifest says)."""
     from stated.durability import job_files
     from stated.durability.manifest import read_manifest
+    from stated.paging.state_file import align_up
 
     directory = job_files.rank_directory(state_dir, JOB, 0)
     newest = job_files.committed_steps(directory)[0]
-    return read_manifest(job_files.data_path(directory, newest, ".manifest")).data_bytes
+    manifest = read_manifest(job_files.data_path(directory, newest, ".manifest"))
+    return manifest.data_bytes, len(manifest.page_checksums) * align_up(manifest.page_bytes)
 
 
 def daemon_flags(state_dir: str, budget: int | None) -> list[str]:
@@ -152,11 +157,12 @@ def timed(fn) -> float:
 
 class Checkpoints:
     """The rotation's checkpoint of one job: a step, then the timed opt.checkpoint(), then the step right
-    after it (timed too), and the bytes the pager moved meanwhile (a paged job reads its spilled pages
-    back from its state file)."""
+    after it (timed too), and the bytes the pager read and wrote meanwhile (a paged job writes its
+    resident pages into its state file, which the checkpoint freezes; before that change, it read its
+    spilled pages back to copy them)."""
 
     def __init__(self, job: Job):
-        self.job, self.seconds, self.after, self.paged = job, [], [], []
+        self.job, self.seconds, self.after, self.read, self.written = job, [], [], [], []
 
     def __call__(self) -> float:
         opt = self.job.opt
@@ -165,11 +171,12 @@ class Checkpoints:
         seconds = timed(opt.checkpoint)
         later = session_stats(opt)
         self.after.append(timed(opt.step))
-        self.paged.append(later.bytes_read - before.bytes_read + later.bytes_written - before.bytes_written)
+        self.read.append(later.bytes_read - before.bytes_read)
+        self.written.append(later.bytes_written - before.bytes_written)
         return seconds
 
     def drop_warmup(self, warmup: int) -> Checkpoints:
-        self.after, self.paged = self.after[warmup:], self.paged[warmup:]
+        self.after, self.read, self.written = self.after[warmup:], self.read[warmup:], self.written[warmup:]
         return self
 
 
@@ -202,7 +209,7 @@ def rotation(jobs: list[Job], work_dir: str, nbytes: int, samples: int, warmup: 
     for c, seconds in zip(checkpoints, times):
         c.seconds = seconds
         c.drop_warmup(warmup)
-    return Rounds(nbytes, checkpoints, times[len(jobs)], times[len(jobs) + 1: -1], times[-1], saved[0])
+    return Rounds(nbytes, 0, checkpoints, times[len(jobs)], times[len(jobs) + 1: -1], times[-1], saved[0])
 
 
 @dataclasses.dataclass
@@ -210,6 +217,7 @@ class Rounds:
     """What one mode's rotation measured, each list one entry per timed round."""
 
     nbytes: int  # a checkpoint's data bytes
+    page_bytes: int  # of them, its pages'
     checkpoints: list[Checkpoints]  # this tree's, then the baseline tree's
     save: list[float]
     probes: list[list[float]]  # seconds of each of PROBES
@@ -280,11 +288,12 @@ def run_mode(n: int, mode: str, work_dir: str, args) -> list[str]:
             jobs[-1].opt.step()  # the first step creates every page
             jobs[-1].opt.step()
             jobs[-1].opt.checkpoint()
-        nbytes = checkpoint_bytes(os.path.join(work_dir, f"state-{mode}-0"))
+        nbytes, page_bytes = checkpoint_bytes(os.path.join(work_dir, f"state-{mode}-0"))
         print(f"{label}: a checkpoint holds {nbytes / 1e9:.2f} GB; {args.warmup} + {args.samples} rounds of "
               f"checkpoint{' (this tree, baseline tree)' if len(trees) > 1 else ''}, torch.save, disk write, step",
               flush=True)
         rounds = rotation(jobs, work_dir, nbytes, args.samples, args.warmup, label)
+        rounds.page_bytes = page_bytes
         restarts: list[list[tuple[float, float, float]]] = [[] for _ in jobs]
         for _ in range(args.restarts):
             for i, tree in enumerate(trees):
@@ -312,7 +321,8 @@ def against_baseline(label: str, checkpoints: list[Checkpoints], restarts) -> st
 def report(label: str, rounds: Rounds, restarts: list[tuple[float, float, float]]) -> list[str]:
     """Prints the mode's figures; returns its summary lines (ratios are medians of the rounds' ratios)."""
     nbytes, disk, save, step = rounds.nbytes, rounds.disk, rounds.save, rounds.step
-    ckpt, after, paged = rounds.checkpoints[0].seconds, rounds.checkpoints[0].after, rounds.checkpoints[0].paged
+    mine = rounds.checkpoints[0]
+    ckpt, after = mine.seconds, mine.after
     probes = "; ".join(f"{piece >> 20} MiB writes, {k} in flight: {spread([nbytes / t for t in seconds], 1e-9)}"
                        for (piece, k), seconds in zip(PROBES, rounds.probes))
     print(f"{label}: checkpoint s {spread(ckpt)}, {nbytes / statistics.median(ckpt) / 1e9:.2f} GB/s; "
@@ -325,10 +335,15 @@ def report(label: str, rounds: Rounds, restarts: list[tuple[float, float, float]
         f"{ratio_text(save, ckpt)} (target >= 2: {verdict(save, ckpt, 2.0)})",
         f"adamw checkpoint {label}: first step after a checkpoint over a normal step {ratio_text(after, step)}",
     ]
-    if any(paged):  # a paged job's checkpoint also reads its spilled pages back from the state file
-        moved = [d * (nbytes + p) / nbytes for d, p in zip(disk, paged)]
-        lines.append(f"adamw checkpoint {label}: the pager also moved {spread(paged, 1e-9)} GB per checkpoint; "
-                     f"checkpoint and pager bytes/s over disk write bandwidth {ratio_text(moved, ckpt)}")
+    if any(mine.read) or any(mine.written):
+        # A paged job's pages go through its pager (into the state file, or read back from it), not into
+        # a `.pages` file of their own: what the disk moved is the rest of the checkpoint and that.
+        moved = [nbytes - rounds.page_bytes + r + w for r, w in zip(mine.read, mine.written)]
+        scaled = [d * m / nbytes for d, m in zip(disk, moved)]
+        lines.append(f"adamw checkpoint {label}: of its {rounds.page_bytes / 1e9:.2f} GB of pages the pager read "
+                     f"{spread(mine.read, 1e-9)} GB back and wrote {spread(mine.written, 1e-9)} GB per checkpoint; "
+                     f"the disk moved {spread(moved, 1e-9)} GB per checkpoint, {ratio_text(scaled, ckpt)} of its "
+                     f"write bandwidth")
     if restarts:
         healthy, attached, served = (list(column) for column in zip(*restarts))
         lines.append(f"adamw checkpoint {label}: restart after kill -9: healthy {spread(healthy)} s, resumed "

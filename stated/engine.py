@@ -197,6 +197,18 @@ class Engine:
         pager.end_pass()
 
     @staticmethod
+    def can_freeze(session: Session) -> bool:
+        """Whether a checkpoint can freeze the session's state file rather than copy its pages."""
+        return session.pager.can_freeze
+
+    @staticmethod
+    def freeze_pages(session: Session, pages: list[int], link: str,
+                     check: Callable[[], None]) -> tuple[dict[int, list[int]], int]:
+        """The checkpoint's `pages` from the frozen state file, written to it first where it does not
+        hold them (stated.paging.pager, `freeze_pages`)."""
+        return session.pager.freeze_pages(pages, link, check)
+
+    @staticmethod
     def flush(session: Session) -> None:
         """Before an export: state the backend holds on a device comes back to the host tier."""
         host = HostPages(session)

@@ -28,7 +28,7 @@ from stated.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, N
                            ResourceExhausted, ServiceError)
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
-from stated.paging.state_file import MAX_NAME_BYTES, STATE_SUFFIX, encoded_job_name
+from stated.paging.state_file import MAX_NAME_BYTES, NEXT_SUFFIX, RANK_NAME_BYTES, encoded_job_name
 from stated.session import Session
 from stated.state_transfer import StateTransfer
 from stated_client.wire import dtype_name
@@ -53,7 +53,8 @@ def check_job_name(job: str) -> None:
     if len(job) > MAX_JOB_NAME or any(c in job for c in "/\\\0\n"):
         raise InvalidArgument(f"job {job[:40]!r} must be at most {MAX_JOB_NAME} characters without "
                               f"slashes, NUL or newlines")
-    name_bytes = len(encoded_job_name(job).encode()) + len(STATE_SUFFIX)
+    # The longest name made of it: a state file's next generation, `<job>.<rank>.next.state`.
+    name_bytes = len(encoded_job_name(job).encode()) + RANK_NAME_BYTES + len(NEXT_SUFFIX)
     if name_bytes > MAX_NAME_BYTES:
         raise InvalidArgument(
             f"job {job[:40]!r} is too long as a file name: its state file and checkpoints are named after it, "

@@ -3,10 +3,13 @@
 Note [checkpoint order] in stated.durability.manifest says which files and in what order. The session's
 lock is held throughout (the servicer takes it): no step changes a page, a parameter or a counter while
 they are written, so the checkpoint is exactly the state after its step. The pages that changed since
-the session's last checkpoint (`Session.changed_pages`, all of them the first time) are written, each
-with its checksum computed on a second thread while the first writes it, so the disk, not the CPU,
-sets the pace; the others stay where the last checkpoint has them. A paged session's pages are read
-ahead from its state file as in a step. The parameters and the small state are written every time.
+the session's last checkpoint (`Session.changed_pages`, all of them the first time) are written; the
+others stay where the last checkpoint has them. A resident session writes them to a new `.pages` file,
+each with its checksum computed on a second thread while the first writes it, so the disk, not the
+CPU, sets the pace. A paged session writes only those of them its state file does not hold as they
+are, into the state file, and then freezes that file as the checkpoint's `.pages` (Note [frozen state
+files] in stated.paging.state_file): its spilled pages, on disk already, are neither read nor written.
+The parameters and the small state are written every time.
 
 Note [removing old checkpoints]
 -------------------------------
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import errno
 import io
 import logging
 import os
@@ -38,7 +42,8 @@ from stated.durability import job_files
 from stated.durability.direct_file import DirectFile
 from stated.durability.manifest import Manifest, committed_manifests, param_offsets, prune_to, write_manifest
 from stated.errors import DataLoss, Unavailable
-from stated.paging.state_file import align_up, checksum_of
+from stated.paging.state_file import checksum_of
+from stated.paging.state_file_space import DiskSpaceError, StateDirError, align_up
 from stated.session import Session
 from stated_client.wire import dtype_name
 
@@ -175,34 +180,89 @@ def _settle_removal(directory: str) -> None:
 
 def _write_pages(session: Session, engine, directory: str, step: int, previous: Manifest | None,
                  abandon: threading.Event) -> tuple[list[int], list[list[int]], int]:
-    """Writes the pages that changed since `previous` into `<step>.pages`; returns every page's
-    checksum and [step, slot], and the bytes written."""
-    count, slot = len(session.table), align_up(session.page_bytes)
+    """Puts the pages that changed since `previous` into `<step>.pages` (Note [checkpoint order]);
+    returns every page's checksum and [step, offset], and the bytes written."""
+    sums, places, changed = _carried_over(session, previous)
+    if engine.can_freeze(session):
+        try:
+            return _freeze_pages(session, engine, directory, step, sums, places, changed, abandon)
+        except (DiskSpaceError, StateDirError):
+            raise
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+            _warn_copying(directory, exc)
+    return _copy_pages(session, engine, directory, step, sums, places, changed, abandon)
+
+
+def _carried_over(session: Session, previous: Manifest | None) -> tuple[list[int], list[list[int]], list[int]]:
+    """Every page's checksum and place as far as `previous` still holds it, and the pages it does not
+    (changed since, or new), in order."""
+    count = len(session.table)
     sums, places = [0] * count, [[0, 0]] * count
-    changed = set(range(count)) if previous is None else {p for p in session.changed_pages if p < count}
+    if previous is None:
+        return sums, places, list(range(count))
+    changed = []
     for page in range(count):
-        if page not in changed and page < len(previous.page_places):
+        if page not in session.changed_pages and page < len(previous.page_places):
             sums[page], places[page] = previous.page_checksums[page], previous.page_places[page]
         else:
-            changed.add(page)
-    order = sorted(changed)
-    position = {page: i for i, page in enumerate(order)}
-    out = DirectFile.create(job_files.data_path(directory, step, ".pages"), len(order) * slot)
+            changed.append(page)
+    return sums, places, changed
+
+
+def _copy_pages(session: Session, engine, directory: str, step: int, sums: list[int], places: list[list[int]],
+                changed: list[int], abandon: threading.Event) -> tuple[list[int], list[list[int]], int]:
+    """A resident session's way: the changed pages, one after the other, into a new `<step>.pages`,
+    each checksummed on a second thread while the first writes it."""
+    slot = align_up(session.page_bytes)
+    offset = {page: i * slot for i, page in enumerate(changed)}
+    out = DirectFile.create(job_files.data_path(directory, step, ".pages"), len(changed) * slot)
     try:
         def write(bound) -> None:
             if abandon.is_set():
                 raise CheckpointAbandoned(session)
             data = bound.buffer[: session.page_bytes]
             hashing = _hasher.submit(checksum_of, data.numpy())
-            out.write_at(position[bound.page] * slot, data, session.page_bytes)
-            sums[bound.page], places[bound.page] = hashing.result(), [step, position[bound.page]]
+            out.write_at(offset[bound.page], data, session.page_bytes)
+            sums[bound.page], places[bound.page] = hashing.result(), [step, offset[bound.page]]
 
-        engine.read_all_pages(session, write, order)
+        engine.read_all_pages(session, write, changed)
     except BaseException:
         out.close()
         raise
     out.finish()
-    return sums, places, len(order) * slot
+    return sums, places, len(changed) * slot
+
+
+def _freeze_pages(session: Session, engine, directory: str, step: int, sums: list[int], places: list[list[int]],
+                  changed: list[int], abandon: threading.Event) -> tuple[list[int], list[list[int]], int]:
+    """A paged session's way (Note [frozen state files] in stated.paging.state_file): the changed pages
+    its state file does not hold as they are (resident pages changed since they were last written,
+    mostly) are written to it, and it is frozen as `<step>.pages`. Spilled pages are not read at all."""
+    def check() -> None:
+        if abandon.is_set():
+            raise CheckpointAbandoned(session)
+
+    placed, nbytes = engine.freeze_pages(session, changed, job_files.data_path(directory, step, ".pages"), check)
+    for page, (checksum, offset) in placed.items():
+        sums[page], places[page] = checksum, [step, offset]
+    return sums, places, nbytes
+
+
+# A state file cannot be linked into the checkpoint directory: another file system (a mount or a
+# symlink under --state-dir), or one without hard links. Its checkpoints copy the pages instead.
+_NO_LINK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP)
+_warned_copying: set[str] = set()
+
+
+def _warn_copying(directory: str, exc: OSError) -> None:
+    root = os.path.dirname(os.path.dirname(directory))
+    if root not in _warned_copying:
+        _warned_copying.add(root)
+        log.warning("the state files cannot be linked into %s (%s): paged checkpoints there copy every "
+                    "changed page, spilled ones read back from disk, instead of freezing the state file",
+                    root, exc.strerror or exc)
 
 
 def _write_params(session: Session, path: str) -> list[int]:
@@ -238,7 +298,7 @@ def load_checkpoint(session: Session, engine, manifest: Manifest) -> None:
     """Fills a session built from `manifest`'s layout with its state: pages, parameters, small state,
     step counters. Every byte is checked against its checksum; DataLoss names the first that fails."""
     directory = job_files.rank_directory_of(manifest.path)
-    step, slot = manifest.step, align_up(manifest.page_bytes)
+    step = manifest.step
     small_file = DirectFile.open(job_files.data_path(directory, step, ".small"))
     try:
         raw = bytearray(manifest.small_bytes)
@@ -266,9 +326,9 @@ def load_checkpoint(session: Session, engine, manifest: Manifest) -> None:
              for file_step in sorted(manifest.page_files)}
     try:
         def read(bound) -> None:
-            file_step, file_slot = manifest.page_places[bound.page]
+            file_step, offset = manifest.page_places[bound.page]
             data, source = bound.buffer[: manifest.page_bytes], files[file_step]
-            source.read_at(file_slot * slot, data, manifest.page_bytes)
+            source.read_at(offset, data, manifest.page_bytes)
             if checksum_of(data.numpy()) != manifest.page_checksums[bound.page]:
                 raise DataLoss(f"page {bound.page} in checkpoint file {source.path} is damaged: its checksum "
                                f"does not match the manifest")

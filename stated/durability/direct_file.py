@@ -28,7 +28,8 @@ import os
 import numpy as np
 
 from stated.errors import DataLoss
-from stated.paging.state_file import DIRECT_ALIGN, DiskSpaceError, StateDirError, align_up, allocate_aligned
+from stated.paging.state_file import allocate_aligned
+from stated.paging.state_file_space import DIRECT_ALIGN, DiskSpaceError, StateDirError, align_up
 
 _SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Bytes moved per system call: large enough for the device's full speed, small enough for a bounce.

@@ -3,13 +3,15 @@
 Note [checkpoint order]
 -----------------------
 A checkpoint at step M of (job, rank) is four files in the rank's directory (stated.durability.job_files):
-`M.pages` (the pages that changed since the previous checkpoint, one 4096-aligned slot each), `M.params`
-(the param arenas), `M.small` (the per-tensor small state and step counters) and `M.manifest`, which says
-for every page which step's `.pages` file holds it and in which slot: a page unchanged since the
-previous checkpoint is not written again, and the files it lives in are kept as long as a kept manifest
-names them. The three data files are written and
-fsynced first; then the manifest goes to `M.manifest.tmp`, is fsynced, renamed to `M.manifest`, and the
-directory is fsynced. The rename is the commit: a crash before it leaves the previous checkpoint the
+`M.pages` (pages, one 4096-aligned slot each), `M.params` (the param arenas), `M.small` (the per-tensor
+small state and step counters) and `M.manifest`, which says for every page which step's `.pages` file
+holds it and at which byte offset: a page unchanged since the previous checkpoint is not written again,
+and the files it lives in are kept as long as a kept manifest names them. A resident session's `M.pages`
+holds the pages that changed, one after the other; a paged session's is its state file frozen (Note
+[frozen state files] in stated.paging.state_file, and stated.durability.checkpoint), whose spilled pages
+were on disk already. The three data files are written and fsynced first (the frozen state file linked
+into the directory); then the manifest goes to `M.manifest.tmp`, is fsynced, renamed to `M.manifest`,
+and the directory is fsynced, which makes the link's name durable too. The rename is the commit: a crash before it leaves the previous checkpoint the
 newest, with orphan data files that recovery removes; a crash after it leaves the new one whole. The
 manifest carries a checksum of its own body, so a torn or damaged manifest is told from a good one,
 and the checksum of every page and file, so torn data is found when it is read.
@@ -31,10 +33,13 @@ from stated.durability.direct_file import storage_error as transfer_error
 from stated.durability import job_files
 from stated.durability.direct_file import sync_directory
 from stated.errors import DataLoss
+from stated.paging.state_file import align_up
 
 log = logging.getLogger("stated.durability.manifest")
 
-FORMAT = 2
+FORMAT = 3
+# Format 2 said a page's place in slots of its file, format 3 in bytes (a frozen state file has a header).
+READABLE_FORMATS = (2, FORMAT)
 SUFFIX = ".manifest"
 
 
@@ -50,7 +55,7 @@ class Manifest:
     # dtype, group within the region, name]]}.
     regions: list[dict[str, Any]]
     page_checksums: list[int]
-    # [step, slot] of every page: the `<step>.pages` file and the slot in it that hold the page.
+    # [step, offset] of every page: the `<step>.pages` file and the byte in it where the page starts.
     page_places: list[list[int]]
     params_checksums: list[int]  # one per region
     small_checksum: int
@@ -65,8 +70,6 @@ class Manifest:
     @property
     def data_bytes(self) -> int:
         """Bytes on disk of what this checkpoint needs (pages in other steps' files included)."""
-        from stated.paging.state_file import align_up
-
         return (len(self.page_checksums) * align_up(self.page_bytes)
                 + sum(align_up(r["arena_bytes"]) for r in self.regions) + self.small_bytes)
 
@@ -133,12 +136,17 @@ def read_manifest(path: str) -> Manifest:
             raw = json.loads(f.read())
     except (OSError, ValueError) as exc:
         raise DataLoss(f"checkpoint manifest {path} cannot be read: {exc}") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") not in READABLE_FORMATS:
         raise DataLoss(f"checkpoint manifest {path} is not a format-{FORMAT} manifest")
     checksum = raw.pop("checksum", None)
     if checksum != _body_checksum(raw):
         raise DataLoss(f"checkpoint manifest {path} is damaged: its checksum does not match its contents")
-    raw.pop("format")
+    if raw.pop("format") == 2:
+        try:
+            slot = align_up(raw["page_bytes"])
+            raw["page_places"] = [[step, index * slot] for step, index in raw["page_places"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataLoss(f"checkpoint manifest {path} has unreadable page places: {exc}") from None
     fingerprint = raw.pop("fingerprint")
     try:
         manifest = Manifest(**raw, path=path)
@@ -151,8 +159,6 @@ def read_manifest(path: str) -> Manifest:
 
 def param_offsets(arena_bytes: list[int]) -> list[int]:
     """Where each region's param arena (of `arena_bytes`) starts in the .params file, and its size last."""
-    from stated.paging.state_file import align_up
-
     offsets = [0]
     for size in arena_bytes:
         offsets.append(offsets[-1] + align_up(size))
@@ -161,14 +167,12 @@ def param_offsets(arena_bytes: list[int]) -> list[int]:
 
 def expected_sizes(manifest: Manifest) -> dict[tuple[int, str], int]:
     """The bytes each data file (step, suffix) that the manifest's checkpoint reads must have at least."""
-    from stated.paging.state_file import align_up
-
     slot = align_up(manifest.page_bytes)
     params = param_offsets([r["arena_bytes"] for r in manifest.regions])[-1]
     sizes = {(manifest.step, ".params"): params, (manifest.step, ".small"): manifest.small_bytes}
-    for file_step, file_slot in manifest.page_places:
+    for file_step, offset in manifest.page_places:
         key = (file_step, ".pages")
-        sizes[key] = max(sizes.get(key, 0), (file_slot + 1) * slot)
+        sizes[key] = max(sizes.get(key, 0), offset + slot)
     return sizes
 
 

@@ -2,9 +2,10 @@
 
 Without --host-memory every page stays in host memory (ResidentPager). With it, each job gets a share
 of the budget (Note [max-min budget sharing] in stated.paging.budget), split between the job's sessions the
-same way, and each session's DiskPager keeps that many pages resident and streams the rest from the
-job's state file. One state file per job under --state-dir; the sessions (ranks) of a job own
-disjoint ranges of its pages.
+same way, and each session's DiskPager keeps that many pages resident and streams the rest from its
+state file. One state file per session, (job, rank), under --state-dir: a checkpoint freezes its
+session's file (Note [frozen state files] in stated.paging.state_file), which must hold no other rank's
+pages.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ log = logging.getLogger("stated.paging.daemon_paging")
 
 
 @dataclasses.dataclass
-class JobFile:
+class SessionFile:
     file: StateFile
-    next_page: int = 0
-    sessions: int = 0
+    owner: Session  # its id changes when a trainer re-attaches; the session stays
+    pages: int = 0
 
 
 class Paging:
@@ -40,9 +41,9 @@ class Paging:
         self.state_dir = state_dir
         self.depth = prefetch_depth
         self.budget = HostBudget(host_memory) if host_memory is not None else None
-        self.files: dict[str, JobFile] = {}
+        self.files: dict[tuple[str, int], SessionFile] = {}  # (job, rank) -> its state file
         self.sessions: dict[str, list[Session]] = {}
-        # Registrations of one job's ranks run on several threads at once; they share its state file.
+        # Registrations of one job's ranks run on several threads at once; they share its budget.
         self._lock = threading.Lock()
 
     @property
@@ -60,7 +61,7 @@ class Paging:
         session.pager.pin_host_pages(pinner)
 
     def added_pages(self, session: Session, pages: int) -> None:
-        """After a Register: reserve the new pages in the job's state file (so a full disk is reported
+        """After a Register: reserve the new pages in the session's state file (so a full disk is reported
         now, not in a step) and reshare the budget. Raises DiskSpaceError / StateDirError."""
         if self.budget is None:
             return
@@ -69,24 +70,27 @@ class Paging:
 
     def _add_pages(self, session: Session, pages: int) -> None:
         slot = align_up(session.page_bytes)  # a state file slot
-        job = self.files.get(session.job)
-        if job is None:
-            job = JobFile(StateFile.create(self.state_dir, session.job, session.page_bytes, pages))
-            self.files[session.job] = job
+        key = (session.job, session.rank)
+        own = self.files.get(key)
+        if own is None or own.owner is not session:
+            # Another session of this (job, rank) still has its file: one being replaced by a session
+            # built from a checkpoint (stated.durability.resume). The new one takes the name.
+            created = StateFile.create(self.state_dir, session.job, session.page_bytes, pages, session.rank,
+                                       replace=own is not None)
+            own = self.files[key] = SessionFile(created, session)
         else:
-            job.file.grow(job.next_page + pages)
-        first = job.next_page
-        job.next_page += pages
+            own.file.grow(own.pages + pages)
+        first = own.pages
+        own.pages += pages
         members = self.sessions.setdefault(session.job, [])
         if session not in members:
-            job.sessions += 1
             members.append(session)
-        _disk_pager(session).extend(job.file, first)
+        _disk_pager(session).extend(own.file, first)
         job_bytes = sum(len(s.table) for s in self.sessions[session.job]) * slot
         self._apply(self.budget.set_job(session.job, job_bytes, slot))
 
     def removed(self, session: Session) -> None:
-        """After a session detached: its pager closes, its job's file goes with the job's last session."""
+        """After a session detached: its pager closes and its state file goes."""
         session.pager.close()
         if self.budget is None:
             return
@@ -97,13 +101,16 @@ class Paging:
         if session.job not in self.sessions:
             return
         members = self.sessions[session.job]
-        if session in members:
-            members.remove(session)
-        job = self.files[session.job]
-        job.sessions -= 1
-        if job.sessions <= 0:
-            job.file.remove()
-            del self.files[session.job]
+        if session not in members:
+            return
+        members.remove(session)
+        own = self.files.get((session.job, session.rank))
+        if own is not None and own.owner is session:
+            del self.files[(session.job, session.rank)]
+        pager = _disk_pager(session)
+        if pager.file is not None:
+            pager.file.remove()  # a replaced session's file lost its name already: only closed
+        if not members:
             del self.sessions[session.job]
             self._apply(self.budget.remove_job(session.job))
         else:
@@ -125,8 +132,8 @@ class Paging:
             _disk_pager(s).request_capacity(shares[s.id])
 
     def close(self) -> None:
-        for job in self.files.values():
-            job.file.remove()
+        for own in self.files.values():
+            own.file.remove()
         self.files.clear()
 
 

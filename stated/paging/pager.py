@@ -14,6 +14,7 @@ feeds them state-file pages and budget, and closes them.
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 import torch
 
@@ -67,6 +68,18 @@ class Pager(abc.ABC):
     def disk_bytes(self) -> int:
         """Bytes of pages with a copy in a state file."""
         return 0
+
+    @property
+    def can_freeze(self) -> bool:
+        """Whether `freeze_pages` can make a checkpoint's pages of its state file (a DiskPager's)."""
+        return False
+
+    def freeze_pages(self, pages: list[int], link: str, check: Callable[[], None]) -> tuple[dict[int, list[int]], int]:
+        """A checkpoint's pages without copying those on disk (Note [frozen state files] in
+        stated.paging.state_file): writes those of `pages` the state file does not hold as they are,
+        then freezes it as `link`. Returns {page: [checksum, offset in the file]} for `pages` and the
+        bytes written; `check()` runs before each page written and before the freeze, to give up."""
+        raise NotImplementedError(f"{type(self).__name__} has no state file to freeze")
 
     def pin_host_pages(self, pinner: Pinner) -> None:
         """The session's pages feed a GPU: page-lock every host buffer, now and as it is made."""

@@ -1,8 +1,8 @@
-"""The disk tier: one state file per job, each page in a fixed slot, moved with O_DIRECT.
+"""The disk tier: one state file per (job, rank), each page in a fixed slot, moved with O_DIRECT.
 
 DESIGN.md, "Pages, tiers, eviction, prefetch": pages that do not fit the host budget live in state
-files under the state directory. Page `i` of a job sits at `HEADER_BYTES + i * slot_bytes` (a slot is
-the page size rounded up to 4096), so a page is one aligned transfer that can never touch another.
+files under the state directory. Page `i` of a session sits at `HEADER_BYTES + i * slot_bytes` (a slot
+is the page size rounded up to 4096), so a page is one aligned transfer that can never touch another.
 The file is preallocated for all of the job's pages when it is created or grown, so a full disk is
 reported at registration, not in the middle of a step. Transfers release the GIL (os.preadv,
 os.pwritev, xxhash), so a thread pool overlaps them with the kernels (stated.paging.transfers).
@@ -24,6 +24,17 @@ them and checkpoints write them to manifests. A StateFile also remembers the one
 so `read` can verify without being told. A write that fails leaves the remembered checksum at the
 previous value, so a torn page is reported when it is read rather than returned. A transfer the device
 fails (EIO and the like) raises PageIOError, also DATA_LOSS, naming the page and the file.
+
+Note [frozen state files]
+-------------------------
+A paged session's checkpoint does not copy its spilled pages: they are already on disk, in this file.
+`freeze` makes the file as it stands part of the checkpoint (a hard link in the rank's checkpoint
+directory, stated.durability.checkpoint) and puts a fresh, preallocated file under the state file's
+name for the writes from then on. The frozen file is never written again; a page not written since is
+read from it (its descriptor stays open, as long as any page is still read from it, whatever happens to
+its names), a page written since from the new file. Each file is a generation; `_source` says which
+holds each page's last write. Disk use stays what copying cost: the live file plus the files the
+checkpoints kept read, one each where copying wrote one `.pages` file each.
 """
 
 from __future__ import annotations
@@ -33,24 +44,18 @@ import fcntl
 import logging
 import mmap
 import os
-import struct
 import threading
 import urllib.parse
 
 import numpy as np
 import xxhash
 
-from stated.errors import AlreadyExists, DataLoss, FailedPrecondition, ResourceExhausted
-from stated.sizes import format_bytes
+from stated.errors import DataLoss
+from stated.paging.state_file_space import (DIRECT_ALIGN, HEADER_BYTES, SPACE_ERRNOS, DiskSpaceError, align_up,
+                                            free_bytes, make_state_file, preallocate, storage_error, sync_directory)
 
 log = logging.getLogger("stated.paging.state_file")
 
-DIRECT_ALIGN = 4096
-HEADER_BYTES = DIRECT_ALIGN
-_MAGIC = b"STATEDPG"
-_HEADER = struct.Struct("<8sIIQQI")  # magic, version, reserved, page_bytes, slot_bytes, job name bytes
-_VERSION = 1
-_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 _warned_dirs: set[str] = set()
 _warn_lock = threading.Lock()
@@ -75,30 +80,9 @@ class PageIOError(DataLoss):
                          f"{'to' if write else 'from'} {path} failed: {error.strerror or error}")
 
 
-class DiskSpaceError(ResourceExhausted):
-    """The state directory's file system has no room for a job's pages."""
-
-    def __init__(self, path: str, needed: int, free: int | None = None):
-        self.path, self.needed, self.free = path, needed, free
-        have = "" if free is None else f", {format_bytes(free)} free"
-        super().__init__(f"no space for state file {path}: {format_bytes(needed)} ({needed} bytes) needed{have}")
-
-
-class StateDirError(FailedPrecondition):
-    """The state directory cannot hold a state file (missing, read-only, not a directory, no access)."""
-
-    def __init__(self, path: str, needed: int, reason: str):
-        self.path, self.needed, self.reason = path, needed, reason
-        super().__init__(f"cannot write state file {path} ({format_bytes(needed)}, {needed} bytes): {reason}")
-
-
 def checksum_of(data) -> int:
     """The page checksum: 64-bit XXH3 of the bytes."""
     return xxhash.xxh3_64_intdigest(data)
-
-
-def align_up(n: int, to: int = DIRECT_ALIGN) -> int:
-    return -(-n // to) * to
 
 
 def allocate_aligned(nbytes: int) -> mmap.mmap:
@@ -118,22 +102,27 @@ def encoded_job_name(job: str) -> str:
     return "%2E" + name[1:] if name.startswith(".") else name
 
 
-def state_path(directory: str, job: str) -> str:
-    """The state file of `job`, named after it (`encoded_job_name`)."""
+# Room a state file name keeps for its rank: "." and up to 10 digits (a rank is a uint32).
+RANK_NAME_BYTES = 11
+
+
+def state_path(directory: str, job: str, rank: int = 0) -> str:
+    """The state file of (`job`, `rank`): `<job, encoded_job_name>.<rank>.state`. The rank is the last
+    dot-separated part before the suffix and all digits, so no two (job, rank)s share a name."""
     if not isinstance(job, str) or not job:
         raise ValueError(f"invalid job name {job!r}: expected a non-empty string")
-    name = encoded_job_name(job) + STATE_SUFFIX
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise ValueError(f"invalid rank {rank!r}: expected a whole number >= 0")
+    name = f"{encoded_job_name(job)}.{rank}{STATE_SUFFIX}"
     if len(name.encode()) > MAX_NAME_BYTES:
         raise ValueError(f"invalid job name {job[:40]!r}...: too long for a state file name")
     return os.path.join(directory, name)
 
 
-def _free_bytes(directory: str) -> int | None:
-    """Bytes an unprivileged writer may still allocate, or None where the file system does not say."""
-    st = os.statvfs(directory)
-    if st.f_blocks == 0:  # ramfs and some virtual file systems report no size at all
-        return None
-    return st.f_bavail * st.f_frsize
+# The name a state file's next generation is made under before it takes the state file's name (Note
+# [frozen state files]): it ends in STATE_SUFFIX, so a daemon that dies half-way leaves nothing the next
+# one's clean-up misses, and never in ".<digits>.state", so it is no (job, rank)'s name.
+NEXT_SUFFIX = ".next" + STATE_SUFFIX
 
 
 def _warn_buffered(directory: str, error: OSError) -> None:
@@ -170,52 +159,39 @@ class StateFile:
         self.checksums: list[int | None] = [None] * pages
         self.direct = True
         self._lock = threading.Lock()
-        self._fd = self._open_fd()
+        self._fd = self._open_fd(path)
+        # Note [frozen state files]: the generation that holds each page's last write; the current one's
+        # number; and each frozen generation still read from, its descriptor and how many pages it holds.
+        self._source = [0] * pages
+        self._generation = 0
+        self._frozen: dict[int, list[int]] = {}
 
     @classmethod
-    def create(cls, directory: str, job: str, page_bytes: int, pages: int) -> StateFile:
+    def create(cls, directory: str, job: str, page_bytes: int, pages: int, rank: int = 0,
+               replace: bool = False) -> StateFile:
         """A new, preallocated state file for `pages` pages of `page_bytes` (Note [O_DIRECT ...]).
 
         Raises DiskSpaceError when the file system cannot hold it, StateDirError when the directory
-        cannot be written, and AlreadyExists when the job already has a state file there.
+        cannot be written, and AlreadyExists when the (job, rank) already has a state file there,
+        unless `replace`: then the new file takes the name, and the old one lives on for whoever still
+        has it open (a session being replaced by one built from a checkpoint).
         """
         if not isinstance(page_bytes, int) or page_bytes <= 0:
             raise ValueError(f"invalid page_bytes {page_bytes!r}: expected a whole number > 0")
         if not isinstance(pages, int) or pages < 0:
             raise ValueError(f"invalid pages {pages!r}: expected a whole number >= 0")
-        path = state_path(directory, job)
-        header = _HEADER.pack(_MAGIC, _VERSION, 0, page_bytes, align_up(page_bytes), len(job.encode()))
-        header += job.encode()
-        if len(header) > HEADER_BYTES:
-            raise ValueError(f"invalid job name {job[:40]!r}: too long for a state file header")
-        needed = HEADER_BYTES + pages * align_up(page_bytes)
+        path = state_path(directory, job, rank)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
         except OSError as e:  # FileExistsError here means a non-directory is in the way
-            raise _storage_error(e, path, directory, needed) from e
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise AlreadyExists(f"job {job!r} already has a state file {path}") from None
-        except OSError as e:
-            raise _storage_error(e, path, directory, needed) from e
-        try:
-            try:
-                os.pwrite(fd, header.ljust(HEADER_BYTES, b"\0"), 0)
-            except OSError as e:
-                raise _storage_error(e, path, directory, needed) from e
-            _preallocate(fd, path, directory, HEADER_BYTES, pages * align_up(page_bytes), needed)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the new name survives a crash
-        finally:
-            os.close(dir_fd)
+            raise storage_error(e, path, directory, HEADER_BYTES + pages * align_up(page_bytes)) from e
+        if replace:
+            made = path[: -len(STATE_SUFFIX)] + NEXT_SUFFIX
+            make_state_file(made, directory, job, page_bytes, pages, exclusive=False)
+            os.rename(made, path)
+        else:
+            make_state_file(path, directory, job, page_bytes, pages)
+        sync_directory(directory)  # the new name survives a crash
         return cls(path, job, page_bytes, pages, directory)
 
     def grow(self, pages: int) -> None:
@@ -227,7 +203,7 @@ class StateFile:
         fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             try:
-                _preallocate(fd, self.path, self.directory, old_size, added, added)
+                preallocate(fd, self.path, self.directory, old_size, added, added)
             except BaseException:
                 os.ftruncate(fd, old_size)  # drop whatever part of the range was allocated
                 raise
@@ -235,7 +211,46 @@ class StateFile:
             os.close(fd)
         with self._lock:
             self.checksums.extend([None] * (pages - self.pages))
+            self._source.extend([self._generation] * (pages - self.pages))
             self.pages = pages
+
+    def offset_of(self, page: int) -> int:
+        """Where page `page` starts in the file (in every generation of it)."""
+        return HEADER_BYTES + page * self.slot_bytes
+
+    def holds_current(self, page: int) -> bool:
+        """Whether the page's last write is in the file under the state file's name now, not in a frozen
+        generation (Note [frozen state files])."""
+        return self.checksums[page] is not None and self._source[page] == self._generation
+
+    def freeze(self, link: str) -> None:
+        """Makes the file as it stands durable and names it `link` too, then carries on in a fresh
+        generation (Note [frozen state files]). On failure nothing changes here; a DiskSpaceError or
+        StateDirError says the next generation could not be made, a plain OSError the link (EXDEV: `link`
+        is on another file system). The caller syncs `link`'s directory."""
+        os.fsync(self._fd)
+        next_path = self.path[: -len(STATE_SUFFIX)] + NEXT_SUFFIX
+        make_state_file(next_path, self.directory, self.job, self.page_bytes, self.pages, exclusive=False)
+        try:
+            fd = self._open_fd(next_path)
+        except BaseException:
+            os.unlink(next_path)
+            raise
+        try:
+            os.link(self.path, link)
+            os.rename(next_path, self.path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(next_path)
+            raise
+        sync_directory(self.directory)
+        with self._lock:
+            held = sum(1 for p in range(self.pages) if self.holds_current(p))
+            if held:
+                self._frozen[self._generation] = [self._fd, held]
+            else:
+                os.close(self._fd)
+            self._fd, self._generation = fd, self._generation + 1
 
     def write(self, page: int, buffer) -> int:
         """Writes the first `page_bytes` bytes of `buffer` to page `page`; returns their checksum.
@@ -246,8 +261,23 @@ class StateFile:
         self._check(page, arr)
         checksum = checksum_of(arr[: self.page_bytes])
         self._transfer_page(page, arr, write=True)
-        self.checksums[page] = checksum
+        with self._lock:
+            self.checksums[page] = checksum
+            self._moved_to_current(page)
         return checksum
+
+    def _moved_to_current(self, page: int) -> None:
+        """The page's last write is in the current generation now; a frozen one it leaves may close."""
+        old = self._source[page]
+        if old == self._generation:
+            return
+        self._source[page] = self._generation
+        frozen = self._frozen.get(old)
+        if frozen is not None:
+            frozen[1] -= 1
+            if frozen[1] == 0:
+                os.close(frozen[0])
+                del self._frozen[old]
 
     def read(self, page: int, into, checksum: int | None = None) -> int:
         """Reads page `page` into the first `page_bytes` bytes of `into` and verifies it against
@@ -272,14 +302,21 @@ class StateFile:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            for fd, _held in self._frozen.values():
+                os.close(fd)
+            self._frozen.clear()
 
     def remove(self) -> None:
-        """Closes and deletes the state file (the job was dropped)."""
+        """Closes and deletes the state file (its session is gone), unless another file has taken its
+        name meanwhile (`create` with `replace`)."""
+        with self._lock:
+            try:
+                mine = self._fd >= 0 and os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+            except FileNotFoundError:
+                mine = False
         self.close()
-        try:
+        if mine:
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def _check(self, page: int, arr: np.ndarray) -> None:
         if not 0 <= page < self.pages:
@@ -287,16 +324,17 @@ class StateFile:
         if arr.nbytes < self.page_bytes:
             raise ValueError(f"buffer of {arr.nbytes} bytes is smaller than a page ({self.page_bytes} bytes)")
 
-    def _open_fd(self) -> int:
+    def _open_fd(self, path: str) -> int:
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            return os.open(self.path, flags | os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            _warn_buffered(self.directory, e)
-            self.direct = False
-        return os.open(self.path, flags)
+        if self.direct:
+            try:
+                return os.open(path, flags | os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                _warn_buffered(self.directory, e)
+                self.direct = False
+        return os.open(path, flags)
 
     def _transfer_page(self, page: int, arr: np.ndarray, write: bool) -> None:
         """`_transfer`, with a device's failure reported as the page's (PageIOError, DATA_LOSS)."""
@@ -306,10 +344,15 @@ class StateFile:
             raise PageIOError(self.job, page, self.path, write, e) from e
 
     def _transfer(self, page: int, arr: np.ndarray, write: bool) -> None:
-        """Moves one slot between `arr` and the file, through the bounce buffer when `arr` is unaligned."""
-        offset = HEADER_BYTES + page * self.slot_bytes
+        """Moves one slot between `arr` and the file, through the bounce buffer when `arr` is unaligned.
+        A read is from the generation that holds the page (Note [frozen state files]), a write to the
+        current one."""
+        offset = self.offset_of(page)
+        with self._lock:
+            source = self._source[page]
+            fd = self._fd if write or source == self._generation else self._frozen[source][0]
         if not self.direct:
-            self._io(memoryview(arr)[: self.page_bytes], offset, write)
+            self._io(fd, memoryview(arr)[: self.page_bytes], offset, write)
             return
         aligned = arr.ctypes.data % DIRECT_ALIGN == 0 and arr.nbytes >= self.slot_bytes
         target = arr if aligned else self._bounce()
@@ -317,7 +360,7 @@ class StateFile:
             target[: self.page_bytes] = arr[: self.page_bytes]
             target[self.page_bytes : self.slot_bytes] = 0  # no stale bytes of another page on disk
         try:
-            self._io(memoryview(target)[: self.slot_bytes], offset, write)
+            self._io(fd, memoryview(target)[: self.slot_bytes], offset, write)
         except OSError as e:
             if e.errno != errno.EINVAL or not self.direct:
                 raise
@@ -327,22 +370,23 @@ class StateFile:
                 if self.direct:
                     _warn_buffered(self.directory, e)
                     self.direct = False
-                    fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-            self._io(memoryview(target)[: self.slot_bytes], offset, write)
+                    for each in [self._fd] + [frozen[0] for frozen in self._frozen.values()]:
+                        fcntl.fcntl(each, fcntl.F_SETFL, fcntl.fcntl(each, fcntl.F_GETFL) & ~os.O_DIRECT)
+            self._io(fd, memoryview(target)[: self.slot_bytes], offset, write)
         if not write and not aligned:
             arr[: self.page_bytes] = target[: self.page_bytes]
 
-    def _io(self, view: memoryview, offset: int, write: bool) -> None:
+    def _io(self, fd: int, view: memoryview, offset: int, write: bool) -> None:
         done, total = 0, len(view)
         while done < total:
             try:
                 if write:
-                    n = os.pwritev(self._fd, [view[done:]], offset + done)
+                    n = os.pwritev(fd, [view[done:]], offset + done)
                 else:
-                    n = os.preadv(self._fd, [view[done:]], offset + done)
+                    n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as e:
-                if write and e.errno in _SPACE_ERRNOS:
-                    raise DiskSpaceError(self.path, total - done, _free_bytes(self.directory)) from e
+                if write and e.errno in SPACE_ERRNOS:
+                    raise DiskSpaceError(self.path, total - done, free_bytes(self.directory)) from e
                 raise
             if n == 0 and write:
                 raise OSError(errno.EIO, f"write of {total - done} bytes made no progress", self.path)
@@ -356,31 +400,3 @@ class StateFile:
         if buf is None or len(buf) < self.slot_bytes:
             buf = _bounce.buffer = allocate_aligned(self.slot_bytes)
         return np.frombuffer(buf, dtype=np.uint8)
-
-
-def _preallocate(fd: int, path: str, directory: str, offset: int, length: int, needed: int) -> None:
-    """Reserves [offset, offset + length) so later writes cannot run out of space.
-
-    Note [check before fallocate]: on ext4 and xfs a fallocate larger than the free space allocates
-    blocks until the disk is full before it fails, starving every other writer meanwhile; so the
-    free space is checked first, and fallocate's own ENOSPC is the backstop for races.
-    """
-    if length == 0:
-        return
-    free = _free_bytes(directory)
-    if free is not None and free < needed:
-        raise DiskSpaceError(path, needed, free)
-    try:
-        os.posix_fallocate(fd, offset, length)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):  # no preallocation here: size it, write later
-            os.ftruncate(fd, offset + length)
-            return
-        raise _storage_error(e, path, directory, needed) from e
-
-
-def _storage_error(e: OSError, path: str, directory: str, needed: int) -> Exception:
-    """DiskSpaceError for a full file system or quota, StateDirError for anything else."""
-    if e.errno in _SPACE_ERRNOS:
-        return DiskSpaceError(path, needed, _free_bytes(directory))
-    return StateDirError(path, needed, e.strerror or str(e))

@@ -19,6 +19,7 @@ from drills import state_dir
 from drills.devices import end_of_data, extents, loop_ext4
 from drills.node import PAGE, Node, resume
 from drills.units import Unit
+from stated.paging.state_file import state_path
 
 DISK = 256 << 20
 EIO = os.strerror(5)  # "Input/output error"
@@ -88,7 +89,7 @@ def test_eio_on_a_paged_jobs_state_file(tmp_path):
             unit.attach(node.address)
             assert unit.train(3) == unit.checkpoint() == 3
             unit.train(1)
-            pages = os.path.join(node.state, "eio-page.state")
+            pages = state_path(node.state, "eio-page", 0)
             disk.limit(starts([pages]))
             with pytest.raises(stated.StateCorruptError) as refused:
                 unit.train(1)

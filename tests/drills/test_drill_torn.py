@@ -19,6 +19,7 @@ import stated
 from drills import state_dir
 from drills.node import PAGE, Node, resume
 from drills.units import Unit
+from stated.paging.state_file import HEADER_BYTES
 
 
 def cut(path: str) -> None:
@@ -26,9 +27,11 @@ def cut(path: str) -> None:
 
 
 def flip(path: str) -> None:
-    """XORs one byte in the file's first 4096 bytes (past any header, inside the data)."""
+    """XORs one byte of the file's first data: past the header of a frozen state file (a paged job's
+    `.pages`, Note [frozen state files]), within the first 4096 bytes of any other."""
     with open(path, "r+b") as f:
-        offset = min(os.path.getsize(path) // 2, 1000)
+        header = HEADER_BYTES if f.read(8) == b"STATEDPG" else 0
+        offset = header + min((os.path.getsize(path) - header) // 2, 1000)
         f.seek(offset)
         byte = f.read(1)
         f.seek(offset)

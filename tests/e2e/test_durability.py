@@ -328,8 +328,9 @@ def test_ranks_of_one_job_register_at_once_on_a_paging_daemon(spawn):
     assert sorted(stats) == list(range(ranks))
     from stated.paging.state_file import HEADER_BYTES, state_path
 
-    pages = sum(s.pages for s in stats.values())
-    assert os.path.getsize(state_path(os.path.join(proc.directory, "state"), job)) == HEADER_BYTES + pages * PAGE
+    for rank, session in stats.items():  # a state file each (a checkpoint freezes its rank's alone)
+        path = state_path(os.path.join(proc.directory, "state"), job, rank)
+        assert os.path.getsize(path) == HEADER_BYTES + session.pages * PAGE
     for opt in opts.values():
         opt.close()
 
@@ -382,6 +383,52 @@ def test_a_checkpoint_writes_only_the_pages_that_changed_and_keeps_the_files_it_
                                                       for k in ("manifest", "pages", "params", "small"))
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 1024), torch.nn.Tanh(), torch.nn.Linear(1024, 4))
     assert_resumes_exactly_after_kill_9(proc, job, model, opt, fresh, 4)
+
+
+def moved(proc) -> dict[str, float]:
+    """stated_transfer_bytes_total by path, scraped from the daemon's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["path"]: s.value for family in text_string_to_metric_families(proc.scrape())
+            for s in family.samples if s.name == "stated_transfer_bytes_total"}
+
+
+def test_a_paged_checkpoint_freezes_the_state_file_and_reads_no_spilled_page(spawn):
+    """Note [frozen state files]: the spilled pages are on disk already; the checkpoint writes the
+    resident ones to the state file and makes it the checkpoint's `.pages`, reading nothing back."""
+    proc = spawn("daemon", *PAGED)
+    job = unique("job")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
+    opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+    train(model, opt, 1, 3)
+    session = next(s for s in opt._connection.call("GetStats", pb.GetStatsRequest()).sessions if s.job == job)
+    assert 0 < session.resident_capacity < session.pages
+    before = moved(proc)
+    assert opt.checkpoint() == 3
+    after = moved(proc)
+    assert after["disk_to_host"] == before["disk_to_host"], "a spilled page was read back"
+    written = after["host_to_disk"] - before["host_to_disk"]
+    assert 0 < written <= session.resident_capacity * PAGE, "only resident pages are written"
+    from stated.paging.state_file import HEADER_BYTES, state_path
+
+    live = state_path(os.path.join(proc.directory, "state"), job)
+    frozen = os.path.join(proc.directory, "state", "checkpoints", job, "rank-0", "3.pages")
+    assert os.path.getsize(frozen) == HEADER_BYTES + session.pages * PAGE
+    assert os.stat(frozen).st_ino != os.stat(live).st_ino and os.stat(frozen).st_nlink == 1
+    saved_params, saved_state = params_of(model), opt.state_dict()
+
+    other = unique("other")  # generations over several checkpoints: only the newest two stay
+    second = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
+    opt2 = stated.AdamW(second.parameters(), address=proc.address, job=other, **HYPER)
+    for step in (2, 4, 6):
+        train(second, opt2, step - 1, step)
+        assert opt2.checkpoint() == step
+    assert files_of(proc, other) == sorted(f"{s}.{k}" for s in (4, 6) for k in ("manifest", "pages", "params", "small"))
+
+    train(model, opt, 4, 5)  # into the live file's next generation: the frozen one stays as it was
+    fresh = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
+    assert_resumes_exactly_after_kill_9(proc, job, model, opt, fresh, 3, saved_params, saved_state)
 
 
 def test_a_checkpoint_without_waiting_overlaps_the_next_forward_and_is_exact(spawn):

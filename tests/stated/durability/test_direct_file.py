@@ -11,7 +11,8 @@ import torch
 
 from stated.durability.direct_file import CHUNK, DirectFile
 from stated.errors import DataLoss
-from stated.paging.state_file import DiskSpaceError, allocate_aligned
+from stated.paging.state_file import allocate_aligned
+from stated.paging.state_file_space import DiskSpaceError
 
 
 @pytest.mark.parametrize("nbytes", [1, 4096, 5000, CHUNK + 12345])

@@ -15,8 +15,8 @@ from stated.errors import DataLoss
 def manifest(step: int = 7) -> Manifest:
     regions = [{"device": "", "arena_bytes": 4096, "groups": [{"lr": 0.1, "amsgrad": False}],
                 "tensors": [[[4, 8], "float32", 0, "w"], [[8], "float32", 0, "b"]]}]
-    return Manifest("job", 2, step, "adamw", False, 65536, regions, [1, 2, 3], [[step, 0], [step, 1], [3, 0]], [4], 5,
-                    100, 1.5)
+    return Manifest("job", 2, step, "adamw", False, 65536, regions, [1, 2, 3],
+                    [[step, 0], [step, 65536], [3, 4096]], [4], 5, 100, 1.5)
 
 
 def test_a_written_manifest_reads_back_equal_and_leaves_no_temporary(tmp_path):
@@ -54,3 +54,16 @@ def test_a_torn_or_damaged_manifest_is_data_loss_naming_it(tmp_path, damage):
         f.write(raw)
     with pytest.raises(DataLoss, match=str(path)):
         read_manifest(path)
+
+
+def test_a_format_2_manifest_reads_with_its_slots_as_byte_offsets(tmp_path):
+    """Format 2 (before frozen state files) said a page's place in slots; it still resumes."""
+    from stated.durability.manifest import _body_checksum
+
+    body = {**manifest().body(), "format": 2, "page_places": [[7, 0], [7, 1], [3, 2]]}
+    body.pop("checksum", None)
+    path = tmp_path / "7.manifest"
+    path.write_text(json.dumps({**body, "checksum": _body_checksum(body)}))
+    again = read_manifest(str(path))
+    assert again.page_places == [[7, 0], [7, 65536], [3, 2 * 65536]]
+    assert again.page_checksums == [1, 2, 3] and again.step == 7

@@ -18,15 +18,9 @@ import pytest
 import torch
 
 from stated.paging import state_file as disk
-from stated.paging.state_file import (
-    HEADER_BYTES,
-    DiskSpaceError,
-    PageCorruptError,
-    StateDirError,
-    StateFile,
-    allocate_aligned,
-    state_path,
-)
+from stated.paging import state_file_space as space
+from stated.paging.state_file import HEADER_BYTES, PageCorruptError, StateFile, allocate_aligned, state_path
+from stated.paging.state_file_space import DiskSpaceError, StateDirError
 from stated.paging.disk_bandwidth import measure_bandwidth
 from stated.errors import AlreadyExists, DataLoss
 
@@ -203,9 +197,9 @@ def test_a_second_state_file_for_a_job_is_refused(state_dir):
 
 
 def test_state_paths_are_confined_and_distinct(tmp_path):
-    names = ["a", "a/b", "../x", ".", "..", ".hidden", "a b", "ü"]
-    paths = [state_path(str(tmp_path), n) for n in names]
-    assert len(set(paths)) == len(names)
+    names = ["a", "a/b", "../x", ".", "..", ".hidden", "a b", "ü", "a.1", "a.1.0"]
+    paths = [state_path(str(tmp_path), n, rank) for n in names for rank in (0, 1, 10)]
+    assert len(set(paths)) == 3 * len(names)  # "a" rank 10 is not "a.1" rank 0, nor "a.1.0" rank 0
     for p in paths:
         assert os.path.dirname(p) == str(tmp_path)
         assert not os.path.basename(p).startswith(".")
@@ -383,7 +377,7 @@ def test_a_partial_fallocate_is_rolled_back(state_dir, monkeypatch):
 def test_enospc_from_the_kernel_on_a_full_tmpfs(tmp_path, monkeypatch):
     # The free-space check is switched off (as on a file system that does not report it), so the
     # kernel's own ENOSPC from fallocate is what must come back as DiskSpaceError.
-    monkeypatch.setattr(disk, "_free_bytes", lambda directory: None)
+    monkeypatch.setattr(space, "free_bytes", lambda directory: None)
     with mounted(tmp_path / "small", "tmpfs", "size=1m") as directory:
         keep = StateFile.create(directory, "keeper", PAGE, 8)  # 132 KiB of 1 MiB
         sums = [keep.write(page, pattern(page)) for page in range(8)]
@@ -407,3 +401,85 @@ def test_measure_bandwidth(tmp_path):
     assert bw.direct and bw.total_bytes == 8 << 20 and bw.chunk_bytes == 1 << 20
     assert bw.read_bytes_per_s > 0 and bw.write_bytes_per_s > 0
     assert os.listdir(tmp_path) == []
+
+
+def read_page(f, page, checksum=None):
+    out = aligned_tensor(SLOT)
+    f.read(page, out, checksum)
+    return out[:PAGE].clone()
+
+
+def read_slot(path, page):
+    with open(path, "rb") as raw:
+        raw.seek(HEADER_BYTES + page * SLOT)
+        return torch.frombuffer(bytearray(raw.read(PAGE)), dtype=torch.uint8)
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_frozen_file_keeps_what_it_held_and_later_writes_go_to_the_next(state_dir, tmp_path):
+    """Note [frozen state files]: the link holds the pages as they were at the freeze, for good; the
+    live file reads each page from the generation that has its last write."""
+    f = StateFile.create(state_dir, "job-f", PAGE, 4, rank=3)
+    assert os.path.basename(f.path) == "job-f.3.state"
+    buf = aligned_tensor(SLOT)
+    for page in range(3):  # page 3 is never written
+        buf[:PAGE] = pattern(page)
+        f.write(page, buf)
+    fds = open_fds()
+    first = str(tmp_path / "10.pages")
+    f.freeze(first)
+    assert open_fds() == fds + 1  # the new generation's descriptor; the frozen one stays open
+    assert all(f.holds_current(p) is False for p in range(4))
+    assert os.stat(first).st_ino != os.stat(f.path).st_ino
+    assert os.path.getsize(f.path) == HEADER_BYTES + 4 * SLOT
+    assert os.stat(f.path).st_blocks * 512 >= 4 * SLOT, "the next generation is preallocated too"
+    buf[:PAGE] = pattern(100)
+    f.write(1, buf)
+    assert f.holds_current(1) and not f.holds_current(0)
+    for page in (0, 2):
+        assert torch.equal(read_page(f, page), pattern(page)), "a page not written since comes from the frozen file"
+        assert torch.equal(read_slot(first, page), pattern(page))
+    assert torch.equal(read_page(f, 1), pattern(100))
+    assert torch.equal(read_slot(first, 1), pattern(1)), "the frozen file is never written again"
+    assert torch.equal(read_slot(f.path, 1), pattern(100))
+
+    second = str(tmp_path / "20.pages")
+    f.freeze(second)  # pages 0 and 2 still come from the first generation, page 1 from the second
+    os.unlink(first)  # a pruned checkpoint: its descriptor still reads
+    assert torch.equal(read_page(f, 0), pattern(0)) and torch.equal(read_page(f, 1), pattern(100))
+    assert open_fds() == fds + 2
+    for page in (0, 2):
+        buf[:PAGE] = pattern(200 + page)
+        f.write(page, buf)
+    assert open_fds() == fds + 1, "a frozen generation no page is read from is closed"
+    buf[:PAGE] = pattern(300)
+    f.write(1, buf)
+    assert open_fds() == fds, "only the live generation is open"
+    assert [torch.equal(read_page(f, p), pattern(q)) for p, q in ((0, 200), (1, 300), (2, 202))] == [True] * 3
+    # The second generation held page 1 only: page 0's checkpoint place is the first frozen file.
+    assert torch.equal(read_slot(second, 1), pattern(100)) and not read_slot(second, 0).any()
+    assert sorted(os.listdir(state_dir)) == ["job-f.3.state"], "no next generation left behind"
+    f.remove()
+    assert os.listdir(state_dir) == []
+
+
+def test_a_freeze_that_cannot_be_made_changes_nothing(state_dir, tmp_path, monkeypatch):
+    f = StateFile.create(state_dir, "job-g", PAGE, 2)
+    buf = aligned_tensor(SLOT)
+    buf[:PAGE] = pattern(0)
+    f.write(0, buf)
+    with pytest.raises(FileNotFoundError):  # the link's directory does not exist
+        f.freeze(str(tmp_path / "missing" / "1.pages"))
+    monkeypatch.setattr(space, "free_bytes", lambda directory: 100)
+    with pytest.raises(DiskSpaceError, match=r"job-g\.0\.next\.state"):
+        f.freeze(str(tmp_path / "2.pages"))
+    assert not os.path.exists(tmp_path / "2.pages")
+    assert sorted(os.listdir(state_dir)) == ["job-g.0.state"]
+    assert f.holds_current(0) and torch.equal(read_page(f, 0), pattern(0))
+    buf[:PAGE] = pattern(1)
+    f.write(1, buf)
+    assert torch.equal(read_slot(f.path, 1), pattern(1)), "writes still go to the one file"
+    f.remove()
