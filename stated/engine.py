@@ -204,9 +204,22 @@ class Engine:
     @staticmethod
     def freeze_pages(session: Session, pages: list[int], link: str,
                      check: Callable[[], None]) -> tuple[dict[int, list[int]], int]:
-        """The checkpoint's `pages` from the frozen state file, written to it first where it does not
-        hold them (stated.paging.pager, `freeze_pages`)."""
-        return session.pager.freeze_pages(pages, link, check)
+        """A checkpoint's `pages` without copying those on disk (Note [frozen state files] in
+        stated.paging.state_file): those the state file does not hold as they are (resident pages
+        changed since they were last written, mostly) are written to it, and it is frozen as `link`.
+        Returns {page: [checksum, offset in `link`]} and how many pages were written; `check()` runs
+        before each page written and before the freeze, to give up."""
+        pager = session.pager
+        placed, others = pager.placed_in_file(pages)
+
+        def write(bound: Binding) -> None:
+            check()
+            placed[bound.page] = pager.write_now(bound.page, bound.buffer)
+
+        Engine.read_all_pages(session, write, others)
+        check()
+        pager.freeze(link)
+        return placed, len(others)
 
     @staticmethod
     def flush(session: Session) -> None:

@@ -244,10 +244,10 @@ def _freeze_pages(session: Session, engine, directory: str, step: int, sums: lis
         if abandon.is_set():
             raise CheckpointAbandoned(session)
 
-    placed, nbytes = engine.freeze_pages(session, changed, job_files.data_path(directory, step, ".pages"), check)
+    placed, written = engine.freeze_pages(session, changed, job_files.data_path(directory, step, ".pages"), check)
     for page, (checksum, offset) in placed.items():
         sums[page], places[page] = checksum, [step, offset]
-    return sums, places, nbytes
+    return sums, places, written * align_up(session.page_bytes)
 
 
 # A state file cannot be linked into the checkpoint directory: another file system (a mount or a

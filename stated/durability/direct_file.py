@@ -201,12 +201,3 @@ def storage_error(e: OSError, path: str, nbytes: int, write: bool) -> Exception:
     if e.errno in (errno.EIO, errno.EROFS, errno.ENXIO) or not write and e.errno != errno.ENOENT:
         return CheckpointIOError(path, write, e)
     return StateDirError(path, nbytes, e.strerror or str(e))
-
-
-def sync_directory(directory: str) -> None:
-    """Makes the names created, renamed or removed in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

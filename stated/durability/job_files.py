@@ -15,7 +15,7 @@ import re
 import shutil
 import urllib.parse
 
-from stated.durability.direct_file import sync_directory
+from stated.paging.state_file_space import sync_directory
 from stated.paging.state_file import encoded_job_name
 
 log = logging.getLogger("stated.durability.job_files")

@@ -11,10 +11,11 @@ holds the pages that changed, one after the other; a paged session's is its stat
 [frozen state files] in stated.paging.state_file, and stated.durability.checkpoint), whose spilled pages
 were on disk already. The three data files are written and fsynced first (the frozen state file linked
 into the directory); then the manifest goes to `M.manifest.tmp`, is fsynced, renamed to `M.manifest`,
-and the directory is fsynced, which makes the link's name durable too. The rename is the commit: a crash before it leaves the previous checkpoint the
-newest, with orphan data files that recovery removes; a crash after it leaves the new one whole. The
-manifest carries a checksum of its own body, so a torn or damaged manifest is told from a good one,
-and the checksum of every page and file, so torn data is found when it is read.
+and the directory is fsynced, which makes the link's name durable too. The rename is the commit: a
+crash before it leaves the previous checkpoint the newest, with orphan data files that recovery removes;
+a crash after it leaves the new one whole. The manifest carries a checksum of its own body, so a torn
+or damaged manifest is told from a good one, and the checksum of every page and file, so torn data is
+found when it is read. (A frozen state file's header is not covered: nothing reads it back.)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import xxhash
 
 from stated.durability.direct_file import storage_error as transfer_error
 from stated.durability import job_files
-from stated.durability.direct_file import sync_directory
+from stated.paging.state_file_space import sync_directory
 from stated.errors import DataLoss
 from stated.paging.state_file import align_up
 

@@ -22,7 +22,6 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable
 
 import torch
 
@@ -245,47 +244,27 @@ class DiskPager(Pager):
     def can_freeze(self) -> bool:
         return self.file is not None
 
-    def freeze_pages(self, pages: list[int], link: str, check: Callable[[], None]) -> tuple[dict[int, list[int]], int]:
-        placed, copy = {}, []
+    def placed_in_file(self, pages: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+        placed, others = {}, []
         for page in pages:
-            if self._on_disk(page):
-                placed[page] = [self.session.table[page].checksum, self._offset(page)]
+            entry = self.session.table[page]
+            if not entry.dirty and entry.checksum is not None and self.file.holds_current(self.file_pages[page]):
+                placed[page] = [entry.checksum, self.file.offset_of(self.file_pages[page])]
             else:
-                copy.append(page)
-        self.begin_pass(copy)
-        try:
-            for page in copy:
-                check()
-                buffer, _waited = self.get(page)
-                try:
-                    placed[page] = [self._write_now(page, buffer), self._offset(page)]
-                finally:
-                    self.done(page, dirty=False)
-        except BaseException:
-            self.abort_pass()
-            raise
-        self.end_pass()
-        check()
-        self.file.freeze(link)
-        return placed, len(copy) * self.file.slot_bytes
+                others.append(page)
+        return placed, others
 
-    def _on_disk(self, page: int) -> bool:
-        """Whether the page's state is exactly its last write to the state file's current generation."""
-        entry = self.session.table[page]
-        return not entry.dirty and entry.checksum is not None and self.file.holds_current(self.file_pages[page])
-
-    def _write_now(self, page: int, buffer: torch.Tensor) -> int:
-        """Writes the page (`get` gave it `buffer`) to the state file's current generation at once and
-        returns its checksum; it is clean from then on, so its eviction writes nothing."""
+    def write_now(self, page: int, buffer: torch.Tensor) -> list[int]:
+        """Clean from then on: its eviction writes nothing."""
         entry = self.session.table[page]
         entry.checksum = self.file.write(self.file_pages[page], buffer)
         entry.dirty = False
         self.metrics.transfer_bytes.labels("host_to_disk").inc(self.file.page_bytes)
         self.bytes_written += self.file.page_bytes
-        return entry.checksum
+        return [entry.checksum, self.file.offset_of(self.file_pages[page])]
 
-    def _offset(self, page: int) -> int:
-        return self.file.offset_of(self.file_pages[page])
+    def freeze(self, link: str) -> None:
+        self.file.freeze(link)
 
     # --- moving pages ---------------------------------------------------------------------------
 

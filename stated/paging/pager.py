@@ -3,18 +3,19 @@
 Per pass the engine calls `begin_pass(order)` with the pages the pass needs in the host tier, then for
 each page `get(page)` (its host buffer and the seconds waited for it), hands the page to the backend
 bound to that buffer, and `done(page, dirty)` once the backend has retired it; `end_pass()` when the
-pass is over, or `abort_pass()` when it failed. Between steps it visits pages the same way for state_dict export and import, and calls
-`reset(page)` to zero them. Backends and the store never call a pager: they see bound pages only.
+pass is over, or `abort_pass()` when it failed. Between steps it visits pages the same way for
+state_dict export and import and for checkpoints (a DiskPager's state file frozen: `freeze_pages` in
+the engine), and calls `reset(page)` to zero them. Backends and the store never call a pager: they see
+bound pages only.
 
 Two implementations: `ResidentPager` (every page in host memory) and `DiskPager` (a host budget, the
-rest in the job's state file). The daemon-wide `Paging` (stated.paging.daemon_paging) makes them,
+rest in the session's state file). The daemon-wide `Paging` (stated.paging.daemon_paging) makes them,
 feeds them state-file pages and budget, and closes them.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Callable
 
 import torch
 
@@ -69,17 +70,25 @@ class Pager(abc.ABC):
         """Bytes of pages with a copy in a state file."""
         return 0
 
+    # A checkpoint's pages without copying those on disk (Note [frozen state files] in
+    # stated.paging.state_file), driven by the engine's `freeze_pages`; a DiskPager's only.
     @property
     def can_freeze(self) -> bool:
-        """Whether `freeze_pages` can make a checkpoint's pages of its state file (a DiskPager's)."""
+        """Whether the pager has a state file to freeze."""
         return False
 
-    def freeze_pages(self, pages: list[int], link: str, check: Callable[[], None]) -> tuple[dict[int, list[int]], int]:
-        """A checkpoint's pages without copying those on disk (Note [frozen state files] in
-        stated.paging.state_file): writes those of `pages` the state file does not hold as they are,
-        then freezes it as `link`. Returns {page: [checksum, offset in the file]} for `pages` and the
-        bytes written; `check()` runs before each page written and before the freeze, to give up."""
-        raise NotImplementedError(f"{type(self).__name__} has no state file to freeze")
+    def placed_in_file(self, pages: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+        """{page: [checksum, offset in the state file]} of those of `pages` the state file holds as
+        they are, and the others."""
+        raise NotImplementedError(f"{type(self).__name__} has no state file")
+
+    def write_now(self, page: int, buffer: torch.Tensor) -> list[int]:
+        """Writes the page (`get` gave it `buffer`) to the state file; returns [checksum, offset]."""
+        raise NotImplementedError(f"{type(self).__name__} has no state file")
+
+    def freeze(self, link: str) -> None:
+        """The state file as it stands becomes `link` too, for good; writes go to a fresh one."""
+        raise NotImplementedError(f"{type(self).__name__} has no state file")
 
     def pin_host_pages(self, pinner: Pinner) -> None:
         """The session's pages feed a GPU: page-lock every host buffer, now and as it is made."""

@@ -52,7 +52,8 @@ import xxhash
 
 from stated.errors import DataLoss
 from stated.paging.state_file_space import (DIRECT_ALIGN, HEADER_BYTES, SPACE_ERRNOS, DiskSpaceError, align_up,
-                                            free_bytes, make_state_file, preallocate, storage_error, sync_directory)
+                                            check_sizes, free_bytes, make_state_file, preallocate, storage_error,
+                                            sync_directory)
 
 log = logging.getLogger("stated.paging.state_file")
 
@@ -176,10 +177,7 @@ class StateFile:
         unless `replace`: then the new file takes the name, and the old one lives on for whoever still
         has it open (a session being replaced by one built from a checkpoint).
         """
-        if not isinstance(page_bytes, int) or page_bytes <= 0:
-            raise ValueError(f"invalid page_bytes {page_bytes!r}: expected a whole number > 0")
-        if not isinstance(pages, int) or pages < 0:
-            raise ValueError(f"invalid pages {pages!r}: expected a whole number >= 0")
+        check_sizes(page_bytes, pages)
         path = state_path(directory, job, rank)
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)

@@ -53,6 +53,13 @@ def free_bytes(directory: str) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def check_sizes(page_bytes: int, pages: int) -> None:
+    if not isinstance(page_bytes, int) or page_bytes <= 0:
+        raise ValueError(f"invalid page_bytes {page_bytes!r}: expected a whole number > 0")
+    if not isinstance(pages, int) or pages < 0:
+        raise ValueError(f"invalid pages {pages!r}: expected a whole number >= 0")
+
+
 def make_state_file(path: str, directory: str, job: str, page_bytes: int, pages: int, exclusive: bool = True) -> None:
     """Creates a state file at `path` (replacing a leftover when not `exclusive`): its header, and room
     for `pages` slots, fsynced. On failure nothing is left at `path`."""
