@@ -6,6 +6,7 @@ never interrupted: a resumed job must match it bit for bit."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -429,6 +430,33 @@ def test_a_paged_checkpoint_freezes_the_state_file_and_reads_no_spilled_page(spa
     train(model, opt, 4, 5)  # into the live file's next generation: the frozen one stays as it was
     fresh = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
     assert_resumes_exactly_after_kill_9(proc, job, model, opt, fresh, 3, saved_params, saved_state)
+
+
+def test_checkpoints_on_another_file_system_copy_the_pages_and_resume_exactly(tmp_path):
+    """`checkpoints/` a symlink to another file system (/dev/shm, a tmpfs): the state file cannot be
+    linked there (EXDEV), so a paged checkpoint copies its pages, says so once, and is as good."""
+    elsewhere = f"/dev/shm/stated-test-{uuid.uuid4().hex[:8]}"
+    os.makedirs(elsewhere)
+    try:
+        os.makedirs(tmp_path / "state")
+        os.symlink(elsewhere, tmp_path / "state" / "checkpoints")
+        if os.stat(elsewhere).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip("/dev/shm is on the same file system as the tests' temporary directory here")
+        proc = DaemonProcess(tmp_path, *PAGED)
+        proc.start()
+        job = unique("job")
+        model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
+        opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
+        train(model, opt, 1, 2)
+        assert opt.checkpoint() == 2
+        train(model, opt, 3, 3)
+        assert opt.checkpoint() == 3
+        assert proc.log().count("cannot be linked into") == 1, proc.log()
+        assert files_of(proc, job) == sorted(f"{s}.{k}" for s in (2, 3) for k in ("manifest", "pages", "params", "small"))
+        fresh = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
+        assert_resumes_exactly_after_kill_9(proc, job, model, opt, fresh, 3)
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
 
 
 def test_a_checkpoint_without_waiting_overlaps_the_next_forward_and_is_exact(spawn):
