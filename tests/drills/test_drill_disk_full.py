@@ -18,6 +18,7 @@ from drills import state_dir
 from drills.devices import tmpfs
 from drills.node import PAGE, Node, resume
 from drills.units import Unit
+from stated.paging.state_file import state_path
 
 ROOM = 24 << 20
 DATA = ("pages", "params", "small")
@@ -89,5 +90,40 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path):
             for unit in units:
                 assert resume(unit, node.address, 3) == []
                 assert unit.train(1) == unit.checkpoint() == 4  # there is room again
+        finally:
+            node.kill()
+
+
+def test_disk_full_when_a_paged_checkpoint_freezes_its_state_file(tmp_path):
+    """A paged checkpoint needs room for its state file's next generation (Note [frozen state files]):
+    without it, RESOURCE_EXHAUSTED naming that file and the bytes, the previous checkpoint whole, the
+    state file as it was (no generation left half-made), training on, and checkpoints again once there
+    is room."""
+    with tmpfs(str(tmp_path / "node"), ROOM) as directory:
+        node = Node(directory, "--host-memory", str(2 * PAGE), "--page-size", str(PAGE), logs=tmp_path)
+        node.start()
+        try:
+            unit = Unit("paged-full", 0, 256, seed=5)
+            unit.attach(node.address)
+            assert unit.train(3) == unit.checkpoint() == 3
+            live = state_path(node.state, unit.job, 0)
+            spacer = fill(directory, os.path.getsize(live) // 2)
+            unit.train(2)
+            try:
+                unit.opt.checkpoint()
+                raise AssertionError("the paged checkpoint at step 5 succeeded on a full disk")
+            except stated.ResourceExhaustedError as refused:
+                message = str(refused)
+            assert live[: -len(".state")] + ".next.state" in message, message
+            assert re.search(r"\(\d+ bytes\) needed", message), message
+            assert state_dir.committed(node.state, unit.job, 0) == [3]
+            assert state_dir.uncommitted(node.state) == [], "the failed checkpoint left files"
+            assert sorted(os.listdir(node.state)) == sorted(["checkpoints", ".lock", os.path.basename(live)])
+            assert unit.train(2) == 7  # training goes on, from the one state file
+            os.remove(spacer)
+            assert unit.checkpoint() == 7  # there is room again
+            node.restart()
+            assert node.recovered_problems({unit.name: 7}) == []
+            assert resume(unit, node.address, 7) == []
         finally:
             node.kill()
