@@ -71,7 +71,7 @@ class StateTransfer:
             try:
                 flat = session.algorithm.import_state(place.info, small, entry, fields)
             except (ValueError, KeyError, RuntimeError) as exc:
-                raise InvalidArgument(str(exc)) from None
+                raise InvalidArgument(f"the state of tensor {index} does not load: {exc}") from None
             if session.master:  # a state_dict without master copies (from torch) starts them from the arena
                 master = entry.get(MASTER_KEY)
                 if master is None and session.regions[place.region].device:

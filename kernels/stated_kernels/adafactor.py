@@ -48,6 +48,7 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
+    decay_scalar,
     non_negative,
     weight_decay,
 )
@@ -158,8 +159,14 @@ class Adafactor(Algorithm):
 
     # --- the step -----------------------------------------------------------------------------
 
+    def formed_scalars(self, hp: Hyperparameters) -> list[tuple[str, float]]:
+        eps1 = float(hp["eps1"])
+        return [decay_scalar(hp)] + ([("eps1 * eps1", eps1 * eps1)] if eps1 >= 0 else [])
+
     def prepass(self, tensor: TensorInfo, param: torch.Tensor, grad: torch.Tensor,
                 small: dict[str, Any], hp: Hyperparameters) -> None:
+        if tensor.numel == 0:
+            return  # Note [empty tensors]: torch's RMS(theta) divides by zero here
         # With master weights the arenas are 16-bit while the tensor registered as float32.
         param, grad = param.to(tensor.dtype), grad.to(tensor.dtype)
         t = float(small["step"])
@@ -213,7 +220,7 @@ class Adafactor(Algorithm):
 
     def between_passes(self, tensor: TensorInfo, small: dict[str, Any], hp: Hyperparameters,
                        pass_index: int) -> None:
-        if not is_factored(tensor):
+        if not is_factored(tensor) and tensor.numel:  # Note [empty tensors]
             self._set_step_size(small, math.sqrt(float(small["_sum_u2"])), tensor.numel, hp)
 
     # --- CUDA and planning ---------------------------------------------------------------------

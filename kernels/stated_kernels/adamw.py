@@ -37,6 +37,7 @@ from stated_kernels.spec import (
     Segment,
     TensorInfo,
     changed,
+    decay_scalar,
     non_negative,
     unit_interval,
     weight_decay,
@@ -90,6 +91,11 @@ class AdamW(Algorithm):
             maximize=bool(hp["maximize"]),
         )
 
+
+    def formed_scalars(self, hp: Hyperparameters) -> list[tuple[str, float]]:
+        # The step size lr / (1 - beta1^t) is largest at t = 1.
+        step_size = ("lr / (1 - beta1)", float(hp["lr"]) / (1 - float(hp["beta1"])))
+        return [decay_scalar(hp), step_size] if self.decoupled else [step_size]
 
     def cuda_flags(self, hp: Hyperparameters) -> int:
         return ((MAXIMIZE if hp.get("maximize") else 0) | (AMSGRAD if hp.get("amsgrad") else 0)

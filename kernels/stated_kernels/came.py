@@ -66,6 +66,7 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
+    decay_scalar,
     non_negative,
     positive,
     weight_decay,
@@ -121,8 +122,13 @@ class CAME(Algorithm):
 
     # --- the step -----------------------------------------------------------------------------
 
+    def formed_scalars(self, hp: Hyperparameters) -> list[tuple[str, float]]:
+        return [decay_scalar(hp)]
+
     def prepass(self, tensor: TensorInfo, param: torch.Tensor, grad: torch.Tensor,
                 small: dict[str, Any], hp: Hyperparameters) -> None:
+        if tensor.numel == 0:
+            return  # Note [empty tensors]: the means over an empty dim would be nan
         if not is_factored(tensor):
             small["_sum_u2"] = torch.zeros(1, dtype=torch.float64)
             return
@@ -179,6 +185,8 @@ class CAME(Algorithm):
 
     def between_passes(self, tensor: TensorInfo, small: dict[str, Any], hp: Hyperparameters,
                        pass_index: int) -> None:
+        if tensor.numel == 0:
+            return  # Note [empty tensors]
         if not is_factored(tensor):
             # The reference's RMS: a float32 norm over sqrt(numel), clipped.
             norm = torch.tensor(math.sqrt(float(small["_sum_u2"])), dtype=torch.float32)

@@ -34,6 +34,7 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
+    decay_scalar,
     positive,
     weight_decay,
 )
@@ -61,6 +62,11 @@ class Lion(Algorithm):
 
     def page_fields(self, tensor: TensorInfo, hp: Hyperparameters) -> tuple[FieldSpec, ...]:
         return (FieldSpec("exp_avg", tensor.dtype),)
+
+    def formed_scalars(self, hp: Hyperparameters) -> list[tuple[str, float]]:
+        if hp["decoupled_weight_decay"]:
+            return [("lr * weight_decay / init_lr", float(hp["lr"]) * float(hp["weight_decay"]) / float(hp["init_lr"]))]
+        return [decay_scalar(hp)]
 
     def update(self, segments: Sequence[Segment], hp: Hyperparameters, pass_index: int = 0) -> None:
         lr, beta1, beta2 = float(hp["lr"]), float(hp["beta1"]), float(hp["beta2"])

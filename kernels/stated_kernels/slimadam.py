@@ -45,6 +45,7 @@ from stated_kernels.spec import (
     Hyperparameters,
     Segment,
     TensorInfo,
+    decay_scalar,
     non_negative,
     unit_interval,
     weight_decay,
@@ -141,10 +142,13 @@ class SlimAdam(Algorithm):
 
     # --- the step -----------------------------------------------------------------------------
 
+    def formed_scalars(self, hp: Hyperparameters) -> list[tuple[str, float]]:
+        return [decay_scalar(hp)]
+
     def prepass(self, tensor: TensorInfo, param: torch.Tensor, grad: torch.Tensor,
                 small: dict[str, Any], hp: Hyperparameters) -> None:
-        if "nu" not in small:
-            return
+        if "nu" not in small or tensor.numel == 0:
+            return  # Note [empty tensors]: the mean over an empty dim would be nan
         beta2, t = float(hp["beta2"]), int(small["step"])
         grad = grad.to(tensor.dtype)  # 16-bit arenas with float32 master weights
         small["nu"].mul_(beta2).add_(torch.mean(grad * grad, dim=small["_rule"], keepdim=True), alpha=1 - beta2)

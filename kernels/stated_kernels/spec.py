@@ -34,6 +34,11 @@ Note [step order]: one step of the engine calls, in this order:
 
 Tensors without a gradient are skipped entirely, as torch does. `hp` always holds every
 hyperparameter (defaults filled in).
+
+Note [empty tensors]: a tensor with no elements (a 0x5 parameter) steps as a no-op: its step is
+counted, as torch.optim.AdamW counts it, and no state changes. Its reductions are skipped in `prepass`
+and `between_passes`: a mean over an empty dimension is nan (came-pytorch writes that nan into the
+5 column statistics of a 0x5 tensor) and torch.optim.Adafactor's RMS(theta) raises ZeroDivisionError.
 """
 
 from __future__ import annotations
@@ -99,13 +104,31 @@ class HyperSpec:
             return None if isinstance(value, bool) else f"{where}{self.name} must be a bool, got {value!r}"
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             return f"{where}{self.name} must be a number, got {value!r}"
-        if not math.isfinite(value):
-            return f"{where}{self.name} must be finite, got {value}"
+        problem = beyond_float32(value)
+        if problem:
+            return f"{where}{self.name} is {float(value)!r}: {problem}"
         if self.check is not None:
             problem = self.check(value)
             if problem:
                 return f"{where}{self.name} {problem}"
         return None
+
+
+# Note [float32 hyperparameters]: the kernels take hyperparameters, and the scalars they form from them
+# (lr * weight_decay, lr / (1 - beta1)), as float32 (torch's fused CPU kernels, the CUDA kernels' hp rows).
+# A value beyond float32's range is refused at validation, naming it: torch's single-tensor path raises
+# "value cannot be converted to type float without overflow" for some of them, its fused kernels and ours
+# would write inf or nan into the weights for all of them.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def beyond_float32(value: float) -> str | None:
+    """Why `value` cannot reach a float32 kernel, or None (Note [float32 hyperparameters])."""
+    if value != value:
+        return "not a number; it must be finite"
+    if abs(value) > FLOAT32_MAX:
+        return f"above float32's largest finite value ({FLOAT32_MAX:.7g}); it must be finite as a float32"
+    return None
 
 
 def changed(table: Sequence[HyperSpec], *, drop: Sequence[str] = (), **defaults: HyperValue) -> tuple[HyperSpec, ...]:
@@ -118,6 +141,11 @@ def changed(table: Sequence[HyperSpec], *, drop: Sequence[str] = (), **defaults:
 def weight_decay(default: float | None) -> HyperSpec:
     """The weight decay every algorithm takes: >= 0 (one definition, so that no table forgets the check)."""
     return HyperSpec("weight_decay", default, check=non_negative)
+
+
+def decay_scalar(hp: Hyperparameters) -> tuple[str, float]:
+    """lr * weight_decay: decoupled weight decay multiplies the weights by one minus it."""
+    return "lr * weight_decay", float(hp["lr"]) * float(hp["weight_decay"])
 
 
 def non_negative(value: HyperValue) -> str | None:
@@ -222,11 +250,26 @@ class Algorithm:
             problem = spec.validate(hp[spec.name], where)
             if problem:
                 return problem
-        return self.validate_combination({**self.defaults(), **hp}, where)
+        full = {**self.defaults(), **hp}
+        problem = self.validate_combination(full, where)
+        if problem:
+            return problem
+        for formula, value in self.formed_scalars(full):
+            beyond = beyond_float32(value)
+            if beyond:
+                group = f"{where.rstrip('.')}: " if where else ""
+                return (f"{group}{formula} is {value:.7g}, {beyond.split(';')[0]}: the update would not be "
+                        f"finite; make {formula} smaller")
+        return None
 
     def validate_combination(self, hp: Hyperparameters, where: str) -> str | None:
         """Checks that involve several hyperparameters (SGD's nesterov needs momentum)."""
         return None
+
+    def formed_scalars(self, hp: Hyperparameters) -> Sequence[tuple[str, float]]:
+        """The scalars the update forms from hyperparameters alone, by formula ("lr * weight_decay"), at
+        the step where each is largest; each must be finite as a float32 (Note [float32 hyperparameters])."""
+        return ()
 
     def begin_step(self, tensor: TensorInfo, small: dict[str, Any], hp: Hyperparameters) -> None:
         """Per tensor with a gradient, once per step before any pass (the step counter)."""

@@ -31,6 +31,7 @@ from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
+from stated.server.decoding import add_decoding
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
 from stated.server.step_channel import StepChannel
@@ -140,9 +141,9 @@ class Daemon:
         prepare_socket_dir(self.path, self.gid)
         self._recover()
         server = grpc.aio.server(options=MESSAGE_OPTIONS)
-        pb_grpc.add_StateServiceServicer_to_server(self.servicer, server)
+        add_decoding(pb_grpc.add_StateServiceServicer_to_server, self.servicer, server, self.metrics)
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        add_decoding(health_pb2_grpc.add_HealthServicer_to_server, health_servicer, server, self.metrics)
         with private_socket(self.path, self.gid):
             server.add_insecure_port(f"unix:{self.path}")
             await server.start()

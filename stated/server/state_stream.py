@@ -9,7 +9,11 @@ import torch
 
 from stated.errors import InvalidArgument
 from stated.v1 import state_service_pb2 as pb
-from stated_client.wire import TORCH_DTYPES, tensor_from_bytes
+from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, tensor_from_bytes
+from stated_kernels.spec import beyond_float32
+
+# A tensor's sizes are int64s in torch.
+MAX_SIZE = (1 << 63) - 1
 
 
 class Assembler:
@@ -20,8 +24,12 @@ class Assembler:
 
     def header(self, header: pb.TensorStateHeader):
         done = self.finish()
-        if not header.step >= 0 or header.step != header.step:
-            raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0")
+        if not header.step >= 0 or beyond_float32(header.step):
+            raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0 "
+                                  f"and finite as a float32 (the reference keeps it as one)")
+        if "step" in header.fields:
+            raise InvalidArgument(f"header.fields of tensor {header.tensor} names 'step'; the step travels in "
+                                  f"header.step")
         self.current = (header.tensor, header.step, {}, {}, set(header.fields))
         return done
 
@@ -36,8 +44,16 @@ class Assembler:
         dtype = TORCH_DTYPES.get(chunk.dtype)
         if dtype is None:
             raise InvalidArgument(f"chunk.dtype {chunk.dtype} of tensor {tensor} field {chunk.field!r} is not known")
+        shape = tuple(chunk.shape)
+        if any(n > MAX_SIZE for n in shape):
+            raise InvalidArgument(f"chunk.shape {list(shape)} of tensor {tensor} field {chunk.field!r} has a size "
+                                  f"above {MAX_SIZE}, the largest a tensor can have")
         buf = data.setdefault(chunk.field, bytearray())
-        meta.setdefault(chunk.field, (dtype, tuple(chunk.shape)))
+        if meta.setdefault(chunk.field, (dtype, shape)) != (dtype, shape):
+            first_dtype, first_shape = meta[chunk.field]
+            raise InvalidArgument(f"chunk of tensor {tensor} field {chunk.field!r} has dtype {chunk.dtype} and "
+                                  f"shape {list(shape)}, but its first chunk had {WIRE_DTYPES[first_dtype]} and "
+                                  f"{list(first_shape)}; a field's chunks must agree")
         size = dtype.itemsize
         if chunk.offset * size != len(buf):
             raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
