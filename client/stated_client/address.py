@@ -22,6 +22,15 @@ def default_socket() -> str:
     return os.path.join(runtime_dir(), "stated.sock")
 
 
+def given(address: str | None) -> str | None:
+    """Where an address was given, "address=..." or "$STATED_ADDRESS=...", else None: the default socket."""
+    if address:
+        return f"address={address!r}"
+    if os.environ.get(ENV_ADDRESS):
+        return f"${ENV_ADDRESS}={os.environ[ENV_ADDRESS]!r}"
+    return None
+
+
 def resolve(address: str | None) -> str:
     """The gRPC target for `address`, STATED_ADDRESS, or the default socket. A bare path becomes unix://."""
     address = address or os.environ.get(ENV_ADDRESS) or default_socket()

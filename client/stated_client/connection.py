@@ -1,4 +1,4 @@
-"""A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded fallback.
+"""A connection to the daemon: one gRPC channel, calls that raise StatedError, the embedded default.
 
 Every call the client makes goes through Connection, so no raw grpc.RpcError reaches a user, and none
 blocks forever on a daemon that stopped answering: before a session's Watch a call's deadline is
@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
-from stated_client import embedded
-from stated_client.address import resolve
+from stated_client import embedded, peer
+from stated_client.address import given, resolve, socket_path
 from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
 from stated_client.liveness import Liveness, keepalive_seconds, timeout_from_env
 from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME
@@ -117,15 +117,36 @@ class Connection:
         self.channel.close()
 
 
+# Note [no fallback for a given address]: an address that was given names the daemon its user means, a
+# shared one with its host-memory budget, state directory and retention. A private daemon in its place
+# would have none of them (all of host memory, state that dies with the process) and would hide the
+# mistake, so only the default socket, which nobody chose, falls back to one.
 def connect(address: str | None) -> Connection:
-    """Connects to the daemon at `address` (or STATED_ADDRESS, or the default socket); when none answers
-    there, starts this process's private daemon unless STATED_EMBEDDED=0."""
-    target = resolve(address)
+    """Connects to the daemon at `address` (or STATED_ADDRESS, or the default socket) once it has checked
+    whom it talks to (Note [whom the client talks to]). When no daemon answers at the default socket, it
+    starts this process's private daemon, unless STATED_EMBEDDED=0; an address that was given and does not
+    answer is an error (Note [no fallback for a given address])."""
+    target, where = resolve(address), given(address)
+    path = socket_path(target)
+    if path is not None:
+        if where is None:
+            peer.check_default_directory(os.path.dirname(path))
+        peer.check_daemon(path)
     if _answers(target):
         return Connection(target)
     if os.environ.get(ENV_EMBEDDED, "1") == "0":
         raise DaemonUnavailableError(f"no stated daemon answers at {target} (and {ENV_EMBEDDED}=0 forbids starting "
                                      f"a private one); start one with `stated serve`")
+    if where is not None:
+        raise DaemonUnavailableError(
+            f"no stated daemon answers at {target} (from {where}); a private daemon is started only when no address "
+            f"is given. Start one there (`stated serve --socket {path or target}`), or correct or unset the address")
+    return _private(target)
+
+
+def _private(target: str) -> Connection:
+    """This process's private daemon (the embedded default, for no daemon answers at `target`), started on
+    first use."""
     already = embedded.running_target()
     if already is not None:
         return Connection(already)
@@ -137,4 +158,3 @@ def connect(address: str | None) -> Connection:
     log.warning("stated: no daemon answers at %s, so this process started a private one (%s); it stops when "
                 "the process exits. Run `stated serve` to share one daemon between processes.", target, private)
     return Connection(private)
-

@@ -13,8 +13,9 @@ import os
 import socket
 
 from stated.v1 import state_service_pb2 as pb
-from stated_client.errors import DaemonUnavailableError, StatedError, from_status
+from stated_client.errors import DaemonUnavailableError, PermissionDeniedError, StatedError, from_status
 from stated_client.liveness import Liveness
+from stated_client.peer import check_peer
 from stated_client.protocol import ERROR, HEADER, MESSAGE, frame, parse_error
 
 log = logging.getLogger("stated_client")
@@ -29,6 +30,7 @@ class StepLine:
         try:
             with liveness.watching(self._cut):
                 self.sock.connect(path)
+                check_peer(self.sock, path)  # Note [whom the client talks to]: the token goes to no one else
                 self.sock.sendall(frame(MESSAGE, session.SerializeToString()))
                 self._receive()
         except BaseException:
@@ -42,6 +44,9 @@ class StepLine:
             return None
         try:
             return cls(path, session, liveness)
+        except PermissionDeniedError as exc:
+            log.warning("stated: the step channel at %s is refused (%s); steps go over gRPC", path, exc)
+            return None
         except (OSError, StatedError) as exc:
             log.info("stated: the step channel at %s is not usable (%s); steps go over gRPC", path, exc)
             return None

@@ -303,11 +303,12 @@ EMBEDDED_SCRIPT = textwrap.dedent("""
 
 
 def test_embedded_default_starts_a_private_daemon_and_leaves_nothing(tmp_path):
-    nowhere = tmp_path / "nothing" / "stated.sock"
+    # The default socket, where nothing listens (a given address that does not answer is an error instead).
+    nowhere = tmp_path / "run" / "stated" / "stated.sock"
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "STATED_EMBEDDED"}
-    env.update(STATED_ADDRESS=f"unix://{nowhere}", TMPDIR=str(tmp))
+    env = {k: v for k, v in os.environ.items() if k not in ("STATED_EMBEDDED", "STATED_ADDRESS")}
+    env.update(XDG_RUNTIME_DIR=str(tmp_path / "run"), TMPDIR=str(tmp))
     run = subprocess.run([sys.executable, "-c", EMBEDDED_SCRIPT], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0, run.stderr

@@ -25,6 +25,7 @@ class DaemonProcess:
         self.extra = list(extra)
         self.process: subprocess.Popen | None = None
         self.metrics_port: int | None = None
+        self.runner: list[str] = []  # a command the daemon runs under, such as setpriv for another user's uid
 
     @property
     def address(self) -> str:
@@ -34,7 +35,7 @@ class DaemonProcess:
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, STATED_EMBEDDED="0")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "127.0.0.1:0",
+            [*self.runner, sys.executable, "-m", "stated", "serve", "--socket", self.socket, "--metrics-addr", "127.0.0.1:0",
              "--state-dir", os.path.join(self.directory, "state"), *self.extra],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
