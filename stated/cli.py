@@ -52,9 +52,11 @@ def _add_serve(sub) -> None:
         "checkpoints stay under --state-dir for the next daemon, which recovers them."))
     serve.add_argument("--socket", default=None, metavar="PATH",
                        help=f"unix socket to listen on (default: ${ENV_ADDRESS} if it is a path, else "
-                            f"{default_socket()}); its directory is created 0700, the socket 0600")
+                            f"{default_socket()}); the socket is 0600, a missing directory is created 0700 "
+                            f"(an existing one keeps its mode), and PATH.lock keeps a second daemon off it")
     serve.add_argument("--group", default=None, metavar="NAME",
-                       help="let members of this group connect: socket and shared memory 0660, directory 0750")
+                       help="let members of this group connect: socket and shared memory 0660, a directory "
+                            "that --socket creates 0750")
     serve.add_argument("--metrics-addr", default="127.0.0.1:9464", metavar="HOST:PORT",
                        help="where to serve Prometheus metrics at /metrics (default: 127.0.0.1:9464; port 0 "
                             "picks a free port; 'none' turns the endpoint off)")

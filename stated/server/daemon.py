@@ -1,11 +1,12 @@
 """`stated serve`: the daemon process. grpc.aio on uvloop, on a unix socket, plus a metrics endpoint.
 
-Start-up sweeps shared memory left by crashed daemons, refuses to take over a socket that another
-live daemon answers on or a state directory another daemon holds, and recovers every job whose
-checkpoint it finds there (stated.durability.keeper). SIGTERM and SIGINT shut down cleanly: every session
-whose state changed since its last checkpoint is checkpointed (for at most --shutdown-timeout), clients are
-told UNAVAILABLE ("the stated daemon is shutting down"), shared memory and the socket are removed, and the
-checkpoints stay for the next daemon.
+Start-up refuses a state directory another daemon holds, takes the socket's lock (a second daemon on the
+socket refuses: stated.server.socket_guard), sweeps shared memory left by crashed daemons, and recovers
+every job whose checkpoint it finds there (stated.durability.keeper). SIGTERM and SIGINT shut down
+cleanly: every session whose state changed since its last checkpoint is checkpointed (for at most
+--shutdown-timeout), clients are told UNAVAILABLE ("the stated daemon is shutting down"), shared memory
+is removed, and so are the socket and its lock when they are still this daemon's; the checkpoints stay
+for the next daemon.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import grp
 import logging
 import os
 import signal
-import socket
-import stat
 import time
 
 import grpc
@@ -34,6 +33,7 @@ from stated.paging.daemon_paging import Paging
 from stated.server.decoding import add_decoding
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
+from stated.server.socket_guard import SocketGuard
 from stated.server.step_channel import StepChannel
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.store import Store
@@ -74,35 +74,6 @@ def parse_hostport(text: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def _socket_answers(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def prepare_socket_dir(path: str, gid: int | None) -> None:
-    """Creates the socket's directory: 0700, or 0750 owned by the group when one is given."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    if gid is not None:
-        os.chown(directory, -1, gid)
-        os.chmod(directory, 0o750)
-    else:
-        os.chmod(directory, 0o700)
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise RuntimeError(f"{path} exists and is not a socket; remove it or pick another --socket")
-        if _socket_answers(path):
-            raise RuntimeError(f"another daemon is already serving on {path}; stop it or pick another --socket")
-        os.unlink(path)  # left by a daemon that died
-
-
 class Daemon:
     def __init__(self, config: DaemonConfig):
         self.config = config
@@ -112,6 +83,7 @@ class Daemon:
             raise RuntimeError(f"--group {config.group!r} is not a group on this machine") from None
         self._state_lock = _hold_state_dir(config.state_dir) if config.state_dir else None
         self.path = socket_path(config.socket) or config.socket
+        self.socket_guard = SocketGuard(self.path, self.gid)
         self.metrics = Metrics()
         mode = 0o660 if self.gid is not None else 0o600
         self.cpu_workers = CpuWorkers(config.cpu_threads) if config.cpu_threads else None
@@ -135,18 +107,21 @@ class Daemon:
                            self.metrics)
 
     async def run(self) -> None:
+        # First of all: a second daemon on this socket refuses here (Note [one daemon per socket]).
+        self.socket_guard.acquire()
         stale = shm.sweep_stale()
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
-        prepare_socket_dir(self.path, self.gid)
         self._recover()
         server = grpc.aio.server(options=MESSAGE_OPTIONS)
         add_decoding(pb_grpc.add_StateServiceServicer_to_server, self.servicer, server, self.metrics)
         health_servicer = health.aio.HealthServicer()
         add_decoding(health_pb2_grpc.add_HealthServicer_to_server, health_servicer, server, self.metrics)
-        with private_socket(self.path, self.gid):
-            server.add_insecure_port(f"unix:{self.path}")
+        bound = self.socket_guard.private_name()
+        with private_socket(bound, self.gid):
+            server.add_insecure_port(f"unix:{bound}")
             await server.start()
+        self.socket_guard.publish(bound)
         await self.step_channel.start(channel_path(self.path), self.gid)
         self.servicer.step_socket = self.step_channel.path
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -194,10 +169,7 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        self.socket_guard.release()
         log.info("stopped")
 
     def _recover(self) -> None:
@@ -262,10 +234,14 @@ def state_dir_unusable(directory: str, exc: OSError) -> str:
 def serve(config: DaemonConfig) -> int:
     import uvloop
 
+    daemon = None
     try:
         daemon = Daemon(config)
         uvloop.run(daemon.run())
     except (RuntimeError, KeyError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         return 1
+    finally:
+        if daemon is not None:
+            daemon.socket_guard.release()  # a start that failed half-way leaves no socket or lock behind
     return 0

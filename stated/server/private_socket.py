@@ -1,8 +1,8 @@
 """The daemon's unix sockets (gRPC's and the step channel's) are private to its user, or its group.
 
 A socket bound inside `private_socket` is born 0600 (umask 0177), so there is no moment when others could
-connect; afterwards, with a group, it is opened to that group (0660), as the directory is
-(stated.server.daemon.prepare_socket_dir).
+connect; afterwards, with a group, it is opened to that group (0660), as the directory is when the daemon
+creates it (stated.server.socket_guard.prepare_directory).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from stated.errors import InvalidArgument
 from stated.server.private_socket import private_socket
+from stated.server.socket_guard import identity, remove_if_ours
 from stated.server.status_codes import refusal
 from stated.v1 import state_service_pb2 as pb
 from stated_client.protocol import HEADER, MAX_FRAME_BYTES, MAX_SOCKET_PATH, MESSAGE, error_frame, frame
@@ -51,6 +52,7 @@ class StepChannel:
     def __init__(self, servicer):
         self.servicer = servicer
         self.path = ""
+        self.identity = None  # (device, inode) of the socket bound at path
         self.listener: socket.socket | None = None
         self.accepter: threading.Thread | None = None
         self.connections: dict[threading.Thread, socket.socket] = {}
@@ -66,7 +68,7 @@ class StepChannel:
                         "gRPC, about 1 ms slower each; a shorter --socket path turns it on", path, MAX_SOCKET_PATH)
             return
         try:
-            os.unlink(path)  # the gRPC socket was free, so this one belongs to a daemon that is gone
+            os.unlink(path)  # this daemon holds the socket's lock, so this one's owner is gone
         except FileNotFoundError:
             pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -78,6 +80,7 @@ class StepChannel:
             listener.close()
             raise
         self.listener, self.path = listener, path
+        self.identity = identity(path)
         self.accepter = threading.Thread(target=self._accept, name="stated-step-accept", daemon=True)
         self.accepter.start()
 
@@ -103,10 +106,7 @@ class StepChannel:
         if any(thread.is_alive() for thread in threads):
             log.warning("step channel connections still open after %.0f s", STOP_SECONDS)
         if self.path:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            remove_if_ours(self.path, self.identity)  # Note [one daemon per socket]
 
     def _accept(self) -> None:
         while True:
