@@ -180,7 +180,7 @@ class Checkpoints:
         return self
 
 
-def rotation(jobs: list[Job], work_dir: str, nbytes: int, samples: int, warmup: int, label: str):
+def rotation(jobs: list[Job], work_dir: str, nbytes: int, page_bytes: int, samples: int, warmup: int, label: str):
     """The timings of the module docstring, rotated: a checkpoint of each job (this tree's, then the
     baseline tree's), then torch.save, the disk probes and a normal step of the first job."""
     job = jobs[0]
@@ -209,7 +209,7 @@ def rotation(jobs: list[Job], work_dir: str, nbytes: int, samples: int, warmup: 
     for c, seconds in zip(checkpoints, times):
         c.seconds = seconds
         c.drop_warmup(warmup)
-    return Rounds(nbytes, 0, checkpoints, times[len(jobs)], times[len(jobs) + 1: -1], times[-1], saved[0])
+    return Rounds(nbytes, page_bytes, checkpoints, times[len(jobs)], times[len(jobs) + 1: -1], times[-1], saved[0])
 
 
 @dataclasses.dataclass
@@ -292,8 +292,7 @@ def run_mode(n: int, mode: str, work_dir: str, args) -> list[str]:
         print(f"{label}: a checkpoint holds {nbytes / 1e9:.2f} GB; {args.warmup} + {args.samples} rounds of "
               f"checkpoint{' (this tree, baseline tree)' if len(trees) > 1 else ''}, torch.save, disk write, step",
               flush=True)
-        rounds = rotation(jobs, work_dir, nbytes, args.samples, args.warmup, label)
-        rounds.page_bytes = page_bytes
+        rounds = rotation(jobs, work_dir, nbytes, page_bytes, args.samples, args.warmup, label)
         restarts: list[list[tuple[float, float, float]]] = [[] for _ in jobs]
         for _ in range(args.restarts):
             for i, tree in enumerate(trees):

@@ -43,7 +43,7 @@ from stated.durability.direct_file import DirectFile
 from stated.durability.manifest import Manifest, committed_manifests, param_offsets, prune_to, write_manifest
 from stated.errors import DataLoss, Unavailable
 from stated.paging.state_file import checksum_of
-from stated.paging.state_file_space import DiskSpaceError, StateDirError, align_up
+from stated.paging.state_file_space import align_up
 from stated.session import Session
 from stated_client.wire import dtype_name
 
@@ -186,9 +186,7 @@ def _write_pages(session: Session, engine, directory: str, step: int, previous: 
     if engine.can_freeze(session):
         try:
             return _freeze_pages(session, engine, directory, step, sums, places, changed, abandon)
-        except (DiskSpaceError, StateDirError):
-            raise
-        except OSError as exc:
+        except OSError as exc:  # a full disk is DiskSpaceError, no OSError: it fails the checkpoint
             if exc.errno not in _NO_LINK_ERRNOS:
                 raise
             _warn_copying(directory, exc)

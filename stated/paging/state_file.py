@@ -126,6 +126,10 @@ def state_path(directory: str, job: str, rank: int = 0) -> str:
 NEXT_SUFFIX = ".next" + STATE_SUFFIX
 
 
+def next_generation_path(path: str) -> str:
+    return path[: -len(STATE_SUFFIX)] + NEXT_SUFFIX
+
+
 def _warn_buffered(directory: str, error: OSError) -> None:
     with _warn_lock:
         if directory in _warned_dirs:
@@ -184,7 +188,7 @@ class StateFile:
         except OSError as e:  # FileExistsError here means a non-directory is in the way
             raise storage_error(e, path, directory, HEADER_BYTES + pages * align_up(page_bytes)) from e
         if replace:
-            made = path[: -len(STATE_SUFFIX)] + NEXT_SUFFIX
+            made = next_generation_path(path)
             make_state_file(made, directory, job, page_bytes, pages, exclusive=False)
             os.rename(made, path)
         else:
@@ -223,11 +227,11 @@ class StateFile:
 
     def freeze(self, link: str) -> None:
         """Makes the file as it stands durable and names it `link` too, then carries on in a fresh
-        generation (Note [frozen state files]). On failure nothing changes here; a DiskSpaceError or
-        StateDirError says the next generation could not be made, a plain OSError the link (EXDEV: `link`
-        is on another file system). The caller syncs `link`'s directory."""
+        generation (Note [frozen state files]). On failure nothing changes: DiskSpaceError or StateDirError
+        for the next generation, OSError for the link (EXDEV: another file system). The caller syncs
+        `link`'s directory."""
         os.fsync(self._fd)
-        next_path = self.path[: -len(STATE_SUFFIX)] + NEXT_SUFFIX
+        next_path = next_generation_path(self.path)
         make_state_file(next_path, self.directory, self.job, self.page_bytes, self.pages, exclusive=False)
         try:
             fd = self._open_fd(next_path)
@@ -266,16 +270,12 @@ class StateFile:
 
     def _moved_to_current(self, page: int) -> None:
         """The page's last write is in the current generation now; a frozen one it leaves may close."""
-        old = self._source[page]
-        if old == self._generation:
-            return
-        self._source[page] = self._generation
-        frozen = self._frozen.get(old)
+        old, self._source[page] = self._source[page], self._generation
+        frozen = self._frozen.get(old) if old != self._generation else None
         if frozen is not None:
             frozen[1] -= 1
             if frozen[1] == 0:
-                os.close(frozen[0])
-                del self._frozen[old]
+                os.close(self._frozen.pop(old)[0])
 
     def read(self, page: int, into, checksum: int | None = None) -> int:
         """Reads page `page` into the first `page_bytes` bytes of `into` and verifies it against
