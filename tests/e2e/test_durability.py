@@ -388,10 +388,8 @@ def test_a_checkpoint_writes_only_the_pages_that_changed_and_keeps_the_files_it_
 
 def moved(proc) -> dict[str, float]:
     """stated_transfer_bytes_total by path, scraped from the daemon's Prometheus endpoint."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {s.labels["path"]: s.value for family in text_string_to_metric_families(proc.scrape())
-            for s in family.samples if s.name == "stated_transfer_bytes_total"}
+    return {dict(labels)["path"]: value for (name, labels), value in proc.samples().items()
+            if name == "stated_transfer_bytes_total"}
 
 
 def test_a_paged_checkpoint_freezes_the_state_file_and_reads_no_spilled_page(spawn):

@@ -9,7 +9,6 @@ import uuid
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 import stated
 from stated.paging.state_file import HEADER_BYTES, align_up, state_path
@@ -36,14 +35,6 @@ def train(model, opt, steps: int, seed: int = 1) -> None:
         opt.zero_grad(set_to_none=False)
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-
-
-def samples(daemon) -> dict[tuple, float]:
-    out = {}
-    for family in text_string_to_metric_families(daemon.scrape()):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 def session_stats(opt) -> pb.SessionStats:
@@ -95,10 +86,10 @@ def test_steady_state_step_faults_n_minus_h_times(quarter):
     stats = session_stats(opt)
     n, h = stats.pages, stats.resident_capacity
     assert 0 < h < n
-    before = samples(quarter)
+    before = quarter.samples()
     steps = 10
     train(model, opt, steps)
-    after = samples(quarter)
+    after = quarter.samples()
     key = ("stated_page_faults_total", (("tier", "host"),))
     faults = after[key] - before[key]
     assert (n - h) * steps <= faults <= (n - h + 1) * steps

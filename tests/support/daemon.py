@@ -12,6 +12,7 @@ import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 
@@ -70,6 +71,11 @@ class DaemonProcess:
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
             return reply.read().decode()
+
+    def samples(self) -> dict[tuple, float]:
+        """Every sample of the metrics endpoint: (name, sorted labels) -> value."""
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(self.scrape()) for s in family.samples}
 
     def segments(self) -> list[str]:
         """Shared memory segments this daemon created (their names carry its pid)."""
