@@ -147,10 +147,12 @@ class SocketGuard:
                 raise RuntimeError(f"{self.lock_path} is a symbolic link; remove it") from None
             raise
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+                   f"belongs to uid {st.st_uid}, not this user (uid {os.geteuid()})" if st.st_uid != os.geteuid()
+                   else None)
+        if problem:
             os.close(fd)
-            raise RuntimeError(f"{self.lock_path} is not a file of this user's (uid {st.st_uid}); remove it "
-                               f"or pick another --socket")
+            raise RuntimeError(f"{self.lock_path} {problem}; remove it or pick another --socket")
         return fd
 
     def private_name(self) -> str:

@@ -160,3 +160,15 @@ def test_a_missing_directory_is_created_0700(spawn, tmp_path):
     assert mode(socket.parent) == 0o700
     assert proc.stop() == 0
     assert mode(socket.parent) == 0o700
+
+
+def test_a_lock_path_that_is_no_regular_file_is_refused_naming_it(tmp_path):
+    """A FIFO planted at `<socket>.lock` in a shared directory: the daemon neither waits on it nor locks
+    it, and says what is wrong with it."""
+    daemon = DaemonProcess(tmp_path / "fifo")
+    os.makedirs(os.path.dirname(daemon.socket), mode=0o700)
+    os.mkfifo(daemon.socket + ".lock")
+    with pytest.raises(RuntimeError, match="daemon exited with 1"):
+        daemon.start(timeout=30)
+    daemon.stop()
+    assert f"{daemon.socket}.lock is not a regular file; remove it or pick another --socket" in daemon.log()
