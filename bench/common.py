@@ -71,8 +71,12 @@ def interleaved(candidate, baseline, samples: int, warmup: int = 2) -> tuple[lis
     return a, b
 
 
-def rotated(functions, samples: int, warmup: int = 2, progress=None) -> list[list[float]]:
+def rotated(functions, samples: int, warmup: int = 2, progress=None, alternate: int = 0) -> list[list[float]]:
     """Times each function in turn (A, B, C, A, B, C, ...); returns one list of seconds per function.
+
+    With `alternate=k`, the first k functions go in reverse order every other round (A, B, C, then B, A,
+    C): two daemons compared with each other then take each slot equally often, since the slot alone
+    made a difference (an A/A run of cpu_step.py gave 1.20 at 50M with a fixed order).
 
     A function that returns a number has timed itself (its untimed preparation, such as a step before a
     checkpoint, stays out of the sample): that number is its sample. `progress(done, total)` is called
@@ -84,7 +88,10 @@ def rotated(functions, samples: int, warmup: int = 2, progress=None) -> list[lis
             progress(round_ + 1, warmup + samples)
     times: list[list[float]] = [[] for _ in functions]
     for round_ in range(samples):
-        for f, seconds in zip(functions, times):
+        order = list(zip(functions, times))
+        if alternate and round_ % 2:
+            order[:alternate] = order[:alternate][::-1]
+        for f, seconds in order:
             t0 = time.perf_counter()
             inner = f()
             seconds.append(inner if isinstance(inner, (int, float)) else time.perf_counter() - t0)

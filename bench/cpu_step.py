@@ -8,7 +8,7 @@ trip plus the daemon's page pass, against torch's fused kernel in the training p
     python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9] [--baseline-tree DIR]
 
 With --baseline-tree, a second daemon runs from another checkout (an older commit: `git worktree add
-DIR REV`) and its stated.AdamW steps in the same rotation, so a change is measured against the code
+DIR REV`) and its stated.AdamW steps in the same rotation (the two swap places every other round), so a change is measured against the code
 before it in one run: the last lines then also give this tree's step time over the baseline tree's.
 
 Targets (issue 2): ratio at most 1.10 from 50M up; at most 1 ms added per step at 1M.
@@ -80,7 +80,7 @@ def main() -> int:
             ref = torch.optim.AdamW(make_params(n, args.tensor_elements), lr=1e-3, fused=True)
             ours = [stated.AdamW(make_params(n, args.tensor_elements), lr=1e-3, address=d.address,
                                  job=f"bench-{text}") for d in daemons]
-            times = rotated([*(o.step for o in ours), ref.step], args.samples)
+            times = rotated([*(o.step for o in ours), ref.step], args.samples, alternate=len(ours))
             a, b = times[0], times[-1]
             median, low, high = ratios(a, b)
             added = (statistics.median(a) - statistics.median(b)) * 1e3
