@@ -68,7 +68,7 @@ def concurrent_bandwidth(directory: str, page_bytes: int, pages: int, readers: i
 def session_stats(opt):
     from stated.v1 import state_service_pb2 as pb
 
-    stats = opt._connection.call("GetStats", pb.GetStatsRequest())
+    stats = opt._connection.call("GetStats", pb.GetStatsRequest(session=opt._session))
     return [s for s in stats.sessions if s.id == opt.session_id][0]
 
 

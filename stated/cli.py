@@ -120,7 +120,10 @@ def _add_demo(sub) -> None:
 
 def _add_status(sub) -> None:
     status = sub.add_parser("status", help="show the sessions a running daemon holds",
-                            description="Ask a running daemon for its sessions and state sizes.")
+                            description="Ask a running daemon for its sessions and state sizes. Job names, pids and "
+                                        "sessions are shown to the daemon's user and root (who can read its admin "
+                                        "token, the file beside its socket named SOCKET.admin); anyone else who can "
+                                        "reach the socket sees the totals only.")
     status.add_argument("--address", default=None, metavar="TARGET",
                         help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
 
@@ -130,13 +133,16 @@ def _add_jobs(sub) -> None:
                           description="One line per (job, rank): whether a trainer is attached (live), its state "
                                       "is kept for a trainer to resume (retained: in memory; recovered: a "
                                       "restarted daemon's checkpoint on disk), its step and last durable step, "
-                                      "bytes in memory and on disk, and how long it is retained.")
+                                      "bytes in memory and on disk, and how long it is retained. Run as the "
+                                      "daemon's user or root (who can read its admin token, SOCKET.admin); anyone "
+                                      "else sees the counts only.")
     jobs.add_argument("--address", default=None, metavar="TARGET",
                       help=f"daemon address (default: ${ENV_ADDRESS}, else {default_socket()})")
     drop = sub.add_parser("drop", help="remove a retained job's state and checkpoints",
                           description="Remove the retained or recovered state of JOB (every rank, or one), in "
                                       "memory and its checkpoints on disk. A live rank is not dropped: its trainer "
-                                      "ends it with opt.close().")
+                                      "ends it with opt.close(). Run as the daemon's user or root: dropping needs "
+                                      "the daemon's admin token (SOCKET.admin).")
     drop.add_argument("job", metavar="JOB", help="the job's name, as `stated jobs` shows it")
     drop.add_argument("--rank", type=_rank, default=None, metavar="R", help="only this rank (default: every rank)")
     drop.add_argument("--address", default=None, metavar="TARGET",

@@ -67,3 +67,14 @@ def parse_error(payload: bytes) -> tuple[str, str]:
 SHM_DIR = "/dev/shm"
 # The daemon names every segment with this prefix; the client maps no other name.
 PREFIX = "stated-"
+
+
+# --- the admin token (Note [who sees what] in stated.server.admin_file) ------------------------------
+
+ADMIN_SUFFIX = ".admin"
+ADMIN_TOKEN_BYTES = 32
+
+
+def admin_path(grpc_socket: str) -> str:
+    """The file beside the daemon's gRPC socket that holds its admin token (hex), readable by its user only."""
+    return grpc_socket + ADMIN_SUFFIX

@@ -5,8 +5,8 @@ socket refuses: stated.server.socket_guard), sweeps shared memory left by crashe
 every job whose checkpoint it finds there (stated.durability.keeper). SIGTERM and SIGINT shut down
 cleanly: every session whose state changed since its last checkpoint is checkpointed (for at most
 --shutdown-timeout), clients are told UNAVAILABLE ("the stated daemon is shutting down"), shared memory
-is removed, and so are the socket and its lock when they are still this daemon's; the checkpoints stay
-for the next daemon.
+is removed, and so are the socket, its admin token file (stated.server.admin_file) and its lock when they
+are still this daemon's; the checkpoints stay for the next daemon.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
+from stated.server.admin_file import AdminFile
 from stated.server.decoding import add_decoding
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
@@ -94,6 +95,8 @@ class Daemon:
                            cuda_backend=self._make_cuda_backend, state_dir=config.state_dir,
                            retain_seconds=config.retain_seconds, checkpoint_every=config.checkpoint_every)
         self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
+        self.admin = AdminFile(self.path)
+        self.servicer.admin = self.admin
         self.step_channel = StepChannel(self.servicer)
         self.stopping = asyncio.Event()
         self.metrics_server = None
@@ -109,6 +112,7 @@ class Daemon:
     async def run(self) -> None:
         # First of all: a second daemon on this socket refuses here (Note [one daemon per socket]).
         self.socket_guard.acquire()
+        self.admin.create()  # Note [who sees what]
         stale = shm.sweep_stale()
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
@@ -169,6 +173,7 @@ class Daemon:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
+        self.admin.remove()
         self.socket_guard.release()
         log.info("stopped")
 
@@ -242,6 +247,7 @@ def serve(config: DaemonConfig) -> int:
         log.error("cannot serve: %s", exc)
         return 1
     finally:
-        if daemon is not None:
-            daemon.socket_guard.release()  # a start that failed half-way leaves no socket or lock behind
+        if daemon is not None:  # a start that failed half-way leaves no socket, admin file or lock behind
+            daemon.admin.remove()
+            daemon.socket_guard.release()
     return 0

@@ -16,7 +16,8 @@ log = logging.getLogger("stated.server.servicer")
 
 
 class JobCalls:
-    """Needs the servicer's store, metrics, pool, locks, jobs_lock and helpers."""
+    """Needs the servicer's store, metrics, pool, locks, jobs_lock and helpers, and StatsCalls'
+    check_may_drop."""
 
     async def expire(self) -> None:
         """Drops every retained (job, rank) whose --retain ran out."""
@@ -29,6 +30,7 @@ class JobCalls:
     @rpc
     async def Drop(self, request: pb.DropRequest, context) -> pb.DropResponse:
         self._check_serving()
+        self.check_may_drop(request)  # before anything that would tell whether the job exists
         rank = request.rank if request.HasField("rank") else None
         async with self.jobs_lock:
             stats = {(e.job, e.rank): retained_stats(self.store, e) for e in self.store.keeper.held.values()}

@@ -20,9 +20,9 @@ from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
 from stated.server.calls import is_set_within, run_to_end
 from stated.server.job_calls import JobCalls
-from stated.server.job_table import job_stats
 from stated.server.session_lock import SessionLock
 from stated.server.state_stream import Assembler
+from stated.server.stats_calls import StatsCalls
 from stated.server.status_codes import rpc
 from stated.session import Session
 from stated.store import Store
@@ -60,7 +60,7 @@ def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
     return {**dict(msg.scalars), **dict(msg.flags)}
 
 
-class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
+class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
     def __init__(self, store: Store, metrics: Metrics, workers: int = 4):
         self.store = store
         self.metrics = metrics
@@ -328,26 +328,6 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
             tensors, nbytes = await self._run(self.store.import_state, session, entries)
         return pb.ImportStateResponse(tensors=tensors, bytes=nbytes)
 
-    # --- stats -----------------------------------------------------------------------------------
-
-    @rpc
-    async def GetStats(self, request: pb.GetStatsRequest, context) -> pb.GetStatsResponse:
-        sessions = []
-        for s in self.store.sessions.values():
-            params = s.parameters
-            sessions.append(pb.SessionStats(
-                id=s.id, job=s.job, rank=s.rank, algorithm=s.algorithm.name, pid=s.pid, tensors=len(s.tensors),
-                parameters=params, state_bytes=s.state_bytes, steps=s.steps,
-                state_bytes_per_parameter=s.state_bytes / params if params else 0.0, pages=len(s.table),
-                resident_capacity=s.pager.resident_pages, page_faults=s.pager.faults,
-                bytes_read=s.pager.bytes_read, bytes_written=s.pager.bytes_written,
-                stall_seconds=s.stall_seconds, step_seconds=s.step_seconds, **_inconsistency(s)))
-        return pb.GetStatsResponse(
-            daemon_version=__version__, sessions=sessions,
-            state_bytes=sum(s.state_bytes for s in self.store.sessions.values()),
-            resident_bytes=sum(s.pager.resident_bytes for s in self.store.sessions.values()),
-            page_bytes=self.store.page_bytes, jobs=job_stats(self.store))
-
     def end_watches(self) -> None:
         """Ends every Watch stream (with UNAVAILABLE once stopping): the daemon is going away."""
         for event in self.closed.values():
@@ -357,11 +337,3 @@ class StateServicer(JobCalls, pb_grpc.StateServiceServicer):
         self.end_watches()
         self.store.close_all()
         self.pool.shutdown(wait=True)
-
-
-def _inconsistency(session: Session) -> dict:
-    """SessionStats' fields for a session a failure left half-applied (stated.inconsistency)."""
-    failed = session.inconsistent
-    if failed is None:
-        return {}
-    return {"inconsistent": True, "failed_step": failed.step, "inconsistency": failed.describe()}

@@ -76,7 +76,7 @@ def run_demo(steps: int = 300, width: int = 512, seed: int = 0, budget: float = 
             print(f"  step {i + 1:4d}/{steps}  loss stated {losses['stated']:.5f}  torch {losses['torch']:.5f}",
                   file=out, flush=True)
     diff = max((p - q).abs().max().item() for p, q in zip(ours_model.parameters(), ref_model.parameters()))
-    stats = ours._connection.call("GetStats", pb.GetStatsRequest())
+    stats = ours._connection.call("GetStats", pb.GetStatsRequest(session=ours._session))
     mine = [s for s in stats.sessions if s.id == ours.session_id][0]
     rows = [
         ("parameters", f"{params:,}", f"{params:,}"),

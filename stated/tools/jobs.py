@@ -1,10 +1,13 @@
-"""`stated jobs` and `stated drop`: the (job, rank)s a running daemon holds, and removing retained ones."""
+"""`stated jobs` and `stated drop`: the (job, rank)s a running daemon holds, and removing retained ones. Both
+send the daemon's admin token when this process can read it (Note [who sees what] in
+stated.server.admin_file): without it `stated jobs` shows counts only and `stated drop` is refused."""
 
 from __future__ import annotations
 
 import sys
 
-from stated.tools.status import format_bytes
+from stated.tools.admin_token import read_admin_token
+from stated.tools.status import format_bytes, get_stats, totals_only
 from stated.v1 import state_service_pb2 as pb
 from stated_client.address import resolve
 from stated_client.connection import Connection
@@ -37,31 +40,40 @@ def render(jobs: list[pb.JobStats]) -> str:
     return "\n".join(lines)
 
 
-def _call(address: str | None, method: str, request, command: str):
-    target = resolve(address)
-    connection = Connection(target)
-    try:
-        return connection.call(method, request, timeout=60)
-    except StatedError as error:
-        print(f"stated {command}: {error}", file=sys.stderr)
-        return None
-    finally:
-        connection.close()
+def render_totals(stats: pb.GetStatsResponse, why: str) -> str:
+    return (f"{stats.live_sessions} live sessions and {stats.retained_ranks} retained or recovered (job, rank)s "
+            f"{totals_only(why)}")
 
 
 def show_jobs(address: str | None, out=None) -> int:
-    stats = _call(address, "GetStats", pb.GetStatsRequest(), "jobs")
-    if stats is None:
+    target = resolve(address)
+    connection = Connection(target)
+    try:
+        stats, why = get_stats(connection, target, timeout=60)
+    except StatedError as error:
+        print(f"stated jobs: {error}", file=sys.stderr)
         return 1
-    print(render(list(stats.jobs)), file=out or sys.stdout)
+    finally:
+        connection.close()
+    text = render_totals(stats, why) if stats.scope == pb.STATS_SCOPE_TOTALS else render(list(stats.jobs))
+    print(text, file=out or sys.stdout)
     return 0
 
 
 def drop(address: str | None, job: str, rank: int | None, out=None) -> int:
-    request = pb.DropRequest(job=job) if rank is None else pb.DropRequest(job=job, rank=rank)
-    reply = _call(address, "Drop", request, "drop")
-    if reply is None:
+    target = resolve(address)
+    token, why = read_admin_token(target)
+    request = pb.DropRequest(job=job, admin_token=token)
+    if rank is not None:
+        request.rank = rank
+    connection = Connection(target)
+    try:
+        reply = connection.call("Drop", request, timeout=60)
+    except StatedError as error:
+        print(f"stated drop: {error}" + (f" ({why})" if why else ""), file=sys.stderr)
         return 1
+    finally:
+        connection.close()
     for j in reply.dropped:
         print(f"dropped job {j.job!r} rank {j.rank} ({j.state} at step {j.step}; {format_bytes(j.memory_bytes)} of "
               f"memory, {format_bytes(j.disk_bytes)} on disk freed)", file=out or sys.stdout)

@@ -155,7 +155,8 @@ class StateServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetStats(self, request, context):
-        """Daemon-wide and per-session figures, and every job the daemon holds (live, retained, recovered).
+        """Daemon-wide totals; per-session figures and the (job, rank)s held (live, retained, recovered) only
+        for whom may see them: a session sees its own job's, the daemon's admin token everything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +171,7 @@ class StateServiceServicer(object):
 
     def Drop(self, request, context):
         """Removes the retained state (memory and checkpoints) of a job, or of one rank of it. A live session
-        is not dropped: its trainer closes it.
+        is not dropped: its trainer closes it. Needs the daemon's admin token or a live session of that job.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -101,7 +101,7 @@ def test_many_ranks_resume_at_once_after_a_daemon_restart(spawn):
 def drop(proc, job: str):
     channel, stub = proc.stub()
     with channel:
-        return stub.Drop(pb.DropRequest(job=job))
+        return stub.Drop(pb.DropRequest(job=job, admin_token=proc.admin_token()))
 
 
 def test_a_resume_racing_stated_drop_gets_all_of_the_state_or_none(spawn):

@@ -70,7 +70,7 @@ class Node:
         """GetStats' jobs by "JOB/RANK"."""
         channel, stub = self.daemon.stub()
         with channel:
-            return {f"{j.job}/{j.rank}": j for j in stub.GetStats(pb.GetStatsRequest(), timeout=10).jobs}
+            return {f"{j.job}/{j.rank}": j for j in stub.GetStats(self.daemon.everything(), timeout=10).jobs}
 
     def log(self) -> str:
         return self.daemon.log()

@@ -20,7 +20,7 @@ TinyGPT = import_from("bench", "tiny_gpt").TinyGPT
 
 
 def stats_for(opt) -> pb.SessionStats:
-    stats = opt._connection.call("GetStats", pb.GetStatsRequest())
+    stats = opt._connection.call("GetStats", pb.GetStatsRequest(session=opt._session))
     return [s for s in stats.sessions if s.id == opt.session_id][0]
 
 

@@ -65,7 +65,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 def jobs(proc) -> dict[tuple[str, int], pb.JobStats]:
     channel, stub = proc.stub()
     with channel:
-        return {(j.job, j.rank): j for j in stub.GetStats(pb.GetStatsRequest()).jobs}
+        return {(j.job, j.rank): j for j in stub.GetStats(proc.everything()).jobs}
 
 
 def restart(proc: DaemonProcess, *extra: str) -> DaemonProcess:
@@ -325,7 +325,7 @@ def test_ranks_of_one_job_register_at_once_on_a_paging_daemon(spawn):
     for t in threads:
         t.join()
     assert errors == []
-    stats = {s.rank: s for s in opts[0]._connection.call("GetStats", pb.GetStatsRequest()).sessions if s.job == job}
+    stats = {s.rank: s for s in opts[0]._connection.call("GetStats", pb.GetStatsRequest(session=opts[0]._session)).sessions if s.job == job}
     assert sorted(stats) == list(range(ranks))
     from stated.paging.state_file import HEADER_BYTES, state_path
 
@@ -401,7 +401,7 @@ def test_a_paged_checkpoint_freezes_the_state_file_and_reads_no_spilled_page(spa
     model = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.Tanh(), torch.nn.Linear(4096, 4))
     opt = stated.AdamW(model.parameters(), address=proc.address, job=job, **HYPER)
     train(model, opt, 1, 3)
-    session = next(s for s in opt._connection.call("GetStats", pb.GetStatsRequest()).sessions if s.job == job)
+    session = next(s for s in opt._connection.call("GetStats", pb.GetStatsRequest(session=opt._session)).sessions if s.job == job)
     assert 0 < session.resident_capacity < session.pages
     before = moved(proc)
     assert opt.checkpoint() == 3

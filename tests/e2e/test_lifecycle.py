@@ -51,7 +51,7 @@ def attach_and_register(proc: DaemonProcess, job: str | None = None) -> pb.Sessi
 def live_sessions(proc: DaemonProcess) -> dict[str, pb.SessionStats]:
     channel, stub = proc.stub()
     with channel:
-        return {s.id: s for s in stub.GetStats(pb.GetStatsRequest(), timeout=10).sessions}
+        return {s.id: s for s in stub.GetStats(proc.everything(), timeout=10).sessions}
 
 
 def small_model(seed: int = 0) -> torch.nn.Module:

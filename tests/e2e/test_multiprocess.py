@@ -105,8 +105,8 @@ def workers():
         worker.kill()
 
 
-def sessions(stub) -> dict[str, pb.SessionStats]:
-    return {s.id: s for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+def sessions(stub, daemon) -> dict[str, pb.SessionStats]:
+    return {s.id: s for s in stub.GetStats(daemon.everything()).sessions}
 
 
 def assert_matches_torch(result: dict) -> None:
@@ -127,7 +127,7 @@ def test_two_jobs_two_ranks_step_concurrently_and_match_torch(daemon, stub, work
     attached = [w.expect("attached") for w in workers]
 
     # All four are attached at once, each its own session with its own arenas.
-    live = sessions(stub)
+    live = sessions(stub, daemon)
     for worker, info in zip(workers, attached):
         s = live[info["session"]]
         assert (s.job, s.rank, s.pid, s.tensors) == (worker.job, worker.rank, worker.process.pid, 4)
@@ -148,7 +148,7 @@ def test_two_jobs_two_ranks_step_concurrently_and_match_torch(daemon, stub, work
     for info in attached:
         assert len(re.findall(rf"attach job=\S+ rank=\d+ session={info['session']} ", log)) == 1
         assert detach_lines(log, info["session"]) == ["client"]
-    assert not set(sessions(stub)) & {info["session"] for info in attached}
+    assert not set(sessions(stub, daemon)) & {info["session"] for info in attached}
     assert daemon.segments() == []
 
 
@@ -186,7 +186,7 @@ def test_a_session_id_without_its_token_gets_permission_denied(daemon, stub, add
 
         # Nothing of the victim changed, and the intruder holds no session of its own.
         assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), before))
-        live = sessions(stub)
+        live = sessions(stub, daemon)
         assert list(live) == [opt.session_id]
         assert (live[opt.session_id].steps, live[opt.session_id].tensors) == (20, 4)
         train(20)  # its state was never touched: it still matches torch exactly
@@ -194,7 +194,7 @@ def test_a_session_id_without_its_token_gets_permission_denied(daemon, stub, add
             assert torch.equal(p.detach(), q.detach())
     finally:
         opt.close()
-    assert sessions(stub) == {}
+    assert sessions(stub, daemon) == {}
     assert daemon.segments() == []
 
 
@@ -219,7 +219,7 @@ def test_sigkill_of_one_client_while_others_train(daemon, stub, workers):
     killed = time.monotonic()
     doomed.process.wait()
 
-    while victim["session"] in sessions(stub):
+    while victim["session"] in sessions(stub, daemon):
         assert time.monotonic() - killed < DETACH_DEADLINE, "the daemon did not notice the dead client"
         time.sleep(0.05)
     # The session leaves the table before its detach is logged: wait for the line.
@@ -227,9 +227,9 @@ def test_sigkill_of_one_client_while_others_train(daemon, stub, workers):
         time.sleep(0.05)
     assert detach_lines(daemon.log(), victim["session"]) == [f"its trainer (pid {doomed.process.pid}) died"]
     # Its state stays retained for a restarted trainer (tests/e2e/test_durability.py); a drop frees it.
-    jobs_held = {(j.job, j.rank): j.state for j in stub.GetStats(pb.GetStatsRequest()).jobs}
+    jobs_held = {(j.job, j.rank): j.state for j in stub.GetStats(daemon.everything()).jobs}
     assert jobs_held[(jobs[1], 1)] == "retained"
-    dropped = stub.Drop(pb.DropRequest(job=jobs[1], rank=1)).dropped
+    dropped = stub.Drop(pb.DropRequest(job=jobs[1], rank=1, admin_token=daemon.admin_token())).dropped
     assert [(j.job, j.rank, j.state) for j in dropped] == [(jobs[1], 1, "retained")]
     assert not [n for n in victim["segments"] if os.path.exists(f"/dev/shm/{n}")], "the dropped arenas remain"
 
@@ -239,5 +239,5 @@ def test_sigkill_of_one_client_while_others_train(daemon, stub, workers):
         assert_matches_torch(result)
     for worker in survivors:
         assert detach_lines(daemon.log(), attached[id(worker)]["session"]) == ["client"]
-    assert sessions(stub) == {}
+    assert sessions(stub, daemon) == {}
     assert daemon.segments() == []

@@ -38,7 +38,7 @@ def train(model, opt, steps: int, seed: int = 1) -> None:
 
 
 def session_stats(opt) -> pb.SessionStats:
-    stats = opt._connection.call("GetStats", pb.GetStatsRequest())
+    stats = opt._connection.call("GetStats", pb.GetStatsRequest(session=opt._session))
     return [s for s in stats.sessions if s.id == opt.session_id][0]
 
 

@@ -83,6 +83,6 @@ def test_two_processes_on_one_gpu_step_concurrently(gpu_daemon):
         assert result["loss"] < 0.8 * result["first_loss"], result
     assert results[0]["loss"] != results[1]["loss"]  # different seeds, different runs
     channel, stub = gpu_daemon.stub()
-    live = {s.id for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+    live = {s.id for s in stub.GetStats(gpu_daemon.everything()).sessions}
     channel.close()
     assert not live & {a["session"] for a in attached}

@@ -31,7 +31,7 @@ def inode(path) -> tuple[int, int]:
 
 
 def daemon_files(socket: str) -> list[str]:
-    return [socket, socket + ".step", socket + ".lock"]
+    return [socket, socket + ".step", socket + ".admin", socket + ".lock"]
 
 
 def start_together(daemons: list[DaemonProcess]) -> dict[DaemonProcess, BaseException | None]:

@@ -14,7 +14,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
+from stated_client.protocol import admin_path
 
 
 class DaemonProcess:
@@ -67,6 +69,16 @@ class DaemonProcess:
     def stub(self) -> tuple[grpc.Channel, pb_grpc.StateServiceStub]:
         channel = grpc.insecure_channel(self.address)
         return channel, pb_grpc.StateServiceStub(channel)
+
+    def admin_token(self) -> bytes:
+        """The daemon's admin token (Note [who sees what] in stated.server.admin_file), which this suite, run
+        as root or as the daemon's user, may read."""
+        with open(admin_path(self.socket)) as f:
+            return bytes.fromhex(f.read().strip())
+
+    def everything(self) -> pb.GetStatsRequest:
+        """A GetStats request that sees every session and job (with the admin token)."""
+        return pb.GetStatsRequest(admin_token=self.admin_token())
 
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:

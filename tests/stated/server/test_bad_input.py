@@ -96,7 +96,7 @@ def assert_serves(stub) -> None:
         step(stub, session, 1, tensors=1)
         # AdamW's first step moves every element by lr against the gradient's sign.
         torch.testing.assert_close(p, torch.arange(8, dtype=torch.float32) - ADAMW["lr"])
-        stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+        stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest(session=session)).sessions}
         assert stats[session.id].steps == 1
     finally:
         stub.Detach(pb.DetachRequest(session=session))
@@ -165,7 +165,7 @@ def test_wrong_token_is_denied_and_changes_nothing(daemon, stub, address, rpc, t
         assert errors_counted(daemon, "PERMISSION_DENIED") == before + 1
         for p, q in zip(model.parameters(), params):
             assert torch.equal(p.detach(), q)
-        stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+        stats = {s.id: s for s in stub.GetStats(daemon.everything()).sessions}
         assert stats[victim.session_id].steps == 2 and stats[victim.session_id].tensors == 4
         assert daemon.segments() == segments
         after = victim.state_dict()["state"]
@@ -233,7 +233,7 @@ def test_unsupported_dtype_at_register(daemon, stub, dtype, words):
     refused(grpc.StatusCode.INVALID_ARGUMENT,
             lambda: stub.Register(pb.RegisterRequest(session=session, groups=[hp()], tensors=tensors)), *words)
     assert daemon.segments() == segments, "a refused Register created arenas"
-    stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+    stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest(session=session)).sessions}
     assert stats[session.id].tensors == 0
     stub.Detach(pb.DetachRequest(session=session))
     assert_serves(stub)
@@ -324,7 +324,7 @@ def test_bad_hyperparameters_at_step(stub, case):
     refused(grpc.StatusCode.INVALID_ARGUMENT, lambda: step(stub, session, 2, hp(scalars, flags)), *words)
     # The refused step did not count: step 2 with good hyperparameters follows step 1.
     step(stub, session, 2, GOOD[algorithm])
-    stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest()).sessions}
+    stats = {s.id: s for s in stub.GetStats(pb.GetStatsRequest(session=session)).sessions}
     assert stats[session.id].steps == 2
     stub.Detach(pb.DetachRequest(session=session))
     assert_serves(stub)
@@ -495,8 +495,10 @@ def test_export_chunk_bytes_over_the_limit(stub):
 # --- through the client: StatedError subclasses with the daemon's sentence --------------------------
 
 
-def no_session_of(stub, job: str) -> bool:
-    return all(s.job != job for s in stub.GetStats(pb.GetStatsRequest()).sessions)
+def no_session_of(daemon, job: str) -> bool:
+    channel, stub = daemon.stub()
+    with channel:
+        return all(s.job != job for s in stub.GetStats(daemon.everything()).sessions)
 
 
 def model() -> torch.nn.Module:
@@ -523,20 +525,20 @@ CLIENT_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CLIENT_CASES))
-def test_client_constructor_with_bad_hyperparameters(stub, address, case):
+def test_client_constructor_with_bad_hyperparameters(daemon, stub, address, case):
     kwargs, words = CLIENT_CASES[case]
     job = job_name("client")
     with pytest.raises(stated.InvalidArgumentError) as info:
         stated.AdamW(model().parameters(), address=address, job=job, **kwargs)
     assert_client_error(info, ValueError, *words)
     # The failed constructor leaves no session behind: the same (job, rank) can attach again at once.
-    assert no_session_of(stub, job)
+    assert no_session_of(daemon, job)
     stated.AdamW(model().parameters(), address=address, job=job).close()
     assert_serves(stub)
 
 
 @pytest.mark.parametrize("case", ["negative-lr", "nan-lr", "beta1-one", "beta2-negative"])
-def test_client_step_with_bad_hyperparameters(stub, address, case):
+def test_client_step_with_bad_hyperparameters(daemon, stub, address, case):
     kwargs, words = CLIENT_CASES[case]
     m = model()
     opt = stated.AdamW(m.parameters(), lr=1e-2, address=address, job=job_name("client"))
@@ -556,29 +558,29 @@ def test_client_step_with_bad_hyperparameters(stub, address, case):
         opt.close()
 
 
-def test_client_float64_model(stub, address):
+def test_client_float64_model(daemon, stub, address):
     job = job_name("client")
     with pytest.raises(stated.InvalidArgumentError) as info:
         stated.AdamW(model().double().parameters(), address=address, job=job)
     assert_client_error(info, ValueError, "float64", "dtype")
-    assert no_session_of(stub, job)
+    assert no_session_of(daemon, job)
     assert_serves(stub)
 
 
-def test_client_empty_param_group(stub, address):
+def test_client_empty_param_group(daemon, stub, address):
     job = job_name("client")
     with pytest.raises(stated.InvalidArgumentError) as info:
         stated.AdamW([{"params": []}], address=address, job=job)
     assert_client_error(info, ValueError, "tensors is empty")
-    assert no_session_of(stub, job)
+    assert no_session_of(daemon, job)
     assert_serves(stub)
 
 
-def test_client_empty_parameter_list(stub, address):
+def test_client_empty_parameter_list(daemon, stub, address):
     job = job_name("client")
     with pytest.raises(ValueError, match="empty parameter list"):  # torch.optim's own check and message
         stated.AdamW([], address=address, job=job)
-    assert no_session_of(stub, job)
+    assert no_session_of(daemon, job)
 
 
 def test_client_step_after_close(address):
