@@ -9,7 +9,8 @@ import importlib
 _NAMES = {
     **dict.fromkeys(("StatedError", "InvalidArgumentError", "NotFoundError", "PermissionDeniedError",
                      "AlreadyAttachedError", "FailedPreconditionError", "ResourceExhaustedError",
-                     "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError"), "errors"),
+                     "StateCorruptError", "DaemonUnavailableError", "InternalError", "NotCopyableError",
+                     "InheritedSessionError"), "errors"),
     "StatedOptimizer": "optimizer",
     **dict.fromkeys(("AdamW", "Adam", "SGD"), "optimizers"),
     **dict.fromkeys(("AdamW8bit", "Adafactor", "CAME", "Lion", "SlimAdam"), "lean"),

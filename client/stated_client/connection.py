@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
-from stated_client import embedded, peer
+from stated_client import embedded, fork_guard, peer
 from stated_client.address import given, resolve, socket_path
 from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
 from stated_client.liveness import Liveness, keepalive_seconds, timeout_from_env
@@ -49,8 +49,15 @@ class Connection:
         # The daemon's signs of life, from the session's Watch on (Note [liveness]); before that (Attach)
         # a call's deadline is the timeout.
         self.liveness: Liveness | None = None
+        # The process whose channel this is: a forked child never calls into it (Note [forked children]).
+        self.owner = fork_guard.own(self)
+
+    def disown(self) -> None:
+        """In a forked child (stated_client.fork_guard): nothing to undo, for `owner` is another process's pid
+        there, so every call raises and close() touches nothing."""
 
     def check_open(self) -> None:
+        fork_guard.check_owner(self.owner, "connection", self.target)
         # grpc would raise a bare ValueError("Cannot invoke RPC on closed channel!").
         if self.closed:
             raise FailedPreconditionError(f"the optimizer was closed (detached from the stated daemon at "
@@ -111,6 +118,8 @@ class Connection:
         return self.hold("Watch", pb.WatchRequest(session=session, keepalive_seconds=keepalive_seconds(self.timeout)))
 
     def close(self) -> None:
+        if os.getpid() != self.owner:
+            return  # the parent's channel: gRPC, with none of its threads here, could hang (Note [forked children])
         self.closed = True
         if self.liveness is not None:
             self.liveness.cancel()

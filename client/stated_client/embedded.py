@@ -2,7 +2,8 @@
 
 It listens on a socket in a private temporary directory, stops when this process exits (atexit, plus
 PR_SET_PDEATHSIG and the daemon's own parent watch for a process that is killed), and is shared by
-every stated optimizer of the process.
+every stated optimizer of the process. A forked child's exit leaves it alone, and an optimizer made in
+the child gets the child's own (Note [forked children] in stated_client.fork_guard).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 class EmbeddedDaemon:
     def __init__(self, extra: tuple[str, ...] = ()) -> None:
+        self.owner = os.getpid()  # only this process stops it and removes its directory
         self.directory = tempfile.mkdtemp(prefix="stated-embedded-")
         os.chmod(self.directory, 0o700)
         self.socket = os.path.join(self.directory, "stated.sock")
@@ -113,6 +115,21 @@ def embedded_target(ready, extra: tuple[str, ...] = ()) -> str:
 def _stop() -> None:
     global _daemon
     with _lock:
-        if _daemon is not None:
+        if _daemon is not None and _daemon.owner == os.getpid():
             _daemon.stop()
             _daemon = None
+
+
+# The parent's private daemon, as a forked child inherited it: referenced, never stopped from the child.
+_inherited: list[EmbeddedDaemon] = []
+
+
+def _in_child() -> None:
+    global _daemon, _lock
+    _lock = threading.Lock()  # another thread of the parent may have held it at the fork
+    if _daemon is not None:
+        _inherited.append(_daemon)
+        _daemon = None
+
+
+os.register_at_fork(after_in_child=_in_child)

@@ -55,6 +55,13 @@ class NotCopyableError(StatedError, TypeError):
     code = "CLIENT"
 
 
+class InheritedSessionError(StatedError, RuntimeError):
+    """An optimizer used in a forked child of the process it belongs to (Note [forked children] in
+    stated_client.fork_guard): the session is the parent's."""
+
+    code = "CLIENT"
+
+
 # Status names as gRPC spells them: gRPC calls and step channel error frames carry the same ones.
 BY_STATUS = {
     "INVALID_ARGUMENT": InvalidArgumentError,

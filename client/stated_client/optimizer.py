@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from stated.v1 import state_service_pb2 as pb
-from stated_client import arenas, device_buffers
+from stated_client import arenas, device_buffers, fork_guard
 from stated_client.connection import connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
 from stated_client.identity import default_job, resolve_rank
@@ -85,6 +85,8 @@ class StatedOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self._rank = resolve_rank(rank)
         self._connection = connect(address)
+        # A forked child's copy raises at every use and detaches nothing (Note [forked children]).
+        self._owner = fork_guard.own(self)
         instance = next(_instances)
         self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
         self._master_weights = bool(master_weights)
@@ -132,6 +134,17 @@ class StatedOptimizer(torch.optim.Optimizer):
             self._finalizer()
             raise
 
+    def disown(self) -> None:
+        """In a forked child (stated_client.fork_guard): neither garbage collection nor exit detaches the
+        parent's session from here."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+
+    def _check_owner(self) -> None:
+        """InheritedSessionError in a forked child, before anything reaches the daemon or the arenas."""
+        fork_guard.check_owner(self._owner, type(self).__name__, self._connection.target)
+
     def _groups_mismatch(self) -> InvalidArgumentError:
         return InvalidArgumentError(
             f"resume of job {self._job!r} rank {self._rank}: the retained state has {self._resume_regions} param "
@@ -156,7 +169,10 @@ class StatedOptimizer(torch.optim.Optimizer):
         """Detaches from the daemon now. Parameters stay usable; the optimizer does not. The daemon drops
         the state and its checkpoints, or with `keep` retains them (for `stated serve --retain`) for an
         optimizer made later with resume=True. A step or checkpoint under way in another thread ends first;
-        one called after is refused as closed."""
+        one called after is refused as closed. In a forked child it releases nothing: the session is the
+        parent's (Note [forked children])."""
+        if os.getpid() != self._owner:
+            return
         pending, self._checkpointing = self._checkpointing, None
         if pending is not None:
             concurrent.futures.wait([pending])  # its error, if any, is for whoever asked; close goes on
@@ -172,6 +188,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         With wait=False it returns at once and the checkpoint is written while the trainer computes
         its next forward and backward (which must not change the parameters in place); the next
         step(), state_dict(), load_state_dict() or checkpoint() waits for it and raises its error."""
+        self._check_owner()
         self._wait_for_checkpoint()
         request = pb.CheckpointRequest(session=self._session)
         if wait:
@@ -206,6 +223,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         return name
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_owner()
         if self._resuming and len(self.param_groups) >= self._resume_regions:
             raise self._groups_mismatch()
         super().add_param_group(param_group)
@@ -268,6 +286,11 @@ class StatedOptimizer(torch.optim.Optimizer):
                                            f"serves one device (create one per device)")
         return self._device or torch.device("cpu")
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # The gradients are views of the grad arena, which a forked child shares with its parent.
+        self._check_owner()
+        super().zero_grad(set_to_none)
+
     # --- the step --------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -275,6 +298,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         """One step in the daemon. With a GradScaler (`scaler.step(opt)` passes itself as
         `grad_scaler`), the daemon unscales the gradients, checks them for inf/nan and skips the step if
         it finds any; the result goes back to the scaler for its `update()`."""
+        self._check_owner()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -347,6 +371,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         return state
 
     def state_dict(self) -> dict[str, Any]:
+        self._check_owner()
         self._wait_for_checkpoint()
         exported = self._export()
         self.state = defaultdict(dict, {self._params[i]: self._state_entry(entry) for i, entry in exported.items()})
@@ -360,6 +385,7 @@ class StatedOptimizer(torch.optim.Optimizer):
         return entry
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_owner()
         self._wait_for_checkpoint()
         # torch casts every floating state tensor to its parameter's dtype: keep fp32 master copies out
         # of that (Note [master weights] in stated.session).

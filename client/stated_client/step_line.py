@@ -26,6 +26,7 @@ class StepLine:
     def __init__(self, path: str, session: pb.SessionRef, liveness: Liveness):
         self.path = path
         self.liveness = liveness
+        self.owner = os.getpid()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with liveness.watching(self._cut):
@@ -67,6 +68,8 @@ class StepLine:
         return reply
 
     def _cut(self) -> None:
+        if os.getpid() != self.owner:
+            return  # a forked child's copy: shutting it down would cut the parent's connection
         try:
             self.sock.shutdown(socket.SHUT_RDWR)  # recv and send return at once
         except OSError:
