@@ -67,6 +67,22 @@ def check_owner(owner: int, what: str, target: str) -> None:
         raise inherited_error(what, owner, target)
 
 
+class Owned:
+    """For the optimizers: `_owner` (from `own`), `_finalizer` and `_connection` are set by the subclass."""
+
+    _owner: int
+
+    def disown(self) -> None:
+        """In a forked child: neither garbage collection nor exit detaches the parent's session from here."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
+
+    def _check_owner(self) -> None:
+        """InheritedSessionError in a forked child, before anything reaches the daemon or the arenas."""
+        check_owner(self._owner, type(self).__name__, self._connection.target)
+
+
 def _in_child() -> None:
     global _owned_lock
     _owned_lock = threading.Lock()  # another thread of the parent may have held it at the fork

@@ -39,7 +39,7 @@ from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedE
 from stated_client.identity import default_job, resolve_rank
 from stated_client.session_end import close_session as _close_session
 from stated_client.step_line import StepLine
-from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, state_chunks, tensor_from_bytes
+from stated_client.wire import WIRE_DTYPES, gather_state, state_chunks
 
 _instances = itertools.count(1)
 # Runs the checkpoints asked for with wait=False, while the trainer goes on.
@@ -67,7 +67,7 @@ def _count_groups(params) -> tuple[Any, int]:
     return params, len(params) if params and isinstance(params[0], dict) else 1
 
 
-class StatedOptimizer(torch.optim.Optimizer):
+class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
     """Base of the client optimizers. Subclasses set `algorithm` and `_hyperparameters(group)`."""
 
     algorithm = ""
@@ -133,17 +133,6 @@ class StatedOptimizer(torch.optim.Optimizer):
             self._keep[0] = self.resumed_step is not None
             self._finalizer()
             raise
-
-    def disown(self) -> None:
-        """In a forked child (stated_client.fork_guard): neither garbage collection nor exit detaches the
-        parent's session from here."""
-        finalizer = getattr(self, "_finalizer", None)
-        if finalizer is not None:
-            finalizer.detach()
-
-    def _check_owner(self) -> None:
-        """InheritedSessionError in a forked child, before anything reaches the daemon or the arenas."""
-        fork_guard.check_owner(self._owner, type(self).__name__, self._connection.target)
 
     def _groups_mismatch(self) -> InvalidArgumentError:
         return InvalidArgumentError(
@@ -355,20 +344,7 @@ class StatedOptimizer(torch.optim.Optimizer):
     # --- state_dict ------------------------------------------------------------------------------
 
     def _export(self) -> dict[int, dict[str, torch.Tensor]]:
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        current = None
-        for reply in self._connection.stream("ExportState", pb.ExportStateRequest(session=self._session)):
-            if reply.HasField("header"):
-                current = state.setdefault(reply.header.tensor, {})
-                current["step"] = torch.tensor(reply.header.step, dtype=torch.float32)
-                buffers = current.setdefault("__raw__", {})
-            else:
-                c = reply.chunk
-                buffers.setdefault(c.field, (bytearray(), TORCH_DTYPES[c.dtype], tuple(c.shape)))[0].extend(c.data)
-        for entry in state.values():
-            for name, (raw, dtype, shape) in entry.pop("__raw__").items():
-                entry[name] = tensor_from_bytes(raw, dtype, shape)
-        return state
+        return gather_state(self._connection.stream("ExportState", pb.ExportStateRequest(session=self._session)))
 
     def state_dict(self) -> dict[str, Any]:
         self._check_owner()

@@ -39,3 +39,22 @@ def state_chunks(tensor: int, name: str, value: torch.Tensor, chunk_bytes: int =
 def tensor_from_bytes(raw: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     value = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
     return value.reshape(shape)
+
+
+def gather_state(replies) -> dict[int, dict[str, torch.Tensor]]:
+    """ExportState's replies (a header, then its chunks, per tensor) as {tensor: {"step": ..., field: tensor}}."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    buffers: dict[int, dict] = {}
+    current = None
+    for reply in replies:
+        if reply.HasField("header"):
+            current = reply.header.tensor
+            state.setdefault(current, {})["step"] = torch.tensor(reply.header.step, dtype=torch.float32)
+            buffers.setdefault(current, {})
+        else:
+            c = reply.chunk
+            buffers[current].setdefault(c.field, (bytearray(), TORCH_DTYPES[c.dtype], tuple(c.shape)))[0].extend(c.data)
+    for index, fields in buffers.items():
+        for name, (raw, dtype, shape) in fields.items():
+            state[index][name] = tensor_from_bytes(raw, dtype, shape)
+    return state
