@@ -23,7 +23,6 @@ import tempfile  # noqa: E402
 import pytest  # noqa: E402
 
 from gpu_helpers import unique  # noqa: E402
-from stated.v1 import state_service_pb2 as pb  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
