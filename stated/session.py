@@ -98,6 +98,7 @@ class Session:
         self.stall_seconds = 0.0
         self.dtype: torch.dtype | None = None
         self.closed = False
+        self.owner: int | None = None  # the uid that owns the job (Note [job owners] in stated.job_owners)
         # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.
         self.master_pending: set[int] = set()
         # The backend that runs this session's steps (set by the store: CPU, or CUDA once it registers

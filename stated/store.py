@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from stated import shm
+from stated import job_owners, shm
 from stated.backends.base import Backend
 from stated.durability import job_files
 from stated.durability import resume as resuming
@@ -87,10 +87,14 @@ class Store(StateTransfer):
     # --- sessions -------------------------------------------------------------------------------
 
     def attach(self, job: str, rank: int, algorithm: str, pid: int, master_weights: bool = False,
-               resume: bool = False) -> Session:
+               resume: bool = False, uid: int | None = None) -> Session:
         """A new session for (job, rank), or with `resume` the one it retains (its `resume_left` regions
-        to register again); retained state without `resume` is refused, naming both ways out."""
+        to register again); retained state without `resume` is refused, naming both ways out. `uid` is the
+        trainer's user, from its credential (Note [job owners] in stated.job_owners), None when unknown."""
         check_job_name(job)
+        owner = job_owners.owner_of(self, job)
+        if not job_owners.may_take(uid, owner):
+            raise job_owners.owner_refusal(job, uid, owner)
         algo = lookup(algorithm)
         if algo is None:
             from stated_kernels import ALGORITHMS
@@ -109,6 +113,7 @@ class Store(StateTransfer):
             session = resuming.retained_session(self, held, algo, pid, master_weights)
         else:
             session = self.new_session(job, rank, algo, pid, master_weights)
+        session.owner = owner if owner is not None else uid  # root resuming a user's job leaves it theirs
         self.sessions[session.id] = session
         self.by_job_rank[(job, rank)] = session.id
         return session

@@ -15,11 +15,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stated.v1 import state_service_pb2 as pb
 from stated.v1 import state_service_pb2_grpc as pb_grpc
-from stated_client import embedded, fork_guard, peer
+from stated_client import embedded, fork_guard, peer, step_line
 from stated_client.address import given, resolve, socket_path
 from stated_client.errors import DaemonUnavailableError, FailedPreconditionError, from_rpc_error
 from stated_client.liveness import Liveness, keepalive_seconds, timeout_from_env
-from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME
+from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME, channel_path
 
 log = logging.getLogger("stated.client")
 
@@ -55,6 +55,12 @@ class Connection:
     def disown(self) -> None:
         """In a forked child (stated_client.fork_guard): nothing to undo, for `owner` is another process's pid
         there, so every call raises and close() touches nothing."""
+
+    def credential(self) -> bytes:
+        """A credential for Attach from the daemon's step socket (Note [job owners] in stated.job_owners);
+        b"" for a daemon not reached over a unix socket."""
+        path = socket_path(self.target)
+        return step_line.fetch_credential(channel_path(path), self.timeout) if path else b""
 
     def check_open(self) -> None:
         fork_guard.check_owner(self.owner, "connection", self.target)

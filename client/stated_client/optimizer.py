@@ -93,7 +93,8 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
                                                                  algorithm=self.algorithm, pid=os.getpid(),
                                                                  master_weights=self._master_weights,
-                                                                 resume=bool(resume)))
+                                                                 resume=bool(resume),
+                                                                 credential=self._connection.credential()))
         self._session = reply.session
         # The step the daemon's retained state holds, which this optimizer continues from; None when
         # resume was not asked or nothing was retained for (job, rank).

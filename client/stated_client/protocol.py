@@ -13,6 +13,9 @@ is little-endian. A frame is a 4-byte length, a 1-byte kind and a payload:
             StepResponse
     kind 1  an error, from the daemon: "<gRPC status name>\\n<message>"; after a refused SessionRef or a
             malformed frame the daemon closes the connection, after a refused step it goes on
+    kind 3  a credential request, as the first and only frame, empty: the daemon answers with a kind-0
+            frame holding a credential for the connection's uid (Note [job owners] in
+            stated.server.credentials) and closes the connection
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ MAX_RANK = (1 << 32) - 1
 
 HEADER = struct.Struct("<IB")
 MESSAGE, ERROR = 0, 1
+CREDENTIAL = 3
 # has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
 MAX_FRAME_BYTES = 64 << 20
 STEP_SUFFIX = ".step"

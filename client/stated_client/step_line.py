@@ -16,7 +16,7 @@ from stated.v1 import state_service_pb2 as pb
 from stated_client.errors import DaemonUnavailableError, PermissionDeniedError, StatedError, from_status
 from stated_client.liveness import Liveness
 from stated_client.peer import check_peer
-from stated_client.protocol import ERROR, HEADER, MESSAGE, frame, parse_error
+from stated_client.protocol import CREDENTIAL, ERROR, HEADER, MESSAGE, frame, parse_error
 
 log = logging.getLogger("stated_client")
 ENV_STEP_CHANNEL = "STATED_STEP_CHANNEL"
@@ -83,14 +83,44 @@ class StepLine:
         return payload
 
     def _exactly(self, n: int) -> bytes:
-        chunks, got = [], 0
-        while got < n:
-            chunk = self.sock.recv(n - got)
-            if not chunk:
-                raise ConnectionResetError("the daemon closed the step channel")
-            chunks.append(chunk)
-            got += len(chunk)
-        return b"".join(chunks)
+        return _exactly(self.sock, n)
 
     def close(self) -> None:
         self.sock.close()
+
+
+def fetch_credential(path: str, timeout: float | None) -> bytes:
+    """A credential for this process's uid from the step socket at `path` (Note [job owners] in
+    stated.job_owners), for the Attach that follows; b"" when the daemon offers none (a job attached
+    without one has no owner, and is refused where the job has one, saying so)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        check_peer(sock, path)
+        sock.sendall(frame(CREDENTIAL, b""))
+        header = _exactly(sock, HEADER.size)
+        length, kind = HEADER.unpack(header)
+        payload = _exactly(sock, length)
+        if kind == ERROR:
+            raise from_status(*parse_error(payload))
+        return payload
+    except PermissionDeniedError as exc:  # check_peer: someone else holds the step socket; nothing was sent
+        log.warning("stated: the step socket %s is refused (%s); attaching without a credential", path, exc)
+        return b""
+    except (OSError, StatedError) as exc:
+        log.info("stated: no credential from %s (%s); attaching without one", path, exc)
+        return b""
+    finally:
+        sock.close()
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            raise ConnectionResetError("the daemon closed the step channel")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)

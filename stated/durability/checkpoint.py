@@ -123,7 +123,7 @@ def write_checkpoint(session: Session, engine, state_dir: str, abandon: threadin
             small_file.finish()
         manifest = Manifest(session.job, session.rank, step, session.algorithm.name, session.master,
                             session.page_bytes, regions, sums, places, param_sums, checksum_of(small), len(small),
-                            time.time())
+                            time.time(), owner=session.owner)
         write_manifest(directory, manifest)
     except BaseException:
         prune_to(directory, kept)

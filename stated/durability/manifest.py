@@ -63,6 +63,7 @@ class Manifest:
     small_bytes: int
     written: float
     path: str = ""
+    owner: int | None = None  # the job's owner (Note [job owners] in stated.job_owners); None: nobody's
 
     @property
     def fingerprint(self) -> str:

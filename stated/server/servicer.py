@@ -19,6 +19,7 @@ from stated import __version__
 from stated.errors import InvalidArgument, NotFound, Unavailable
 from stated.metrics import Metrics
 from stated.server.calls import is_set_within, run_to_end
+from stated.server.credentials import Credentials
 from stated.server.job_calls import JobCalls
 from stated.server.session_lock import SessionLock
 from stated.server.state_stream import Assembler
@@ -76,6 +77,8 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         # Attach, detach, drop and retention's end change which (job, rank)s are live or retained: one at
         # a time, so that no two of them see a (job, rank) half-way from one to the other.
         self.jobs_lock = asyncio.Lock()
+        # Who attaches (Note [job owners] in stated.job_owners): handed out by the step channel.
+        self.credentials = Credentials()
 
     async def _run(self, fn, *args):
         return await run_to_end(self.pool, fn, *args)  # Note [work outlives its call]
@@ -114,16 +117,17 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
     @rpc
     async def Attach(self, request: pb.AttachRequest, context) -> pb.AttachResponse:
         self._check_serving()
+        uid = self.credentials.redeem(request.credential)
         await self._wait_for_end(request.job, request.rank)
         async with self.jobs_lock:
             session = await run_to_end(self.pool, self.store.attach, request.job, request.rank, request.algorithm,
-                                       request.pid, request.master_weights, request.resume,
+                                       request.pid, request.master_weights, request.resume, uid,
                                        abandoned=self._attach_abandoned)
             self.locks[session.id] = SessionLock()
             self.closed[session.id] = asyncio.Event()
         resumed = bool(session.resume_left)
-        log.info("attach job=%s rank=%d session=%s pid=%d algorithm=%s%s%s", session.job, session.rank, session.id,
-                 session.pid, session.algorithm.name, " master_weights" if session.master else "",
+        log.info("attach job=%s rank=%d session=%s pid=%d uid=%s algorithm=%s%s%s", session.job, session.rank,
+                 session.id, session.pid, "unknown" if uid is None else uid, session.algorithm.name, " master_weights" if session.master else "",
                  f" resumed at step {session.steps}" if resumed else "")
         self._update_gauges()
         return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),

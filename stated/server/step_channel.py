@@ -35,7 +35,9 @@ from stated.server.private_socket import private_socket
 from stated.server.socket_guard import identity, remove_if_ours
 from stated.server.status_codes import refusal
 from stated.v1 import state_service_pb2 as pb
-from stated_client.protocol import HEADER, MAX_FRAME_BYTES, MAX_SOCKET_PATH, MESSAGE, error_frame, frame
+from stated.job_owners import check_owner
+from stated.server.credentials import peer_uid
+from stated_client.protocol import CREDENTIAL, HEADER, MAX_FRAME_BYTES, MAX_SOCKET_PATH, MESSAGE, error_frame, frame
 
 log = logging.getLogger("stated.server.step_channel")
 
@@ -169,12 +171,18 @@ class StepChannel:
         return error_frame(*refusal(exc, self.servicer.metrics, "Step"))
 
     def _hello(self, conn: socket.socket, header: bytearray):
-        payload = self._read(conn, header)
+        """The session the first frame names, or None once a credential request is answered or a refusal
+        sent."""
+        payload = self._read(conn, header, also=CREDENTIAL)
         if payload is None:
+            return None
+        if HEADER.unpack(header)[1] == CREDENTIAL:
+            conn.sendall(self._credential(conn, payload))
             return None
         try:
             ref = pb.SessionRef.FromString(payload)
             session = self.servicer.store.get(ref.id, ref.token)
+            check_owner(session, peer_uid(conn))
         except DecodeError as exc:
             conn.sendall(self._refuse(InvalidArgument(f"the first frame is not a SessionRef: {exc}")))
             return None
@@ -184,12 +192,20 @@ class StepChannel:
         conn.sendall(frame(MESSAGE, b""))
         return session
 
-    def _read(self, conn: socket.socket, header: bytearray) -> bytearray | None:
-        """The payload of the next kind-0 frame; None (after telling the client) for anything else."""
+    def _credential(self, conn: socket.socket, payload: bytearray) -> bytes:
+        """The answer to a credential request (Note [job owners] in stated.server.credentials)."""
+        if payload:
+            return self._refuse(InvalidArgument(f"a credential request is empty, this one has {len(payload)} bytes"))
+        return frame(MESSAGE, self.servicer.credentials.issue(peer_uid(conn)))
+
+    def _read(self, conn: socket.socket, header: bytearray, also: int = MESSAGE) -> bytearray | None:
+        """The payload of the next kind-0 frame (or kind `also`); None (after telling the client) for
+        anything else."""
         _receive(conn, memoryview(header))
         length, kind = HEADER.unpack(header)
-        if kind != MESSAGE or length > MAX_FRAME_BYTES:
-            problem = (f"frame kind {kind} is not a message (0)" if kind != MESSAGE else
+        if kind not in (MESSAGE, also) or length > MAX_FRAME_BYTES:
+            expected = "a message (0)" + (f" or a credential request ({also})" if also != MESSAGE else "")
+            problem = (f"frame kind {kind} is not {expected}" if kind not in (MESSAGE, also) else
                        f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
             conn.sendall(self._refuse(InvalidArgument(problem)))
             return None
