@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test drill protos bench bench-checkpoint clean
+.PHONY: venv demo test drill fuzz protos bench bench-checkpoint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ DRILL_KILLS ?= 150
 drill: venv
 	STATED_DRILL_KILLS=$(DRILL_KILLS) STATED_DRILL_WIDTH=1024 STATED_DRILL_SEED=$(DRILL_SEED) \
 		$(BIN)/python -m pytest -q -s tests/drills
+
+# The fuzz suite of tests/security/test_fuzz.py as a soak: ten times the requests and frames, a random
+# seed (printed; FUZZ_SEED=N repeats a run), up to 20 minutes.
+FUZZ_SEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+fuzz: venv
+	STATED_FUZZ_SEED=$(FUZZ_SEED) STATED_FUZZ_REQUESTS=50000 STATED_FUZZ_FRAMES=10000 STATED_FUZZ_SECONDS=1200 \
+		STATED_FUZZ_TRACE=1 $(BIN)/python -m pytest -q -s tests/security/test_fuzz.py
 
 # Regenerates stated/v1 from protos/ with the pinned generator (grpcio-tools 1.66.2, see pyproject.toml).
 protos: venv

@@ -7,7 +7,6 @@ as the reference does; a bystander job keeps stepping meanwhile, exact against t
 from __future__ import annotations
 
 import os
-import uuid
 
 import grpc
 import pytest
@@ -15,57 +14,10 @@ import torch
 
 import stated
 from stated.v1 import state_service_pb2 as pb
+from support.abuse import ADAMW, SERVICE, Bystander, gradients, initial, raw_call, run, unique
 
-SERVICE = pb.DESCRIPTOR.services_by_name["StateService"]
 # Bytes that are no protobuf message: a field tag whose varint never ends.
 GARBAGE = b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"
-ADAMW = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.05)
-
-
-def unique(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def gradients(shapes, step: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(step)
-    return [torch.randn(shape, generator=g) for shape in shapes]
-
-
-def initial(shapes, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) for shape in shapes]
-
-
-def run(opt, params, first: int, last: int) -> None:
-    for step in range(first, last + 1):
-        for p, grad in zip(params, gradients([p.shape for p in params], step)):
-            p.grad = grad
-        opt.step()
-
-
-class Bystander:
-    """A job stepping beside the abuse, checked against torch.optim.AdamW(fused=True) bit for bit."""
-
-    SHAPES = ((16, 8), (8,))
-
-    def __init__(self, proc):
-        self.ours = [torch.nn.Parameter(v) for v in initial(self.SHAPES, seed=7)]
-        self.theirs = [torch.nn.Parameter(v.clone()) for v in self.ours]
-        self.opt = stated.AdamW(self.ours, address=proc.address, job=unique("bystander"), **ADAMW)
-        self.reference = torch.optim.AdamW(self.theirs, fused=True, **ADAMW)
-        self.steps = 0
-
-    def step(self) -> None:
-        self.steps += 1
-        run(self.opt, self.ours, self.steps, self.steps)
-        run(self.reference, self.theirs, self.steps, self.steps)
-        for p, q in zip(self.ours, self.theirs):
-            assert torch.equal(p.detach(), q.detach()), (p - q).abs().max()
-
-    def close(self) -> None:
-        self.opt.close()
-
-
 def refused(code: grpc.StatusCode, call, *words: str) -> str:
     with pytest.raises(grpc.RpcError) as info:
         result = call()
@@ -81,18 +33,6 @@ def assert_no_traceback(proc) -> None:
     log = proc.log()
     for sign in ("Traceback", "INTERNAL", "Unexpected", "Task exception was never retrieved"):
         assert sign not in log, log[-4000:]
-
-
-def raw_call(channel, method):
-    """A call of `method` that sends and receives raw bytes, in the method's own streaming shape."""
-    path = f"/{SERVICE.full_name}/{method.name}"
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary, (True, True): channel.stream_stream}[
-        (method.client_streaming, method.server_streaming)]
-    call = kind(path, request_serializer=None, response_deserializer=None)
-    if method.client_streaming:
-        return lambda payload: call(iter([payload]), timeout=10)
-    return lambda payload: call(payload, timeout=10)
 
 
 # --- 1. undecodable messages -----------------------------------------------------------------------
