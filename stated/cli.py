@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 
@@ -100,8 +101,68 @@ def _add_serve(sub) -> None:
                             "takes the next piece of a page as soon as it is free, so a core that a trainer's thread "
                             "keeps busy slows the step less; 0 leaves them to torch's own OpenMP threads, as "
                             "Adafactor and CAME always are (default: the CPUs this process may run on, here %(default)s)")
+    _add_limits(serve)
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="stop when the process that started the daemon exits (used by the embedded daemon)")
+
+
+def _job_bytes(text: str) -> float:
+    """`--max-job-bytes`: a size, or 'none' for no cap."""
+    return math.inf if text.strip().lower() in ("none", "unlimited") else parse_size(text)
+
+
+def _add_limits(serve) -> None:
+    """The limits of Note [limits and their defaults] (stated.limits): far above what a training run
+    needs, each refusal names its flag."""
+    from stated import limits as lim
+
+    group = serve.add_argument_group("limits", "what one client may make the daemon hold; every refusal names its "
+                                               "flag (docs/architecture.md, Limits)")
+    group.add_argument("--max-sessions", type=int, default=lim.DEFAULT_MAX_SESSIONS, metavar="N",
+                       help="sessions held at once, live and retained in memory; one is an optimizer of one trainer "
+                            "process, so a node needs a few per GPU; more are RESOURCE_EXHAUSTED (default: "
+                            "%(default)s)")
+    group.add_argument("--max-connections", type=int, default=lim.DEFAULT_MAX_CONNECTIONS, metavar="N",
+                       help="step channel connections open at once, each served by one thread; beyond it a client "
+                            "steps over gRPC (default: %(default)s, one per session)")
+    group.add_argument("--max-tensors-per-register", type=int, default=lim.DEFAULT_MAX_TENSORS_PER_REGISTER,
+                       metavar="N", help="tensors in one Register (one param group of an optimizer); the largest "
+                                         "models have a few thousand per rank (default: %(default)s)")
+    group.add_argument("--max-job-bytes", type=_job_bytes, default=None, metavar="SIZE",
+                       help="bytes of optimizer state plus parameter and gradient arenas that one job (all its "
+                            "ranks) may hold, such as 200GiB, or 'none'; a Register beyond it is RESOURCE_EXHAUSTED "
+                            "(default: this machine's memory, plus the size of the --state-dir file system with "
+                            "--host-memory, which pages state there)")
+    group.add_argument("--step-auth-timeout", type=parse_duration, default=lim.DEFAULT_STEP_AUTH_TIMEOUT,
+                       metavar="DURATION", help="how long a new step channel connection may take to send its "
+                                                "session's reference before it is closed (default: 10s)")
+    group.add_argument("--step-idle-timeout", type=parse_duration, default=lim.DEFAULT_STEP_IDLE_TIMEOUT,
+                       metavar="DURATION",
+                       help="how long an authenticated step channel connection may send nothing before it is "
+                            "closed; long, as a trainer may pause for an evaluation or checkpoint, and its next "
+                            "step reconnects (default: 1h; 'forever' keeps idle connections)")
+    group.add_argument("--watch-timeout", type=parse_duration, default=lim.DEFAULT_WATCH_TIMEOUT, metavar="DURATION",
+                       help="how long an attached session has to open its Watch stream (clients do at once) before "
+                            "it is detached, so that no one holds a (job, rank) without a live trainer (default: "
+                            "30s)")
+
+
+def _limits(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    from stated.limits import Limits, machine_bytes
+
+    for flag in ("max_sessions", "max_connections", "max_tensors_per_register"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("step_auth_timeout", "step_idle_timeout", "watch_timeout"):
+        if not getattr(args, flag) > 0:
+            parser.error(f"--{flag.replace('_', '-')} must be a duration above 0, got {getattr(args, flag)}")
+    job_bytes = args.max_job_bytes
+    if job_bytes is None:
+        job_bytes = machine_bytes(args.state_dir, paged=args.host_memory is not None)
+    return Limits(max_sessions=args.max_sessions, max_connections=args.max_connections,
+                  max_tensors_per_register=args.max_tensors_per_register, max_job_bytes=job_bytes,
+                  step_auth_timeout=args.step_auth_timeout, step_idle_timeout=args.step_idle_timeout,
+                  watch_timeout=args.watch_timeout)
 
 
 def _add_demo(sub) -> None:
@@ -214,4 +275,5 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                               exit_with_parent=args.exit_with_parent, host_memory=args.host_memory,
                               prefetch_depth=args.prefetch_depth, gpu_cache_bytes=args.gpu_cache,
                               gpu_staging_pages=args.gpu_staging, checkpoint_every=args.checkpoint_every,
-                              retain_seconds=args.retain, shutdown_timeout=args.shutdown_timeout))
+                              retain_seconds=args.retain, shutdown_timeout=args.shutdown_timeout,
+                              limits=_limits(parser, args)))

@@ -33,6 +33,15 @@ class Metrics:
         self.step_duration = Histogram("stated_step_duration_seconds", "Time the daemon spent applying one step.",
                                        buckets=STEP_BUCKETS, registry=r)
         self.steps = Counter("stated_steps_total", "Steps applied.", registry=r)
+        # Limits (stated.limits): what the daemon ended because a client held it beyond one.
+        self.unwatched_reaped = Counter("stated_unwatched_sessions_reaped_total",
+                                        "Sessions detached because they opened no Watch within --watch-timeout.",
+                                        registry=r)
+        self.step_connections_closed = Counter(
+            "stated_step_connections_closed_total", "Step channel connections the daemon closed or refused, by why: "
+            "auth_timeout, idle_timeout, max_connections.", ["reason"], registry=r)
+        for reason in ("auth_timeout", "idle_timeout", "max_connections"):
+            self.step_connections_closed.labels(reason)
         self.errors = Counter("stated_request_errors_total", "Requests refused or failed, by gRPC status code.",
                               ["code"], registry=r)
         for code in ("INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "ALREADY_EXISTS",

@@ -6,6 +6,7 @@ counts, sizes, dtypes and hyperparameters, each problem raised as an error that 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hmac
 import logging
@@ -24,6 +25,7 @@ from stated.durability.checkpoint import Written, write_checkpoint
 from stated.durability.keeper import Keeper, Retained
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.engine import Engine, StepResult
+from stated.limits import Limits, check_job_bytes, check_sessions
 from stated.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                            ResourceExhausted, ServiceError)
 from stated.metrics import Metrics
@@ -65,8 +67,10 @@ def check_job_name(job: str) -> None:
 class Store(StateTransfer):
     def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
                  paging: Paging | None = None, cuda_backend=None, state_dir: str = "",
-                 retain_seconds: float = DEFAULT_RETAIN_SECONDS, checkpoint_every: int = 0):
+                 retain_seconds: float = DEFAULT_RETAIN_SECONDS, checkpoint_every: int = 0,
+                 limits: Limits | None = None):
         self.backend = backend
+        self.limits = limits or Limits()
         # Makes the CUDA backend the first time a client registers CUDA tensors (CuPy loads only then);
         # None in a daemon without CUDA support.
         self._cuda_factory = cuda_backend
@@ -112,6 +116,7 @@ class Store(StateTransfer):
         if held is not None:
             session = resuming.retained_session(self, held, algo, pid, master_weights)
         else:
+            check_sessions(self.limits, len(self.sessions) + sum(e.session is not None for e in self.keeper.held.values()))
             session = self.new_session(job, rank, algo, pid, master_weights)
         session.owner = owner if owner is not None else uid  # root resuming a user's job leaves it theirs
         self.sessions[session.id] = session
@@ -292,9 +297,12 @@ class Store(StateTransfer):
             if i not in used:
                 raise InvalidArgument(f"groups[{i}] has no tensors: every param group needs at least one")
         element_size = infos[0].dtype.itemsize
-        if not device:
-            self._check_shm_room(2 * sum(t.numel for t in infos) * element_size)
         full = [{**session.algorithm.defaults(), **hp} for hp in groups]
+        arenas = 0 if device else 2 * sum(t.numel for t in infos) * element_size
+        if not device:
+            self._check_shm_room(arenas)
+        check_job_bytes(self.limits, session.job, self.job_bytes(session.job),
+                        arenas + self._promised_state(session, full, infos, first_group))
         region, pages = session.add_region(full, infos, device)
         try:
             self.paging.added_pages(session, len(pages))
@@ -306,6 +314,25 @@ class Store(StateTransfer):
             self.paging.feed_device(session, self._cuda)
         session.changed_since_durable = True
         return region, infos, first_group, sum(p.nbytes for p in pages)
+
+    def job_bytes(self, job: str) -> int:
+        """Bytes of state and shared-memory arenas the job's sessions hold, live and retained in memory."""
+        sessions = [s for s in self.sessions.values() if s.job == job]
+        sessions += [e.session for (j, _), e in self.keeper.held.items() if j == job and e.session is not None]
+        return sum(s.state_bytes + sum(2 * r.arena_bytes for r in s.regions if not r.device) for s in sessions)
+
+    @staticmethod
+    def _promised_state(session: Session, full: list[Hyperparameters], infos: list[TensorInfo],
+                        first_group: int) -> int:
+        """The state bytes a Register's tensors will hold (their paged fields, with a master copy), counted
+        before any page is made."""
+        total = 0
+        for info in infos:
+            if session.master:  # as Session.add_region lays them out (Note [master weights])
+                info = dataclasses.replace(info, dtype=torch.float32)
+            fields = session.algorithm.page_fields(info, full[info.group - first_group])
+            total += sum(f.nbytes(info.numel) for f in fields) + (4 * info.numel if session.master else 0)
+        return total
 
     def _check_device(self, session: Session, device: str) -> str:
         """"" for shared memory, else a CUDA device UUID this daemon can serve (made ready here)."""

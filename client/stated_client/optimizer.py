@@ -327,9 +327,8 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
                 grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0)
             try:
                 self._connection.check_open()
-                if self._step_line is not None:
-                    reply = self._step_line.step(request)
-                else:
+                reply = self._step_line.step(request) if self._step_line is not None else None
+                if reply is None:  # no channel, or it closed and does not open again (Note [idle step lines])
                     reply = self._connection.call("Step", request)
             except StatedError:
                 self._step_number -= 1

@@ -42,6 +42,9 @@ MESSAGE, ERROR = 0, 1
 CREDENTIAL = 3
 # has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
 MAX_FRAME_BYTES = 64 << 20
+# The first frame, a SessionRef (a 16-character id and a 16-byte token), with room: the daemon reads no
+# larger frame from a connection that has not authenticated (Note [step channel limits]).
+MAX_HELLO_BYTES = 256
 STEP_SUFFIX = ".step"
 # sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107

@@ -4,12 +4,19 @@ takes about 1 ms, which is most of what stated adds to a small model's step.
 
 `STATED_STEP_CHANNEL=0` turns it off (every step then goes over gRPC, as it does when the daemon offers
 no channel or the socket cannot be reached).
+
+Note [idle step lines]: the daemon closes a line that stayed silent for --step-idle-timeout (an hour by
+default: a long evaluation or checkpoint between two steps). Before each step the line looks whether
+the daemon closed it (the end of the stream, or the error frame that says why, waiting unread); if so it
+connects again, and when that fails `step` returns None and the optimizer steps over gRPC. A step is sent
+only on a line the daemon had not closed, so a step is never sent twice.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 
 from stated.v1 import state_service_pb2 as pb
@@ -25,18 +32,24 @@ ENV_STEP_CHANNEL = "STATED_STEP_CHANNEL"
 class StepLine:
     def __init__(self, path: str, session: pb.SessionRef, liveness: Liveness):
         self.path = path
+        self.session = session
         self.liveness = liveness
         self.owner = os.getpid()
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.gone = False  # the daemon closed it and it did not open again: steps go over gRPC
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        self.sock = sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with liveness.watching(self._cut):
-                self.sock.connect(path)
-                check_peer(self.sock, path)  # Note [whom the client talks to]: the token goes to no one else
-                self.sock.sendall(frame(MESSAGE, session.SerializeToString()))
+            with self.liveness.watching(self._cut):
+                sock.connect(self.path)
+                check_peer(sock, self.path)  # Note [whom the client talks to]: the token goes to no one else
+                sock.sendall(frame(MESSAGE, self.session.SerializeToString()))
                 self._receive()
         except BaseException:
-            self.sock.close()
+            sock.close()
             raise
+        return sock
 
     @classmethod
     def open(cls, path: str, session: pb.SessionRef, liveness: Liveness) -> StepLine | None:
@@ -52,10 +65,13 @@ class StepLine:
             log.info("stated: the step channel at %s is not usable (%s); steps go over gRPC", path, exc)
             return None
 
-    def step(self, request: pb.StepRequest) -> pb.StepResponse:
+    def step(self, request: pb.StepRequest) -> pb.StepResponse | None:
         """One step; a daemon that goes away or falls silent meanwhile raises DaemonUnavailableError
-        (Note [liveness]: the blocking socket is shut down from the monitor thread)."""
+        (Note [liveness]: the blocking socket is shut down from the monitor thread). None, with nothing
+        sent, when the daemon closed the idle line and it cannot be opened again (Note [idle step lines])."""
         self.liveness.check()
+        if self.gone or self._closed_by_daemon() and not self._reopen():
+            return None
         try:
             with self.liveness.watching(self._cut):
                 self.sock.sendall(frame(MESSAGE, request.SerializeToString()))
@@ -66,6 +82,26 @@ class StepLine:
             raise self.liveness.explain(DaemonUnavailableError(str(exc)), f"its step channel broke: {exc}") from None
         self.liveness.alive()
         return reply
+
+    def _closed_by_daemon(self) -> bool:
+        """Whether the daemon closed the line: between steps it sends nothing unless it closes it."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True  # closed on this side
+        return bool(readable)
+
+    def _reopen(self) -> bool:
+        self.sock.close()
+        try:
+            self._connect()
+        except (OSError, StatedError) as exc:
+            log.info("stated: the daemon closed the idle step channel at %s and it does not open again (%s); "
+                     "steps go over gRPC", self.path, exc)
+            self.gone = True
+            return False
+        log.debug("stated: the daemon closed the idle step channel at %s; connected again", self.path)
+        return True
 
     def _cut(self) -> None:
         if os.getpid() != self.owner:

@@ -32,6 +32,7 @@ from stated.metrics import Metrics
 from stated.paging.daemon_paging import Paging
 from stated.server.admin_file import AdminFile
 from stated.server.decoding import add_decoding
+from stated.limits import Limits
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
 from stated.server.socket_guard import SocketGuard
@@ -63,6 +64,7 @@ class DaemonConfig:
     checkpoint_every: int = 0
     retain_seconds: float = DEFAULT_RETAIN_SECONDS
     shutdown_timeout: float = 60.0
+    limits: Limits = dataclasses.field(default_factory=Limits)  # Note [limits and their defaults]
 
 
 def parse_hostport(text: str) -> tuple[str, int] | None:
@@ -93,11 +95,12 @@ class Daemon:
                         prefetch_depth=config.prefetch_depth)
         self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
                            cuda_backend=self._make_cuda_backend, state_dir=config.state_dir,
-                           retain_seconds=config.retain_seconds, checkpoint_every=config.checkpoint_every)
-        self.servicer = StateServicer(self.store, self.metrics, workers=config.workers)
+                           retain_seconds=config.retain_seconds, checkpoint_every=config.checkpoint_every,
+                           limits=config.limits)
+        self.servicer = StateServicer(self.store, self.metrics, workers=config.workers, limits=config.limits)
         self.admin = AdminFile(self.path)
         self.servicer.admin = self.admin
-        self.step_channel = StepChannel(self.servicer)
+        self.step_channel = StepChannel(self.servicer, config.limits)
         self.stopping = asyncio.Event()
         self.metrics_server = None
         self.metrics_port: int | None = None
@@ -117,7 +120,8 @@ class Daemon:
         if stale:
             log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
         self._recover()
-        server = grpc.aio.server(options=MESSAGE_OPTIONS)
+        server = grpc.aio.server(options=MESSAGE_OPTIONS,
+                                 maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
         add_decoding(pb_grpc.add_StateServiceServicer_to_server, self.servicer, server, self.metrics)
         health_servicer = health.aio.HealthServicer()
         add_decoding(health_pb2_grpc.add_HealthServicer_to_server, health_servicer, server, self.metrics)
@@ -190,11 +194,12 @@ class Daemon:
 
     async def _expire_retained(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, self.config.limits.watch_timeout / 4))
             try:
                 await self.servicer.expire()
+                await self.servicer.reap_unwatched()
             except Exception:  # noqa: BLE001
-                log.exception("dropping retained jobs whose retention ran out failed")
+                log.exception("dropping retained jobs whose retention ran out, or unwatched sessions, failed")
 
     async def _watch_parent(self) -> None:
         """For an embedded daemon: stop when the process that started it is gone."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 
 import torch
 
 from stated import __version__
-from stated.errors import InvalidArgument, NotFound, Unavailable
+from stated.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from stated.limits import Limits, check_tensors, seconds_text
 from stated.metrics import Metrics
 from stated.server.calls import is_set_within, run_to_end
 from stated.server.credentials import Credentials
@@ -62,8 +64,11 @@ def hyperparameters(msg: pb.GroupHyperparameters) -> dict:
 
 
 class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
-    def __init__(self, store: Store, metrics: Metrics, workers: int = 4):
+    def __init__(self, store: Store, metrics: Metrics, workers: int = 4, limits: Limits | None = None):
         self.store = store
+        self.limits = limits or Limits()
+        # Sessions that have not opened their Watch yet, and when they must have (time.monotonic()).
+        self.unwatched: dict[str, float] = {}
         self.metrics = metrics
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stated-step")
         self.locks: dict[str, SessionLock] = {}
@@ -120,14 +125,17 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         uid = self.credentials.redeem(request.credential)
         await self._wait_for_end(request.job, request.rank)
         async with self.jobs_lock:
+            self._check_unwatched_holder(request.job, request.rank)
             session = await run_to_end(self.pool, self.store.attach, request.job, request.rank, request.algorithm,
                                        request.pid, request.master_weights, request.resume, uid,
                                        abandoned=self._attach_abandoned)
             self.locks[session.id] = SessionLock()
             self.closed[session.id] = asyncio.Event()
+            self.unwatched[session.id] = time.monotonic() + self.limits.watch_timeout
         resumed = bool(session.resume_left)
         log.info("attach job=%s rank=%d session=%s pid=%d uid=%s algorithm=%s%s%s", session.job, session.rank,
-                 session.id, session.pid, "unknown" if uid is None else uid, session.algorithm.name, " master_weights" if session.master else "",
+                 session.id, session.pid, "unknown" if uid is None else uid, session.algorithm.name,
+                 " master_weights" if session.master else "",
                  f" resumed at step {session.steps}" if resumed else "")
         self._update_gauges()
         return pb.AttachResponse(session=pb.SessionRef(id=session.id, token=session.token),
@@ -149,6 +157,29 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         if event is not None and not await is_set_within(event, REATTACH_WAIT_SECONDS) and session_id in self.orphaned:
             await event.wait()  # its trainer is gone: its end waits only for the work under way
 
+    def _check_unwatched_holder(self, job: str, rank: int) -> None:
+        """A (job, rank) held by a session that never opened its Watch: refused, saying when it goes."""
+        holder = self.store.by_job_rank.get((job, rank))
+        deadline = self.unwatched.get(holder) if holder else None
+        if deadline is not None:
+            raise AlreadyExists(f"job {job!r} rank {rank} is held by session {holder}, which has not opened its "
+                                f"Watch; it is detached {max(0.0, deadline - time.monotonic()):.0f} s from now "
+                                f"unless it does (--watch-timeout={seconds_text(self.limits.watch_timeout)})")
+
+    async def reap_unwatched(self) -> None:
+        """Note [unwatched sessions]: a session whose Watch did not open within --watch-timeout of its
+        Attach has no trainer that the daemon could see die, so nothing would ever end it: it is
+        detached (a resume's state is retained again), and counted."""
+        now = time.monotonic()
+        for session_id in [s for s, deadline in self.unwatched.items() if deadline <= now]:
+            self.unwatched.pop(session_id, None)
+            session = self.store.sessions.get(session_id)
+            if session is None:
+                continue
+            self.metrics.unwatched_reaped.inc()
+            await self.detach(session, f"it opened no Watch within --watch-timeout="
+                                       f"{seconds_text(self.limits.watch_timeout)} of its attach")
+
     async def detach(self, session: Session, reason: str, keep: bool = False) -> None:
         lock = self.locks.get(session.id)
         if lock is None:
@@ -160,6 +191,7 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
                 kept = await self._run(self.store.detach, session, keep, reason)
         self.locks.pop(session.id, None)
         self.orphaned.discard(session.id)
+        self.unwatched.pop(session.id, None)
         event = self.closed.pop(session.id, None)
         if event is not None:
             event.set()
@@ -179,6 +211,7 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         stated_client.liveness); ends when the session is detached, with UNAVAILABLE when the daemon stops."""
         session = self._session(request.session)
         closed = self.closed[session.id]
+        self.unwatched.pop(session.id, None)
         interval = keepalive_interval(request.keepalive_seconds)
         await context.write(pb.WatchResponse(attached=True))
         try:
@@ -198,17 +231,10 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
     @rpc
     async def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
         session = self._session(request.session)
-        groups = [hyperparameters(g) for g in request.groups]
-        tensors = []
-        for i, t in enumerate(request.tensors):
-            if t.dtype not in DTYPES:
-                raise InvalidArgument(f"tensors[{i}].dtype is {'unspecified' if t.dtype == 0 else t.dtype}; "
-                                      f"send one of float32, bfloat16, float16")
-            tensors.append((tuple(t.shape), DTYPES[t.dtype], t.group, t.name))
+        check_tensors(self.limits, len(request.tensors))  # before anything is built of it
         async with self.locks[session.id]:
             resumed = bool(session.resume_left)
-            region, infos, first_group, state_bytes = await self._run(self.store.register, session, groups, tensors,
-                                                                      request.device)
+            region, infos, first_group, state_bytes = await self._run(self._register, session, request)
         self._update_gauges()
         placements = [pb.TensorPlacement(index=info.index, offset_bytes=session.tensors[info.index].offset_bytes)
                       for info in infos]
@@ -218,6 +244,18 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
                                    arena_bytes=region.arena_bytes,
                                    placements=placements, first_group=first_group, state_bytes=state_bytes,
                                    region=session.regions.index(region), resumed=resumed)
+
+    def _register(self, session: Session, request: pb.RegisterRequest):
+        """Register's work, on the thread pool: even the decoding of a large one would hold up the event
+        loop, and with it every other session's calls."""
+        groups = [hyperparameters(g) for g in request.groups]
+        tensors = []
+        for i, t in enumerate(request.tensors):
+            if t.dtype not in DTYPES:
+                raise InvalidArgument(f"tensors[{i}].dtype is {'unspecified' if t.dtype == 0 else t.dtype}; "
+                                      f"send one of float32, bfloat16, float16")
+            tensors.append((tuple(t.shape), DTYPES[t.dtype], t.group, t.name))
+        return self.store.register(session, groups, tensors, request.device)
 
     @rpc
     async def ShareDeviceBuffers(self, request: pb.ShareDeviceBuffersRequest, context) -> pb.ShareDeviceBuffersResponse:
@@ -313,11 +351,11 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
     @rpc
     async def ImportState(self, request_iterator, context) -> pb.ImportStateResponse:
         # The whole stream is assembled and checked before any state changes (all or nothing).
-        session, entries = None, []
-        assembler = Assembler()
+        session, entries, assembler = None, [], None
         async for request in request_iterator:
             if session is None:
                 session = self._session(request.session)
+                assembler = Assembler(session)  # checks each message against the session's tensors
             kind = request.WhichOneof("item")
             done = assembler.header(request.header) if kind == "header" else (
                 assembler.chunk(request.chunk) if kind == "chunk" else None)

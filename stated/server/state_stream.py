@@ -1,5 +1,14 @@
 """ImportState's stream put back together: state_dict entries rebuilt from headers and chunks, checked
-as they come (the store then loads them all or nothing)."""
+as they come (the store then loads them all or nothing).
+
+Note [import as it streams]: the stream is checked message by message against the session it names,
+before its bytes are kept: a header names one of the session's tensors, once, and at most
+MAX_STATE_FIELDS fields; a chunk's shape has at most as many elements as its tensor (no state field of
+any algorithm has more: moments are the parameter's shape, factored statistics and 8-bit scales fewer),
+and its data may not go beyond that shape. So the stream never makes the daemon hold more than the
+session's tensors could take, about MAX_STATE_FIELDS times their size in float64 at worst, and a stream
+that promises more is refused at the chunk that goes beyond.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +23,30 @@ from stated_kernels.spec import beyond_float32
 
 # A tensor's sizes are int64s in torch.
 MAX_SIZE = (1 << 63) - 1
+# The most fields one tensor's state has (AdamW8bit with amsgrad and master weights: 7), with room.
+MAX_STATE_FIELDS = 16
 
 
 class Assembler:
-    """Rebuilds state_dict entries from an ImportState stream, one tensor at a time."""
+    """Rebuilds state_dict entries from an ImportState stream for `session`, one tensor at a time
+    (Note [import as it streams])."""
 
-    def __init__(self) -> None:
+    def __init__(self, session) -> None:
+        self.session = session
+        self.seen: set[int] = set()
         self.current: tuple[int, float, dict[str, bytearray], dict[str, tuple], set[str]] | None = None
 
     def header(self, header: pb.TensorStateHeader):
         done = self.finish()
+        count = len(self.session.tensors)
+        if not 0 <= header.tensor < count:
+            raise InvalidArgument(f"header.tensor is {header.tensor} but the session has {count} tensors")
+        if header.tensor in self.seen:
+            raise InvalidArgument(f"header.tensor {header.tensor} appears twice in one ImportState stream")
+        if len(header.fields) > MAX_STATE_FIELDS:
+            raise InvalidArgument(f"header.fields of tensor {header.tensor} names {len(header.fields)} fields; a "
+                                  f"tensor's state has at most {MAX_STATE_FIELDS}")
+        self.seen.add(header.tensor)
         if not header.step >= 0 or beyond_float32(header.step):
             raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0 "
                                   f"and finite as a float32 (the reference keeps it as one)")
@@ -48,6 +71,11 @@ class Assembler:
         if any(n > MAX_SIZE for n in shape):
             raise InvalidArgument(f"chunk.shape {list(shape)} of tensor {tensor} field {chunk.field!r} has a size "
                                   f"above {MAX_SIZE}, the largest a tensor can have")
+        numel = self.session.tensors[tensor].info.numel
+        if math.prod(shape) > numel:
+            raise InvalidArgument(f"chunk.shape {list(shape)} of tensor {tensor} field {chunk.field!r} has "
+                                  f"{math.prod(shape)} elements, more than the tensor's {numel}; no state field is "
+                                  f"larger than its parameter")
         buf = data.setdefault(chunk.field, bytearray())
         if meta.setdefault(chunk.field, (dtype, shape)) != (dtype, shape):
             first_dtype, first_shape = meta[chunk.field]
@@ -58,6 +86,10 @@ class Assembler:
         if chunk.offset * size != len(buf):
             raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
                                   f"follow the previous chunk (expected {len(buf) // size})")
+        if len(buf) + len(chunk.data) > math.prod(shape) * size:
+            raise InvalidArgument(f"chunk of tensor {tensor} field {chunk.field!r} brings its data to "
+                                  f"{len(buf) + len(chunk.data)} bytes, beyond the {math.prod(shape) * size} of its "
+                                  f"shape {list(shape)} in {str(dtype).removeprefix('torch.')}")
         buf.extend(chunk.data)
         return None
 

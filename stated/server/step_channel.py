@@ -15,6 +15,15 @@ loop's turn, and a large session's step crossed threads twice more (to the step 
 0.7-1 ms per step on two cores, more when the trainer keeps a core busy. On its own thread a step has no
 hop through the event loop or an executor. The session lock (stated.server.session_lock) orders these steps with
 the session's gRPC calls.
+
+Note [step channel limits]: anyone who can reach the socket can connect, so nothing is allocated or held
+for a connection beyond what stated.limits allows. At most --max-connections are open (and so as many
+threads); one more is told RESOURCE_EXHAUSTED and closed (its client steps over gRPC). Before it has
+authenticated a connection may send one frame of at most MAX_HELLO_BYTES, within --step-auth-timeout
+of its connect (a deadline for the whole frame, not for each byte); afterwards a frame may be as large as
+its session's StepRequest can be (stated.limits.step_frame_limit: a byte per tensor, room per group),
+checked on the header before the payload is allocated, and a connection silent for --step-idle-timeout
+is closed (its client reconnects at its next step, stated_client.step_line).
 """
 
 from __future__ import annotations
@@ -30,14 +39,16 @@ import time
 
 from google.protobuf.message import DecodeError
 
-from stated.errors import InvalidArgument
+from stated.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from stated.limits import Limits, connections_refusal, seconds_text, step_frame_limit
 from stated.server.private_socket import private_socket
 from stated.server.socket_guard import identity, remove_if_ours
 from stated.server.status_codes import refusal
 from stated.v1 import state_service_pb2 as pb
 from stated.job_owners import check_owner
 from stated.server.credentials import peer_uid
-from stated_client.protocol import CREDENTIAL, HEADER, MAX_FRAME_BYTES, MAX_SOCKET_PATH, MESSAGE, error_frame, frame
+from stated_client.protocol import (CREDENTIAL, HEADER, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_SOCKET_PATH, MESSAGE,
+                                    error_frame, frame)
 
 log = logging.getLogger("stated.server.step_channel")
 
@@ -51,8 +62,9 @@ class StepChannel:
     """The daemon's end: accepts connections and applies their steps through `servicer.step_blocking`,
     each connection on its own thread (Note [step channel threads])."""
 
-    def __init__(self, servicer):
+    def __init__(self, servicer, limits: Limits | None = None):
         self.servicer = servicer
+        self.limits = limits or Limits()
         self.path = ""
         self.identity = None  # (device, inode) of the socket bound at path
         self.listener: socket.socket | None = None
@@ -127,24 +139,44 @@ class StepChannel:
                 if self.stopping:
                     conn.close()
                     return
+                refusal = connections_refusal(self.limits, len(self.connections))
+                if refusal is not None:
+                    self._turn_away(conn, refusal)
+                    continue
                 thread = threading.Thread(target=self._serve, args=(conn,), name=f"stated-step-{next(self.numbers)}",
                                           daemon=True)
                 self.connections[thread] = conn
                 thread.start()
 
-    def _serve(self, conn: socket.socket) -> None:
-        """One connection, until it closes or breaks; raises nothing."""
-        header = bytearray(HEADER.size)
+    def _turn_away(self, conn: socket.socket, refusal: ResourceExhausted) -> None:
+        """Tells a connection over --max-connections why, and closes it (on the accept thread: one small
+        frame into an empty socket buffer does not block)."""
+        self.servicer.metrics.step_connections_closed.labels("max_connections").inc()
         try:
-            session = self._hello(conn, header)
+            conn.settimeout(1.0)
+            conn.sendall(self._refuse(refusal))
+        except OSError:
+            pass  # it went away already
+        _close(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        """One connection, until it closes or breaks; raises nothing (Note [step channel limits])."""
+        header = bytearray(HEADER.size)
+        session = None
+        try:
+            session = self._hello(conn, header, time.monotonic() + self.limits.step_auth_timeout)
+            idle = self.limits.step_idle_timeout
+            conn.settimeout(None if idle == float("inf") else idle)
             while session is not None:
-                payload = self._read(conn, header)
+                payload = self._read(conn, header, step_frame_limit(len(session.tensors), len(session.groups)))
                 if payload is None:
                     return
                 reply, go_on = self._step(session, payload)
                 conn.sendall(reply)
                 if not go_on:
                     return
+        except TimeoutError:
+            self._timed_out(conn, session)
         except OSError:
             pass  # the client went away (its session ends through Watch or Detach), or stop() ended it
         except Exception:  # noqa: BLE001 - a connection thread never dies with an exception
@@ -170,10 +202,29 @@ class StepChannel:
         """The error frame for a refusal or a failure, counted as a gRPC call's is (stated.server.status_codes)."""
         return error_frame(*refusal(exc, self.servicer.metrics, "Step"))
 
-    def _hello(self, conn: socket.socket, header: bytearray):
+    def _timed_out(self, conn: socket.socket, session) -> None:
+        """Tells a connection that its --step-auth-timeout or --step-idle-timeout ran out (it is closed next)."""
+        if session is None:
+            reason, error = "auth_timeout", FailedPrecondition(
+                f"the step channel got no SessionRef within --step-auth-timeout="
+                f"{seconds_text(self.limits.step_auth_timeout)} of the connect; closed")
+        else:
+            reason, error = "idle_timeout", Unavailable(
+                f"the step channel was idle for --step-idle-timeout={seconds_text(self.limits.step_idle_timeout)}; "
+                f"closed (the next step reconnects)")
+            log.info("step channel of job=%s rank=%d session=%s: idle for %s, closed", session.job, session.rank,
+                     session.id, seconds_text(self.limits.step_idle_timeout))
+        self.servicer.metrics.step_connections_closed.labels(reason).inc()
+        try:
+            conn.settimeout(1.0)
+            conn.sendall(self._refuse(error))
+        except OSError:
+            pass  # gone already
+
+    def _hello(self, conn: socket.socket, header: bytearray, deadline: float):
         """The session the first frame names, or None once a credential request is answered or a refusal
         sent."""
-        payload = self._read(conn, header, also=CREDENTIAL)
+        payload = self._read(conn, header, MAX_HELLO_BYTES, deadline, also=CREDENTIAL)
         if payload is None:
             return None
         if HEADER.unpack(header)[1] == CREDENTIAL:
@@ -193,31 +244,48 @@ class StepChannel:
         return session
 
     def _credential(self, conn: socket.socket, payload: bytearray) -> bytes:
-        """The answer to a credential request (Note [job owners] in stated.server.credentials)."""
+        """The answer to a credential request (Note [job owners] in stated.job_owners)."""
         if payload:
             return self._refuse(InvalidArgument(f"a credential request is empty, this one has {len(payload)} bytes"))
         return frame(MESSAGE, self.servicer.credentials.issue(peer_uid(conn)))
 
-    def _read(self, conn: socket.socket, header: bytearray, also: int = MESSAGE) -> bytearray | None:
-        """The payload of the next kind-0 frame (or kind `also`); None (after telling the client) for
-        anything else."""
-        _receive(conn, memoryview(header))
+    def _read(self, conn: socket.socket, header: bytearray, limit: int,
+              deadline: float | None = None, also: int = MESSAGE) -> bytearray | None:
+        """The payload of the next kind-0 frame (or kind `also`) of at most `limit` bytes (checked before it
+        is allocated), all of it by `deadline` (time.monotonic(); None: the socket's own timeout); None
+        (after telling the client) for anything else."""
+        _receive(conn, memoryview(header), deadline)
         length, kind = HEADER.unpack(header)
-        if kind not in (MESSAGE, also) or length > MAX_FRAME_BYTES:
-            expected = "a message (0)" + (f" or a credential request ({also})" if also != MESSAGE else "")
-            problem = (f"frame kind {kind} is not {expected}" if kind not in (MESSAGE, also) else
-                       f"a frame of {length} bytes is over the limit of {MAX_FRAME_BYTES}")
-            conn.sendall(self._refuse(InvalidArgument(problem)))
+        if kind not in (MESSAGE, also) or length > min(limit, MAX_FRAME_BYTES):
+            conn.sendall(self._refuse(_frame_problem(kind, length, min(limit, MAX_FRAME_BYTES), deadline is not None,
+                                                     also)))
             return None
         payload = bytearray(length)
-        _receive(conn, memoryview(payload))
+        _receive(conn, memoryview(payload), deadline)
         return payload
 
 
-def _receive(conn: socket.socket, view: memoryview) -> None:
-    """Fills `view` from the socket; ConnectionResetError when the peer closes first."""
+def _frame_problem(kind: int, length: int, limit: int, hello: bool, also: int = MESSAGE) -> Exception:
+    if kind not in (MESSAGE, also):
+        expected = "a message (0)" + (f" or a credential request ({also})" if also != MESSAGE else "")
+        return InvalidArgument(f"frame kind {kind} is not {expected}")
+    if hello:
+        return InvalidArgument(f"a first frame of {length} bytes cannot be a SessionRef: before it has "
+                               f"authenticated a connection sends one of at most {limit} bytes")
+    return InvalidArgument(f"a frame of {length} bytes is over the limit of {limit} for this session (a "
+                           f"StepRequest of its tensors and groups is smaller)")
+
+
+def _receive(conn: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fills `view` from the socket, by `deadline` if one is given (TimeoutError past it);
+    ConnectionResetError when the peer closes first."""
     got = 0
     while got < len(view):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the deadline passed")
+            conn.settimeout(left)
         n = conn.recv_into(view[got:])
         if n == 0:
             raise ConnectionResetError("the client closed the step channel")
