@@ -117,7 +117,7 @@ def _add_limits(serve) -> None:
     from stated import limits as lim
 
     group = serve.add_argument_group("limits", "what one client may make the daemon hold; every refusal names its "
-                                               "flag (docs/architecture.md, Limits)")
+                                               "flag (SECURITY.md, Limits)")
     group.add_argument("--max-sessions", type=int, default=lim.DEFAULT_MAX_SESSIONS, metavar="N",
                        help="sessions held at once, live and retained in memory; one is an optimizer of one trainer "
                             "process, so a node needs a few per GPU; more are RESOURCE_EXHAUSTED (default: "
