@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import time
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -89,9 +91,38 @@ def _checked(method: str, handler: grpc.RpcMethodHandler, metrics: Metrics) -> g
     return handler._replace(request_deserializer=tolerant, **{kind: wrapped})
 
 
-def _refuser(metrics: Metrics):
+class WarningBudget:
+    """At most `lines` warnings per `seconds`, then one line saying how many were left out: a client that
+    sends garbage in a loop must not fill the daemon's log (each refusal is counted in the metrics anyway)."""
+
+    def __init__(self, lines: int = 10, seconds: float = 60.0, clock=time.monotonic):
+        self.lines, self.seconds, self.clock = lines, seconds, clock
+        self.window_start = -math.inf
+        self.used = self.left_out = 0
+
+    def warn(self, text: str) -> None:
+        now = self.clock()
+        if now - self.window_start >= self.seconds:
+            if self.left_out:
+                log.warning("%d more undecodable requests in the last %.0f s were refused without a log line "
+                            "(stated_request_errors_total{code=\"INVALID_ARGUMENT\"} counts them)",
+                            self.left_out, self.seconds)
+            self.window_start, self.used, self.left_out = now, 0, 0
+        if self.used < self.lines:
+            self.used += 1
+            log.warning("%s", text)
+        else:
+            self.left_out += 1
+
+
+# One budget for every method: the daemon's log is what it protects.
+BUDGET = WarningBudget()
+
+
+def _refuser(metrics: Metrics, budget: WarningBudget = BUDGET):
+
     async def refuse(context, bad: Undecodable) -> None:
-        log.warning("%s", bad.describe())
+        budget.warn(bad.describe())
         metrics.errors.labels("INVALID_ARGUMENT").inc()
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.describe())
 

@@ -6,6 +6,7 @@ as the reference does; a bystander job keeps stepping meanwhile, exact against t
 
 from __future__ import annotations
 
+import logging
 import os
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import stated
+from stated.server.decoding import WarningBudget
 from stated.v1 import state_service_pb2 as pb
 from support.abuse import ADAMW, SERVICE, Bystander, gradients, initial, raw_call, run, unique
 
@@ -64,8 +66,24 @@ def test_an_undecodable_message_is_invalid_argument_for_every_method_without_a_t
     bystander.close()
     assert_no_traceback(proc)
     warnings = [line for line in proc.log().splitlines() if "could not be decoded" in line]
-    assert len(warnings) == 2 * len(SERVICE.methods) + 2, warnings  # one line per refused request
-    assert 'stated_request_errors_total{code="INVALID_ARGUMENT"}' in proc.scrape()
+    # One line per refused request up to the warning budget (10 a minute), the rest only counted.
+    assert len(warnings) == min(2 * len(SERVICE.methods) + 2, WarningBudget().lines), warnings
+    counted = proc.samples()[("stated_request_errors_total", (("code", "INVALID_ARGUMENT"),))]
+    assert counted == 2 * len(SERVICE.methods) + 2
+
+
+def test_undecodable_request_warnings_are_rate_limited_and_the_rest_summed_up(caplog):
+    now = [0.0]
+    budget = WarningBudget(lines=3, seconds=60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="stated.server.decoding"):
+        for i in range(10):
+            budget.warn(f"bad {i}")
+        now[0] = 61.0
+        budget.warn("bad after a minute")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:3] == ["bad 0", "bad 1", "bad 2"]
+    assert "7 more undecodable requests in the last 60 s" in lines[3] and lines[4] == "bad after a minute"
+    assert len(lines) == 5
 
 
 # --- 2. ImportState with a corrupt chunk -------------------------------------------------------------
