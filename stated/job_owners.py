@@ -25,18 +25,17 @@ from __future__ import annotations
 import os
 
 from stated.errors import PermissionDenied
+from stated.job_accounting import sessions_in_memory
 
 
 def owner_of(store, job: str) -> int | None:
     """The uid that owns `job`: that of its live sessions, its retained state, or its checkpoints."""
-    for session in store.sessions.values():
+    for session in sessions_in_memory(store):
         if session.job == job and session.owner is not None:
             return session.owner
     for held in store.keeper.held.values():
-        if held.job == job:
-            owner = held.session.owner if held.session is not None else held.manifest.owner
-            if owner is not None:
-                return owner
+        if held.job == job and held.session is None and held.manifest.owner is not None:
+            return held.manifest.owner  # recovered: its owner is in its checkpoint
     return None
 
 

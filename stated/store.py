@@ -6,7 +6,6 @@ counts, sizes, dtypes and hyperparameters, each problem raised as an error that 
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hmac
 import logging
@@ -17,7 +16,7 @@ import threading
 
 import torch
 
-from stated import job_owners, shm
+from stated import job_accounting, job_owners, shm
 from stated.backends.base import Backend
 from stated.durability import job_files
 from stated.durability import resume as resuming
@@ -116,7 +115,7 @@ class Store(StateTransfer):
         if held is not None:
             session = resuming.retained_session(self, held, algo, pid, master_weights)
         else:
-            check_sessions(self.limits, len(self.sessions) + sum(e.session is not None for e in self.keeper.held.values()))
+            check_sessions(self.limits, len(job_accounting.sessions_in_memory(self)))
             session = self.new_session(job, rank, algo, pid, master_weights)
         session.owner = owner if owner is not None else uid  # root resuming a user's job leaves it theirs
         self.sessions[session.id] = session
@@ -301,8 +300,8 @@ class Store(StateTransfer):
         arenas = 0 if device else 2 * sum(t.numel for t in infos) * element_size
         if not device:
             self._check_shm_room(arenas)
-        check_job_bytes(self.limits, session.job, self.job_bytes(session.job),
-                        arenas + self._promised_state(session, full, infos, first_group))
+        check_job_bytes(self.limits, session.job, job_accounting.job_bytes(self, session.job),
+                        arenas + job_accounting.promised_state(session, full, infos, first_group))
         region, pages = session.add_region(full, infos, device)
         try:
             self.paging.added_pages(session, len(pages))
@@ -314,25 +313,6 @@ class Store(StateTransfer):
             self.paging.feed_device(session, self._cuda)
         session.changed_since_durable = True
         return region, infos, first_group, sum(p.nbytes for p in pages)
-
-    def job_bytes(self, job: str) -> int:
-        """Bytes of state and shared-memory arenas the job's sessions hold, live and retained in memory."""
-        sessions = [s for s in self.sessions.values() if s.job == job]
-        sessions += [e.session for (j, _), e in self.keeper.held.items() if j == job and e.session is not None]
-        return sum(s.state_bytes + sum(2 * r.arena_bytes for r in s.regions if not r.device) for s in sessions)
-
-    @staticmethod
-    def _promised_state(session: Session, full: list[Hyperparameters], infos: list[TensorInfo],
-                        first_group: int) -> int:
-        """The state bytes a Register's tensors will hold (their paged fields, with a master copy), counted
-        before any page is made."""
-        total = 0
-        for info in infos:
-            if session.master:  # as Session.add_region lays them out (Note [master weights])
-                info = dataclasses.replace(info, dtype=torch.float32)
-            fields = session.algorithm.page_fields(info, full[info.group - first_group])
-            total += sum(f.nbytes(info.numel) for f in fields) + (4 * info.numel if session.master else 0)
-        return total
 
     def _check_device(self, session: Session, device: str) -> str:
         """"" for shared memory, else a CUDA device UUID this daemon can serve (made ready here)."""
