@@ -11,6 +11,15 @@ from stated.inconsistency import Inconsistency
 from stated.session import MASTER, MASTER_KEY, Session
 
 
+
+def check_import_index(session, index: int, seen: set[int]) -> None:
+    """An imported tensor's index: one of the session's tensors, once per stream (added to `seen`)."""
+    if not 0 <= index < len(session.tensors):
+        raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
+    if index in seen:
+        raise InvalidArgument(f"header.tensor {index} appears twice in one ImportState stream")
+    seen.add(index)
+
 class StateTransfer:
     """Needs `engine`, `_check_consistent` and `_check_resumed` from the store."""
 
@@ -60,11 +69,7 @@ class StateTransfer:
         session.changed_since_durable = True
         staged, seen = [], set()
         for index, entry in entries:
-            if not 0 <= index < len(session.tensors):
-                raise InvalidArgument(f"header.tensor is {index} but the session has {len(session.tensors)} tensors")
-            if index in seen:
-                raise InvalidArgument(f"header.tensor {index} appears twice in one ImportState stream")
-            seen.add(index)
+            check_import_index(session, index, seen)
             place = session.tensors[index]
             small = session.algorithm.init_small_state(place.info, session.groups[place.info.group])
             fields = tuple(f for f in place.fields if f is not MASTER)

@@ -112,14 +112,7 @@ class StepLine:
             pass  # already closed
 
     def _receive(self) -> bytes:
-        length, kind = HEADER.unpack(self._exactly(HEADER.size))
-        payload = self._exactly(length)
-        if kind == ERROR:
-            raise from_status(*parse_error(payload))
-        return payload
-
-    def _exactly(self, n: int) -> bytes:
-        return _exactly(self.sock, n)
+        return _receive(self.sock)
 
     def close(self) -> None:
         self.sock.close()
@@ -135,12 +128,7 @@ def fetch_credential(path: str, timeout: float | None) -> bytes:
         sock.connect(path)
         check_peer(sock, path)
         sock.sendall(frame(CREDENTIAL, b""))
-        header = _exactly(sock, HEADER.size)
-        length, kind = HEADER.unpack(header)
-        payload = _exactly(sock, length)
-        if kind == ERROR:
-            raise from_status(*parse_error(payload))
-        return payload
+        return _receive(sock)
     except PermissionDeniedError as exc:  # check_peer: someone else holds the step socket; nothing was sent
         log.warning("stated: the step socket %s is refused (%s); attaching without a credential", path, exc)
         return b""
@@ -149,6 +137,15 @@ def fetch_credential(path: str, timeout: float | None) -> bytes:
         return b""
     finally:
         sock.close()
+
+
+def _receive(sock: socket.socket) -> bytes:
+    """The payload of the daemon's next frame; an error frame raises its StatedError."""
+    length, kind = HEADER.unpack(_exactly(sock, HEADER.size))
+    payload = _exactly(sock, length)
+    if kind == ERROR:
+        raise from_status(*parse_error(payload))
+    return payload
 
 
 def _exactly(sock: socket.socket, n: int) -> bytes:

@@ -162,9 +162,10 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         holder = self.store.by_job_rank.get((job, rank))
         deadline = self.unwatched.get(holder) if holder else None
         if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
             raise AlreadyExists(f"job {job!r} rank {rank} is already attached (session {holder}, which has not "
-                                f"opened its Watch yet); it is detached {max(0.0, deadline - time.monotonic()):.0f} s from now "
-                                f"unless it does (--watch-timeout={seconds_text(self.limits.watch_timeout)})")
+                                f"opened its Watch yet); it is detached {left:.0f} s from now unless it does "
+                                f"(--watch-timeout={seconds_text(self.limits.watch_timeout)})")
 
     async def reap_unwatched(self) -> None:
         """Note [unwatched sessions]: a session whose Watch did not open within --watch-timeout of its

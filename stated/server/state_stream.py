@@ -17,6 +17,7 @@ import math
 import torch
 
 from stated.errors import InvalidArgument
+from stated.state_transfer import check_import_index
 from stated.v1 import state_service_pb2 as pb
 from stated_client.wire import TORCH_DTYPES, WIRE_DTYPES, tensor_from_bytes
 from stated_kernels.spec import beyond_float32
@@ -38,15 +39,10 @@ class Assembler:
 
     def header(self, header: pb.TensorStateHeader):
         done = self.finish()
-        count = len(self.session.tensors)
-        if not 0 <= header.tensor < count:
-            raise InvalidArgument(f"header.tensor is {header.tensor} but the session has {count} tensors")
-        if header.tensor in self.seen:
-            raise InvalidArgument(f"header.tensor {header.tensor} appears twice in one ImportState stream")
+        check_import_index(self.session, header.tensor, self.seen)  # the store's own check, as it streams
         if len(header.fields) > MAX_STATE_FIELDS:
             raise InvalidArgument(f"header.fields of tensor {header.tensor} names {len(header.fields)} fields; a "
                                   f"tensor's state has at most {MAX_STATE_FIELDS}")
-        self.seen.add(header.tensor)
         if not header.step >= 0 or beyond_float32(header.step):
             raise InvalidArgument(f"header.step for tensor {header.tensor} is {header.step}; it must be >= 0 "
                                   f"and finite as a float32 (the reference keeps it as one)")
@@ -71,10 +67,10 @@ class Assembler:
         if any(n > MAX_SIZE for n in shape):
             raise InvalidArgument(f"chunk.shape {list(shape)} of tensor {tensor} field {chunk.field!r} has a size "
                                   f"above {MAX_SIZE}, the largest a tensor can have")
-        numel = self.session.tensors[tensor].info.numel
-        if math.prod(shape) > numel:
+        numel, elements = self.session.tensors[tensor].info.numel, math.prod(shape)
+        if elements > numel:
             raise InvalidArgument(f"chunk.shape {list(shape)} of tensor {tensor} field {chunk.field!r} has "
-                                  f"{math.prod(shape)} elements, more than the tensor's {numel}; no state field is "
+                                  f"{elements} elements, more than the tensor's {numel}; no state field is "
                                   f"larger than its parameter")
         buf = data.setdefault(chunk.field, bytearray())
         if meta.setdefault(chunk.field, (dtype, shape)) != (dtype, shape):
@@ -86,9 +82,9 @@ class Assembler:
         if chunk.offset * size != len(buf):
             raise InvalidArgument(f"chunk.offset {chunk.offset} of tensor {tensor} field {chunk.field!r} does not "
                                   f"follow the previous chunk (expected {len(buf) // size})")
-        if len(buf) + len(chunk.data) > math.prod(shape) * size:
+        if len(buf) + len(chunk.data) > elements * size:
             raise InvalidArgument(f"chunk of tensor {tensor} field {chunk.field!r} brings its data to "
-                                  f"{len(buf) + len(chunk.data)} bytes, beyond the {math.prod(shape) * size} of its "
+                                  f"{len(buf) + len(chunk.data)} bytes, beyond the {elements * size} of its "
                                   f"shape {list(shape)} in {str(dtype).removeprefix('torch.')}")
         buf.extend(chunk.data)
         return None
