@@ -49,15 +49,15 @@ def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="run the daemon", description=(
         "Run the stated daemon: it holds optimizer state for every trainer on this node and applies their "
         "steps. Trainers reach it through stated.AdamW(...) and friends. Stop it with SIGTERM or Ctrl-C: "
-        "sessions are checkpointed (see --shutdown-timeout), shared memory and the socket are removed, and the "
+        "sessions are checkpointed (see --shutdown-timeout), the arenas are freed and the socket removed, and the "
         "checkpoints stay under --state-dir for the next daemon, which recovers them."))
     serve.add_argument("--socket", default=None, metavar="PATH",
                        help=f"unix socket to listen on (default: ${ENV_ADDRESS} if it is a path, else "
                             f"{default_socket()}); the socket is 0600, a missing directory is created 0700 "
                             f"(an existing one keeps its mode), and PATH.lock keeps a second daemon off it")
     serve.add_argument("--group", default=None, metavar="NAME",
-                       help="let members of this group connect: socket and shared memory 0660, a directory "
-                            "that --socket creates 0750")
+                       help="let members of this group connect: the socket (and step socket) 0660, a directory "
+                            "that --socket creates 0750; each session's arenas still go only to that session")
     serve.add_argument("--metrics-addr", default="127.0.0.1:9464", metavar="HOST:PORT",
                        help="where to serve Prometheus metrics at /metrics (default: 127.0.0.1:9464; port 0 "
                             "picks a free port; 'none' turns the endpoint off)")

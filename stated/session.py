@@ -1,8 +1,9 @@
 """One attached trainer process (job, rank): its tensors, arenas, per-tensor state and pages.
 
-A session owns the shared-memory arenas it created for its tensors (one param and one grad arena per
-Register call, a "region"; a region on a CUDA device has no arenas here: the client shares its device
-buffers with the session's CUDA backend), the resident per-tensor state of the algorithm, and its page table. The
+A session owns the arenas it created for its tensors: one param and one grad arena per Register call, a
+"region", each an anonymous memory file whose descriptor only the session's own trainer is sent
+(stated.arena_memory); a region on a CUDA device has no arenas here, for the client shares its device
+buffers with the session's CUDA backend. It also owns the resident per-tensor state of the algorithm, and its page table. The
 pager decides where pages live and moves them; the engine runs steps over them, binding each page it
 gets from the pager to that buffer for the backend.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 
-from stated import layout, shm
+from stated import arena_memory, layout
 from stated.errors import InvalidArgument
 from stated.inconsistency import Inconsistency
 from stated.layout import Page, TensorPlace
@@ -37,11 +38,11 @@ log = logging.getLogger("stated.session")
 
 @dataclasses.dataclass
 class Region:
-    params: shm.Segment | None  # None on a CUDA device
-    grads: shm.Segment | None
+    params: arena_memory.Segment | None  # None on a CUDA device
+    grads: arena_memory.Segment | None
     tensors: range
     pages: range
-    device: str = ""  # "" for shared memory, else the CUDA device's UUID
+    device: str = ""  # "" for host memory (arenas), else the CUDA device's UUID
     arena_bytes: int = 0  # bytes of each of the region's param and grad buffers
 
 
@@ -63,8 +64,7 @@ class Session:
     pager: Pager  # set by the store at Attach, before any other use (stated.paging.daemon_paging)
 
     def __init__(self, session_id: str, token: bytes, job: str, rank: int, pid: int,
-                 algorithm: Algorithm, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
-                 master_weights: bool = False):
+                 algorithm: Algorithm, page_bytes: int, master_weights: bool = False):
         self.id = session_id
         self.token = token
         self.job = job
@@ -73,8 +73,6 @@ class Session:
         self.algorithm = algorithm
         self.master = master_weights
         self.page_bytes = page_bytes
-        self.shm_mode = shm_mode
-        self.shm_gid = shm_gid
         self.created = time.time()
         self.groups: list[Hyperparameters] = []
         self.tensors: list[TensorPlace] = []
@@ -163,9 +161,10 @@ class Session:
                                  self.algorithm.block_elements, len(self.regions), len(self.table))
         params = grads = None
         if not device:
-            params = shm.Segment.create("params", arena_bytes, self.shm_mode, self.shm_gid)
+            arena_memory.check_room(2 * max(arena_bytes, 1), "the param and grad arenas")
+            params = arena_memory.Segment.create("params", arena_bytes)
             try:
-                grads = shm.Segment.create("grads", arena_bytes, self.shm_mode, self.shm_gid)
+                grads = arena_memory.Segment.create("grads", arena_bytes)
             except BaseException:
                 params.close()
                 raise
@@ -192,6 +191,16 @@ class Session:
                 self.tensor_pages.setdefault(seg.tensor, []).append((page.index, position))
         self.dtype = infos[0].dtype
         return region, pages
+
+    def host_region(self, index: int) -> Region:
+        """Region `index`, whose arenas a trainer asks for (stated.server.step_channel)."""
+        if not 0 <= index < len(self.regions):
+            raise InvalidArgument(f"region is {index} but the session has {len(self.regions)} regions")
+        region = self.regions[index]
+        if region.params is None:
+            raise InvalidArgument(f"region {index} lives on CUDA device {region.device}: its buffers are the "
+                                  f"trainer's, it has no arenas to send")
+        return region
 
     def drop_last_region(self) -> None:
         """Undoes the last add_region (its pages could not be given room on disk)."""
@@ -295,7 +304,7 @@ class Session:
         return full
 
     def close(self) -> None:
-        """Frees the arenas; the segments' names disappear at once."""
+        """Frees the arenas (a trainer's mapping keeps its memory until the trainer lets go of it)."""
         self.closed = True
         self.bindings.clear()
         self.param_views.clear()

@@ -10,13 +10,12 @@ import errno
 import hmac
 import logging
 import math
-import os
 import secrets
 import threading
 
 import torch
 
-from stated import job_accounting, job_owners, shm
+from stated import job_accounting, job_owners
 from stated.backends.base import Backend
 from stated.durability import job_files
 from stated.durability import resume as resuming
@@ -64,7 +63,7 @@ def check_job_name(job: str) -> None:
 
 
 class Store(StateTransfer):
-    def __init__(self, backend: Backend, page_bytes: int, shm_mode: int = 0o600, shm_gid: int | None = None,
+    def __init__(self, backend: Backend, page_bytes: int,
                  paging: Paging | None = None, cuda_backend=None, state_dir: str = "",
                  retain_seconds: float = DEFAULT_RETAIN_SECONDS, checkpoint_every: int = 0,
                  limits: Limits | None = None):
@@ -76,8 +75,6 @@ class Store(StateTransfer):
         self._cuda: Backend | None = None
         self.engine = Engine()
         self.page_bytes = page_bytes
-        self.shm_mode = shm_mode
-        self.shm_gid = shm_gid
         self.sessions: dict[str, Session] = {}
         self.by_job_rank: dict[tuple[str, int], str] = {}
         self.paging = paging or Paging(Metrics())
@@ -124,7 +121,7 @@ class Store(StateTransfer):
 
     def new_session(self, job: str, rank: int, algo, pid: int, master_weights: bool) -> Session:
         session = Session(secrets.token_hex(8), secrets.token_bytes(16), job, rank, pid, algo,
-                          self.page_bytes, self.shm_mode, self.shm_gid, master_weights)
+                          self.page_bytes, master_weights)
         session.backend = self.backend  # until it registers CUDA tensors
         session.pager = self.paging.new_pager(session)
         return session
@@ -298,8 +295,6 @@ class Store(StateTransfer):
         element_size = infos[0].dtype.itemsize
         full = [{**session.algorithm.defaults(), **hp} for hp in groups]
         arenas = 0 if device else 2 * sum(t.numel for t in infos) * element_size
-        if not device:
-            self._check_shm_room(arenas)
         check_job_bytes(self.limits, session.job, job_accounting.job_bytes(self, session.job),
                         arenas + job_accounting.promised_state(session, full, infos, first_group))
         region, pages = session.add_region(full, infos, device)
@@ -352,14 +347,6 @@ class Store(StateTransfer):
                 raise InvalidArgument(f"{name}.size_bytes is {size} but region {region_index} needs "
                                       f"{region.arena_bytes} bytes")
         session.backend.share(session, region_index, params, grads)
-
-    @staticmethod
-    def _check_shm_room(nbytes: int) -> None:
-        stat = os.statvfs(shm.SHM_DIR)
-        free = stat.f_bavail * stat.f_frsize
-        if nbytes > free:
-            raise ResourceExhausted(f"the arenas need {nbytes} bytes of shared memory but {shm.SHM_DIR} has "
-                                    f"{free} bytes free")
 
     # --- steps ----------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from stated.v1 import state_service_pb2 as pb
-from stated_client import arenas, device_buffers, fork_guard
+from stated_client import arena_receiving, arenas, device_buffers, fork_guard
 from stated_client.connection import connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
 from stated_client.identity import default_job, resolve_rank
@@ -108,6 +108,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         except BaseException:
             _close_session(self._connection, self._session)  # a refused Watch leaves nothing attached
             raise
+        self._step_socket = reply.step_socket  # where the arenas come from (stated_client.arena_receiving)
         self._step_line = StepLine.open(reply.step_socket, self._session, self._watch)
         self._finalizer = weakref.finalize(self, _close_session, self._connection, self._session, self._watch,
                                            self._step_line, self._keep)
@@ -236,8 +237,8 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
                 param_arena = device_buffers.allocate(reply.arena_bytes, device)
                 grad_arena = device_buffers.allocate(reply.arena_bytes, device)
             else:
-                param_arena = arenas.map_segment(reply.param_arena, reply.arena_bytes)
-                grad_arena = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
+                param_arena, grad_arena = arena_receiving.receive(self._step_socket, self._session, reply.region,
+                                                                  reply.arena_bytes, self._connection.timeout)
         except StatedError:
             self.param_groups.pop()  # the group was never registered: leave the optimizer as it was
             raise

@@ -1,6 +1,6 @@
 """What client and daemon agree on beside the protobuf messages, written once, on the client's side of
-the wire: the gRPC service name and message limits, the step channel's socket and framing, and the names
-of shared-memory segments. The daemon imports these from here (the client imports nothing of the daemon).
+the wire: the gRPC service name and message limits, the step channel's socket and framing (which also carries
+the arenas' file descriptors). The daemon imports these from here (the client imports nothing of the daemon).
 
 It loads neither torch nor grpc: the daemon's start-up and `stated status` import it too.
 
@@ -13,6 +13,11 @@ is little-endian. A frame is a 4-byte length, a 1-byte kind and a payload:
             StepResponse
     kind 1  an error, from the daemon: "<gRPC status name>\\n<message>"; after a refused SessionRef or a
             malformed frame the daemon closes the connection, after a refused step it goes on
+    kind 2  an arena request, on a connection that authenticated (its SessionRef was accepted): the payload
+            is the region's index (uint32); the daemon answers with a kind-2 frame holding the arenas'
+            size (uint64) and, as SCM_RIGHTS on its first byte, two file descriptors: the region's param
+            and grad arenas (Note [arenas as file descriptors] in stated.arena_memory), then goes on; a
+            refused request gets a kind-1 error and the connection goes on
     kind 3  a credential request, as the first and only frame, empty: the daemon answers with a kind-0
             frame holding a credential for the connection's uid (Note [job owners] in
             stated.server.credentials) and closes the connection
@@ -38,8 +43,10 @@ MAX_RANK = (1 << 32) - 1
 # --- the step channel ------------------------------------------------------------------------------
 
 HEADER = struct.Struct("<IB")
-MESSAGE, ERROR = 0, 1
-CREDENTIAL = 3
+MESSAGE, ERROR, ARENAS, CREDENTIAL = 0, 1, 2, 3
+REGION = struct.Struct("<I")  # an arena request's payload
+ARENA_SIZE = struct.Struct("<Q")  # the payload of the answer, beside its two descriptors
+ARENA_FDS = 2
 # has_grad holds one byte per tensor (up to 1M tensors per Register) and groups a few scalars each.
 MAX_FRAME_BYTES = 64 << 20
 # The first frame, a SessionRef (a 16-character id and a 16-byte token), with room: the daemon reads no
@@ -67,13 +74,6 @@ def parse_error(payload: bytes) -> tuple[str, str]:
     """The status name and the message of an error frame's payload."""
     status, _, message = payload.decode(errors="replace").partition("\n")
     return status, message
-
-
-# --- shared memory ---------------------------------------------------------------------------------
-
-SHM_DIR = "/dev/shm"
-# The daemon names every segment with this prefix; the client maps no other name.
-PREFIX = "stated-"
 
 
 # --- the admin token (Note [who sees what] in stated.server.admin_file) ------------------------------

@@ -112,7 +112,7 @@ class StepLine:
             pass  # already closed
 
     def _receive(self) -> bytes:
-        return _receive(self.sock)
+        return receive_payload(self.sock)
 
     def close(self) -> None:
         self.sock.close()
@@ -128,7 +128,7 @@ def fetch_credential(path: str, timeout: float | None) -> bytes:
         sock.connect(path)
         check_peer(sock, path)
         sock.sendall(frame(CREDENTIAL, b""))
-        return _receive(sock)
+        return receive_payload(sock)
     except PermissionDeniedError as exc:  # check_peer: someone else holds the step socket; nothing was sent
         log.warning("stated: the step socket %s is refused (%s); attaching without a credential", path, exc)
         return b""
@@ -139,16 +139,16 @@ def fetch_credential(path: str, timeout: float | None) -> bytes:
         sock.close()
 
 
-def _receive(sock: socket.socket) -> bytes:
+def receive_payload(sock: socket.socket) -> bytes:
     """The payload of the daemon's next frame; an error frame raises its StatedError."""
-    length, kind = HEADER.unpack(_exactly(sock, HEADER.size))
-    payload = _exactly(sock, length)
+    length, kind = HEADER.unpack(read_exactly(sock, HEADER.size))
+    payload = read_exactly(sock, length)
     if kind == ERROR:
         raise from_status(*parse_error(payload))
     return payload
 
 
-def _exactly(sock: socket.socket, n: int) -> bytes:
+def read_exactly(sock: socket.socket, n: int) -> bytes:
     chunks, got = [], 0
     while got < n:
         chunk = sock.recv(n - got)

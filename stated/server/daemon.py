@@ -12,6 +12,7 @@ are still this daemon's; the checkpoints stay for the next daemon.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import errno
 import fcntl
@@ -19,13 +20,13 @@ import glob
 import grp
 import logging
 import os
+import resource
 import signal
 import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from stated import shm
 from stated.backends.cpu import CpuBackend
 from stated.backends.cpu_workers import CpuWorkers
 from stated.metrics import Metrics
@@ -36,13 +37,14 @@ from stated.limits import Limits
 from stated.server.private_socket import private_socket
 from stated.server.servicer import StateServicer
 from stated.server.socket_guard import SocketGuard
-from stated.server.step_channel import StepChannel
+from stated.server.step_channel import StepChannel, check_path as check_step_path
 from stated.durations import DEFAULT_RETAIN_SECONDS
 from stated.store import Store
 from stated.v1 import state_service_pb2_grpc as pb_grpc
 from stated_client.address import socket_path
 from stated_client.protocol import MESSAGE_OPTIONS, SERVICE_NAME, channel_path
 
+PR_SET_DUMPABLE = 4
 log = logging.getLogger("stated.server.daemon")
 
 
@@ -86,14 +88,14 @@ class Daemon:
             raise RuntimeError(f"--group {config.group!r} is not a group on this machine") from None
         self._state_lock = _hold_state_dir(config.state_dir) if config.state_dir else None
         self.path = socket_path(config.socket) or config.socket
+        check_step_path(channel_path(self.path))  # before anything is created
         self.socket_guard = SocketGuard(self.path, self.gid)
         self.metrics = Metrics()
-        mode = 0o660 if self.gid is not None else 0o600
         self.cpu_workers = CpuWorkers(config.cpu_threads) if config.cpu_threads else None
         backend = CpuBackend(self.cpu_workers)
         paging = Paging(self.metrics, host_memory=config.host_memory, state_dir=config.state_dir,
                         prefetch_depth=config.prefetch_depth)
-        self.store = Store(backend, config.page_bytes, shm_mode=mode, shm_gid=self.gid, paging=paging,
+        self.store = Store(backend, config.page_bytes, paging=paging,
                            cuda_backend=self._make_cuda_backend, state_dir=config.state_dir,
                            retain_seconds=config.retain_seconds, checkpoint_every=config.checkpoint_every,
                            limits=config.limits)
@@ -116,9 +118,6 @@ class Daemon:
         # First of all: a second daemon on this socket refuses here (Note [one daemon per socket]).
         self.socket_guard.acquire()
         self.admin.create()  # Note [who sees what]
-        stale = shm.sweep_stale()
-        if stale:
-            log.info("removed %d shared memory segments left by daemons that are gone", len(stale))
         self._recover()
         server = grpc.aio.server(options=MESSAGE_OPTIONS,
                                  maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
@@ -241,10 +240,32 @@ def state_dir_unusable(directory: str, exc: OSError) -> str:
             f"directory this user can write (it holds the checkpoints and the page files)")
 
 
+def _guard_process() -> None:
+    """What `stated serve` sets on its own process (not on a daemon run inside another, as tests do):
+    not dumpable, so that its own user cannot open its arenas through /proc/<pid>/fd or attach a
+    debugger to read them (Note [arenas as file descriptors] in stated.arena_memory); and as many open
+    files as the hard limit allows, for every CPU region holds two arena descriptors."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            log.warning("could not make the daemon non-dumpable (errno %d): processes of its user can open "
+                        "its arenas through /proc", ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        log.warning("could not make the daemon non-dumpable (%s): processes of its user can open its arenas "
+                    "through /proc", exc)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # a soft limit below the hard one stays; memfd_create's EMFILE says what to raise
+
+
 def serve(config: DaemonConfig) -> int:
     import uvloop
 
     daemon = None
+    _guard_process()
     try:
         daemon = Daemon(config)
         uvloop.run(daemon.run())

@@ -239,10 +239,7 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         self._update_gauges()
         placements = [pb.TensorPlacement(index=info.index, offset_bytes=session.tensors[info.index].offset_bytes)
                       for info in infos]
-        on_device = region.params is None
-        return pb.RegisterResponse(param_arena="" if on_device else region.params.name,
-                                   grad_arena="" if on_device else region.grads.name,
-                                   arena_bytes=region.arena_bytes,
+        return pb.RegisterResponse(arena_bytes=region.arena_bytes,
                                    placements=placements, first_group=first_group, state_bytes=state_bytes,
                                    region=session.regions.index(region), resumed=resumed)
 
@@ -301,6 +298,20 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         finally:
             if not handed:
                 lock.release()
+
+    def send_arenas(self, session_id: str, token: bytes, region_index: int, send) -> None:
+        """Hands region `region_index`'s arena sizes and descriptors to `send(nbytes, fds)`, from a step channel
+        thread, under the session's lock: a Register that fails half-way closes its region, and the numbers
+        of its descriptors may then name another session's arenas."""
+        self._check_serving()
+        session = self.store.get(session_id, token)
+        lock = self.locks.get(session.id)
+        if lock is None:
+            raise NotFound(f"session {session.id} is detaching")
+        with lock:
+            self._check_attached(session)
+            region = session.host_region(region_index)
+            send(region.arena_bytes, [region.params.fd, region.grads.fd])
 
     def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
         self._check_serving()

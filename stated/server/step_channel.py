@@ -1,5 +1,8 @@
 """The step channel: Step requests over a plain unix socket beside the gRPC one.
 
+It also hands each session its arenas' file descriptors (frame kind 2, Note [arenas as file descriptors]
+in stated.arena_memory), so every daemon has this socket.
+
 A step is one round trip, and on small models that round trip is most of the cost stated adds: a gRPC
 unary call takes about 1 ms on a 2-vCPU machine (several thread hand-offs on each side), a plain
 unix socket ping-pong about 0.1 ms (PERFORMANCE.md). So the daemon also listens on `<socket>.step`
@@ -47,8 +50,8 @@ from stated.server.status_codes import refusal
 from stated.v1 import state_service_pb2 as pb
 from stated.job_owners import check_owner
 from stated.server.credentials import peer_uid
-from stated_client.protocol import (CREDENTIAL, HEADER, MAX_FRAME_BYTES, MAX_HELLO_BYTES, MAX_SOCKET_PATH, MESSAGE,
-                                    error_frame, frame)
+from stated_client.protocol import (ARENA_SIZE, ARENAS, CREDENTIAL, HEADER, MAX_FRAME_BYTES, MAX_HELLO_BYTES,
+                                    MAX_SOCKET_PATH, MESSAGE, REGION, STEP_SUFFIX, error_frame, frame)
 
 log = logging.getLogger("stated.server.step_channel")
 
@@ -75,12 +78,9 @@ class StepChannel:
         self.numbers = itertools.count(1)
 
     async def start(self, path: str, gid: int | None) -> None:
-        """Listens on `path`; when the path is too long for a unix socket, offers no channel (clients then
-        step over gRPC) and says so."""
-        if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-            log.warning("no step channel: %s is longer than a unix socket path may be (%d bytes); steps go over "
-                        "gRPC, about 1 ms slower each; a shorter --socket path turns it on", path, MAX_SOCKET_PATH)
-            return
+        """Listens on `path`; refuses (RuntimeError) a path too long for a unix socket: trainers receive
+        their arenas over this socket (Note [arenas as file descriptors] in stated.arena_memory)."""
+        check_path(path)
         try:
             os.unlink(path)  # this daemon holds the socket's lock, so this one's owner is gone
         except FileNotFoundError:
@@ -168,9 +168,13 @@ class StepChannel:
             idle = self.limits.step_idle_timeout
             conn.settimeout(None if idle == float("inf") else idle)
             while session is not None:
-                payload = self._read(conn, header, step_frame_limit(len(session.tensors), len(session.groups)))
+                payload = self._read(conn, header, step_frame_limit(len(session.tensors), len(session.groups)),
+                                     also=ARENAS)
                 if payload is None:
                     return
+                if HEADER.unpack(header)[1] == ARENAS:
+                    self._arenas(conn, session, payload)
+                    continue
                 reply, go_on = self._step(session, payload)
                 conn.sendall(reply)
                 if not go_on:
@@ -198,9 +202,25 @@ class StepChannel:
             return self._refuse(exc), True
         return frame(MESSAGE, response.SerializeToString()), True
 
-    def _refuse(self, exc: Exception) -> bytes:
+    def _arenas(self, conn: socket.socket, session, payload: bytearray) -> None:
+        """Answers an arena request with the region's two descriptors (Note [arenas as file descriptors] in
+        stated.arena_memory), or a refusal; the connection goes on either way."""
+        def send(nbytes: int, fds: list[int]) -> None:
+            socket.send_fds(conn, [frame(ARENAS, ARENA_SIZE.pack(nbytes))], fds)
+
+        try:
+            if len(payload) != REGION.size:
+                raise InvalidArgument(f"an arena request holds a region index of {REGION.size} bytes, this one "
+                                      f"has {len(payload)}")
+            self.servicer.send_arenas(session.id, session.token, REGION.unpack(payload)[0], send)
+        except OSError:
+            raise  # the connection broke: _serve ends it
+        except Exception as exc:  # noqa: BLE001 - refused, and the connection goes on
+            conn.sendall(self._refuse(exc, "the arena request"))
+
+    def _refuse(self, exc: Exception, method: str = "Step") -> bytes:
         """The error frame for a refusal or a failure, counted as a gRPC call's is (stated.server.status_codes)."""
-        return error_frame(*refusal(exc, self.servicer.metrics, "Step"))
+        return error_frame(*refusal(exc, self.servicer.metrics, method))
 
     def _timed_out(self, conn: socket.socket, session) -> None:
         """Tells a connection that its --step-auth-timeout or --step-idle-timeout ran out (it is closed next)."""
@@ -265,9 +285,20 @@ class StepChannel:
         return payload
 
 
+KIND_NAMES = {ARENAS: "an arena request", CREDENTIAL: "a credential request"}
+
+
+def check_path(path: str) -> None:
+    """RuntimeError, saying what to do, when the step socket's `path` cannot be a unix socket's."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise RuntimeError(f"the step socket {path} is longer than a unix socket path may be ({MAX_SOCKET_PATH} "
+                           f"bytes), and trainers receive their arenas over it; give --socket a path of at most "
+                           f"{MAX_SOCKET_PATH - len(STEP_SUFFIX)} bytes")
+
+
 def _frame_problem(kind: int, length: int, limit: int, hello: bool, also: int = MESSAGE) -> Exception:
     if kind not in (MESSAGE, also):
-        expected = "a message (0)" + (f" or a credential request ({also})" if also != MESSAGE else "")
+        expected = "a message (0)" + (f" or {KIND_NAMES[also]} ({also})" if also != MESSAGE else "")
         return InvalidArgument(f"frame kind {kind} is not {expected}")
     if hello:
         return InvalidArgument(f"a first frame of {length} bytes cannot be a SessionRef: before it has "

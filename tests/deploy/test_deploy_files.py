@@ -72,7 +72,7 @@ def test_rules_parse_and_use_exported_metrics():
     assert "> 0.20" in stall["expr"] and stall["for"] == "10m"
 
 
-def test_daemonset_shares_socket_shm_and_state_dir():
+def test_daemonset_shares_socket_ipc_and_state_dir():
     docs = list(_yaml().safe_load_all((DEPLOY / "kubernetes" / "daemonset.yaml").read_text()))
     ds = next(d for d in docs if d["kind"] == "DaemonSet")
     pod = ds["spec"]["template"]
@@ -112,7 +112,7 @@ def test_systemd_unit():
     assert one["Restart"] == "on-failure" and one["KillSignal"] == "SIGTERM"
     assert one["LimitMEMLOCK"] == "infinity"
     assert one["RuntimeDirectory"] == "stated" and one["StateDirectory"] == "stated"
-    # Settings that would break CUDA devices or the shared /dev/shm arenas must stay off.
+    # Settings that would break CUDA devices or CUDA IPC between daemon and trainers must stay off.
     for key in ("PrivateDevices", "PrivateIPC", "ProtectClock", "MemoryDenyWriteExecute"):
         assert one.get(key, "no") == "no", key
     exec_start = one["ExecStart"].split()

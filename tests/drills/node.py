@@ -10,7 +10,7 @@ import threading
 from drills import state_dir
 from drills.units import Unit
 from stated.v1 import state_service_pb2 as pb
-from support.daemon import DaemonProcess
+from support.daemon import DaemonProcess, named_segments
 
 PAGE = 64 << 10
 # What a daemon's log says when a checkpoint it finds is damaged, or when anything went wrong.
@@ -92,9 +92,8 @@ class Node:
         return problems
 
     def leaked_segments(self) -> list[str]:
-        """Shared memory segments any of this node's daemons left."""
-        prefixes = tuple(f"stated-{pid}-" for pid in self.pids)
-        return [n for n in os.listdir("/dev/shm") if n.startswith(prefixes)]
+        """stated names in /dev/shm after this node's daemons: arenas are memfds, so there must be none."""
+        return named_segments()
 
 
 def resume(unit: Unit, address: str, step: int) -> list[str]:

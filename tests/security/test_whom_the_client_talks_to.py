@@ -8,7 +8,6 @@ impostor below are real processes that this suite, run as root, starts under tha
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
@@ -153,42 +152,53 @@ def test_an_unknown_user_to_trust_is_an_error_naming_it(spawn, clean_env):
 
 
 IMPOSTOR = textwrap.dedent("""
-    import os, socket, sys
+    import os, socket, sys, time
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sys.argv[1])
     os.chmod(sys.argv[1], 0o666)
     os.setgroups([]); os.setgid(65534); os.setuid(65534)  # the peer credentials are those at listen()
     listener.listen(8)
     print("listening", flush=True)
-    conn, _ = listener.accept()
-    conn.settimeout(5)
-    received = b""
-    try:
-        while chunk := conn.recv(65536):
-            received += chunk
-    except OSError:
-        pass
-    print(len(received), flush=True)
+    received, connections, deadline = b"", 0, time.monotonic() + float(sys.argv[2])
+    while (left := deadline - time.monotonic()) > 0:
+        listener.settimeout(left)
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            break
+        connections += 1
+        conn.settimeout(2)
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+        conn.close()
+    print(connections, len(received), flush=True)
 """)
 
 
 @needs_root
-def test_a_step_channel_held_by_another_user_gets_no_token(spawn, clean_env, caplog):
-    """A daemon of this user whose step-channel socket another user's process took over: the client
-    steps over gRPC, and the impostor receives nothing (the session's token goes first on that socket)."""
+def test_a_step_socket_held_by_another_user_gets_no_token_and_sends_no_arenas(spawn, clean_env):
+    """A daemon of this user whose step socket another user's process took over: the client cannot receive
+    its arenas there, so creating the optimizer fails with PermissionDeniedError naming the socket and
+    the uid, leaves nothing attached, and the impostor receives nothing (the session's token goes first
+    on that socket, and only after check_peer)."""
     proc = spawn("own")
     path = channel_path(proc.socket)
     os.unlink(path)
-    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, path], stdout=subprocess.PIPE, text=True)
+    impostor = subprocess.Popen([sys.executable, "-c", IMPOSTOR, path, "8"], stdout=subprocess.PIPE, text=True)
     try:
         assert impostor.stdout.readline().strip() == "listening"
-        with caplog.at_level(logging.WARNING, logger="stated_client"):
-            opt, same = train_beside_torch(proc.address)
-        assert opt._step_line is None and same
-        assert any(path in r.getMessage() and "uid 65534" in r.getMessage() for r in caplog.records), caplog.text
-        opt.close()
+        with pytest.raises(stated.PermissionDeniedError) as info:
+            train_beside_torch(proc.address)
+        assert path in str(info.value) and "65534" in str(info.value), info.value
+        channel, stub = proc.stub()
+        with channel:
+            assert [s for s in stub.GetStats(proc.everything(), timeout=10).sessions if s.job == "whom"] == []
         assert impostor.wait(timeout=30) == 0
-        assert impostor.stdout.read().strip() == "0"
+        connections, received = map(int, impostor.stdout.read().split())
+        assert connections >= 2 and received == 0  # the credential request and the arena request
     finally:
         impostor.kill()
         impostor.wait()

@@ -90,12 +90,13 @@ class DaemonProcess:
                 for family in text_string_to_metric_families(self.scrape()) for s in family.samples}
 
     def segments(self) -> list[str]:
-        """Shared memory segments this daemon created (their names carry its pid)."""
-        prefix = f"stated-{self.process.pid}-"
-        return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+        """The arenas this daemon holds open, as "params:<inode>" / "grads:<inode>" (its memfds, seen through
+        /proc/<pid>/fd: the tests run as root, whom the daemon's being non-dumpable does not stop)."""
+        return arenas_of(f"/proc/{self.process.pid}") if self.process is not None else []
 
     def leaked_segments(self) -> list[str]:
-        return self.segments() if self.process is not None else []
+        """stated names in /dev/shm: arenas are memfds now, so there must never be any."""
+        return named_segments()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process is None:
@@ -109,3 +110,25 @@ class DaemonProcess:
                 self.process.wait()
         self._log.close()
         return self.process.returncode
+
+
+def arenas_of(proc: str) -> list[str]:
+    """The stated arenas (memfds) a process holds open, as "<kind>:<inode>"."""
+    found = set()
+    try:
+        names = os.listdir(f"{proc}/fd")
+    except OSError:
+        return []
+    for name in names:
+        try:
+            target = os.readlink(f"{proc}/fd/{name}")
+            if target.startswith("/memfd:stated-"):
+                found.add(f"{target.split()[0].removeprefix('/memfd:stated-')}:{os.stat(f'{proc}/fd/{name}').st_ino}")
+        except OSError:
+            continue  # closed meanwhile
+    return sorted(found)
+
+
+def named_segments() -> list[str]:
+    """Names under /dev/shm that look like stated's (tests' own scratch directories aside)."""
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("stated-") and not n.startswith("stated-test-"))

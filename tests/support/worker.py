@@ -31,13 +31,14 @@ def wait_for_line() -> None:
 
 
 def mapped_segments() -> list[str]:
-    """The stated shared memory segments this process has mapped (from /proc/self/maps)."""
+    """The stated arenas this process has mapped, as "<kind>:<inode>" (from /proc/self/maps, whose lines
+    end in inode and /memfd:stated-<kind> (deleted))."""
     names = set()
     with open("/proc/self/maps") as maps:
         for line in maps:
-            path = line.split()[-1]
-            if path.startswith("/dev/shm/stated-"):
-                names.add(os.path.basename(path))
+            fields = line.split()
+            if len(fields) >= 6 and fields[5].startswith("/memfd:stated-"):
+                names.add(f"{fields[5].removeprefix('/memfd:stated-')}:{fields[4]}")
     return sorted(names)
 
 

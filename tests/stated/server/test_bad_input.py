@@ -20,7 +20,7 @@ import torch
 
 import stated
 from stated.v1 import state_service_pb2 as pb
-from stated_client import arenas
+from stated_client import arena_receiving
 
 F32 = pb.D_TYPE_FLOAT32
 SHAPES = ([3, 4], [5])  # two tensors, 17 elements
@@ -47,8 +47,19 @@ def stub(daemon):
 
 
 def attach(stub, algorithm: str = "adamw", job: str | None = None, rank: int = 0) -> pb.SessionRef:
+    return attach_with_socket(stub, algorithm, job, rank)[0]
+
+
+def attach_with_socket(stub, algorithm: str = "adamw", job: str | None = None,
+                       rank: int = 0) -> tuple[pb.SessionRef, str]:
+    """A new session and the step socket its arenas come from."""
     reply = stub.Attach(pb.AttachRequest(job=job or job_name(), rank=rank, algorithm=algorithm, pid=os.getpid()))
-    return reply.session
+    return reply.session, reply.step_socket
+
+
+def map_arenas(step_socket: str, session: pb.SessionRef, reply: pb.RegisterResponse) -> tuple[torch.Tensor, ...]:
+    """The param and grad arenas of the region `reply` announced, received as a client receives them."""
+    return arena_receiving.receive(step_socket, session, reply.region, reply.arena_bytes, 10.0)
 
 
 def registered(stub, algorithm: str = "adamw", group: pb.GroupHyperparameters | None = None) -> pb.SessionRef:
@@ -83,11 +94,10 @@ def errors_counted(daemon, code: str) -> float:
 
 def assert_serves(stub) -> None:
     """A fresh session attaches, registers, maps its arenas and steps: the daemon really updates params."""
-    session = attach(stub)
+    session, step_socket = attach_with_socket(stub)
     try:
         reply = stub.Register(pb.RegisterRequest(session=session, groups=[hp()], tensors=specs([[8]])))
-        params = arenas.map_segment(reply.param_arena, reply.arena_bytes)
-        grads = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
+        params, grads = map_arenas(step_socket, session, reply)
         offset = reply.placements[0].offset_bytes
         p = params[offset: offset + 32].view(torch.float32)
         g = grads[offset: offset + 32].view(torch.float32)
@@ -279,7 +289,7 @@ def test_absurd_shape_at_register_is_resource_exhausted(daemon, stub):
     tensors = [pb.TensorSpec(shape=[1 << 62, 1 << 62], dtype=F32)]
     refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
             lambda: stub.Register(pb.RegisterRequest(session=session, groups=[hp()], tensors=tensors)),
-            "shared memory")
+            "--max-job-bytes")
     assert daemon.segments() == segments
     stub.Detach(pb.DetachRequest(session=session))
     assert_serves(stub)

@@ -22,7 +22,8 @@ from stated_client.protocol import ERROR, HEADER, MAX_FRAME_BYTES, MESSAGE, fram
 from stated.v1 import state_service_pb2 as pb
 from stated_client import arenas
 
-from test_bad_input import attach, errors_counted, hp, registered, specs, step, stub  # noqa: F401 (fixture)
+from test_bad_input import attach, errors_counted, hp, registered, specs, step, stub  # noqa: F401 (fixtures)
+from test_bad_input import attach_with_socket, map_arenas
 
 
 class Raw:
@@ -141,9 +142,10 @@ def test_the_client_uses_the_channel_and_can_turn_it_off(address, monkeypatch):
     assert torch.equal(run(True), run(False))
 
 
-def test_a_socket_path_too_long_for_the_channel_steps_over_grpc(tmp_path):
-    """The channel's path is 5 bytes longer than the gRPC socket's; when only the latter fits in a unix
-    socket address, the daemon serves without a channel and clients step over gRPC."""
+def test_a_socket_path_too_long_for_the_step_socket_is_refused_at_start(tmp_path):
+    """The step socket's path is 5 bytes longer than the gRPC socket's; when only the latter fits in a unix
+    socket address the daemon refuses to start (trainers receive their arenas over the step socket),
+    saying how long --socket may be, and leaves nothing behind."""
     from support.daemon import DaemonProcess
 
     base = str(tmp_path / "d")
@@ -153,18 +155,12 @@ def test_a_socket_path_too_long_for_the_channel_steps_over_grpc(tmp_path):
     directory.mkdir()
     proc = DaemonProcess(directory)
     assert len(proc.socket) == 105
-    proc.start()
-    try:
-        p = torch.nn.Parameter(torch.ones(8))
-        opt = stated.AdamW([p], lr=0.1, address=proc.address)
-        assert opt._step_line is None
-        p.grad = torch.ones(8)
-        opt.step()
-        assert torch.all(p.detach() < 1)
-        opt.close()
-        assert "no step channel" in proc.log()
-    finally:
-        proc.stop()
+    with pytest.raises(RuntimeError, match="daemon exited with 1"):
+        proc.start()
+    proc.stop()
+    assert (f"the step socket {proc.socket}.step is longer than a unix socket path may be (107 bytes), and "
+            f"trainers receive their arenas over it; give --socket a path of at most 102 bytes") in proc.log()
+    assert not os.path.exists(proc.socket)
 
 
 def test_a_garbage_frame_closes_its_connection_while_another_of_the_session_steps(daemon, stub):  # noqa: F811
@@ -191,10 +187,9 @@ STEPS = 20
 def mapped(stub) -> tuple[pb.SessionRef, list[torch.Tensor]]:  # noqa: F811
     """A session with ELEMENTS registered, its parameters and (fixed) gradients written; the arenas are
     returned to keep them mapped."""
-    session = attach(stub)
+    session, step_socket = attach_with_socket(stub)
     reply = stub.Register(pb.RegisterRequest(session=session, groups=[hp()], tensors=specs([[n] for n in ELEMENTS])))
-    params = arenas.map_segment(reply.param_arena, reply.arena_bytes)
-    grads = arenas.map_segment(reply.grad_arena, reply.arena_bytes)
+    params, grads = map_arenas(step_socket, session, reply)
     for placement in reply.placements:
         n = ELEMENTS[placement.index]
         like = torch.empty(n, dtype=torch.float32)
