@@ -65,6 +65,59 @@ class BenchDaemon:
         self.log.close()
 
 
+# A trainer process for TreeTrainer: builds cpu_step's parameters (the same seed and sizes), then steps
+# its stated.AdamW on each "step" line and answers with the step's own time in seconds.
+_TRAINER = r"""
+import sys, time, torch
+import stated
+n, per_tensor, address, job = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+sizes = [per_tensor] * (n // per_tensor) + ([n % per_tensor] if n % per_tensor else [])
+g = torch.Generator().manual_seed(0)
+params = []
+for size in sizes:
+    p = torch.nn.Parameter(torch.randn(size, generator=g) * 0.02)
+    p.grad = torch.randn(size, generator=g) * 1e-3
+    params.append(p)
+opt = stated.AdamW(params, lr=1e-3, address=address, job=job)
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() != "step":
+        break
+    t0 = time.perf_counter()
+    opt.step()
+    print(time.perf_counter() - t0, flush=True)
+opt.close()
+"""
+
+
+class TreeTrainer:
+    """A trainer process whose stated client comes from `tree` (None: this checkout), stepping a
+    stated.AdamW of `n` parameters on `address`. A client only speaks its own tree's protocol, so a
+    baseline daemon gets a baseline trainer; step() returns the step's time as the trainer measured it
+    (a number, which rotated() takes as the sample)."""
+
+    def __init__(self, tree: str | None, n: int, per_tensor: int, address: str, job: str):
+        root = os.path.abspath(tree) if tree is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "client"),
+                                                           os.path.join(root, "kernels")]))
+        self.process = subprocess.Popen([sys.executable, "-c", _TRAINER, str(n), str(per_tensor), address, job],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the trainer from {root} did not start (exit status {self.process.wait()})")
+
+    def step(self) -> float:
+        self.process.stdin.write("step\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the trainer stopped (exit status {self.process.wait()})")
+        return float(answer)
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=120)
+
+
 def interleaved(candidate, baseline, samples: int, warmup: int = 2) -> tuple[list[float], list[float]]:
     """Times candidate() and baseline() alternately; returns both lists of seconds."""
     a, b = rotated([candidate, baseline], samples, warmup)

@@ -8,8 +8,10 @@ trip plus the daemon's page pass, against torch's fused kernel in the training p
     python bench/cpu_step.py [--sizes 1M,10M,50M,200M] [--samples 9] [--baseline-tree DIR]
 
 With --baseline-tree, a second daemon runs from another checkout (an older commit: `git worktree add
-DIR REV`) and its stated.AdamW steps in the same rotation (the two swap places every other round), so a change is measured against the code
-before it in one run: the last lines then also give this tree's step time over the baseline tree's.
+DIR REV`) and its stated.AdamW steps in the same rotation (the two swap places every other round), so a
+change is measured against the code before it in one run: the last lines then also give this tree's step
+time over the baseline tree's. Each stated.AdamW then runs in a trainer process of its own tree (a client
+speaks only its own tree's protocol), which times its own steps; torch's stays in this process.
 
 Targets (issue 2): ratio at most 1.10 from 50M up; at most 1 ms added per step at 1M.
 """
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-from common import BenchDaemon, human, interleaved, ratios, rotated  # noqa: E402
+from common import BenchDaemon, TreeTrainer, human, interleaved, ratios, rotated  # noqa: E402
 
 TENSOR_ELEMENTS = 4 << 20  # a model's large matrices: 4M elements each, the rest in one smaller tensor
 
@@ -78,8 +80,12 @@ def main() -> int:
         for text in args.sizes.split(","):
             n = parse_count(text)
             ref = torch.optim.AdamW(make_params(n, args.tensor_elements), lr=1e-3, fused=True)
-            ours = [stated.AdamW(make_params(n, args.tensor_elements), lr=1e-3, address=d.address,
-                                 job=f"bench-{text}") for d in daemons]
+            if args.baseline_tree:  # each daemon gets a trainer of its own tree (its client's protocol)
+                ours = [TreeTrainer(tree, n, args.tensor_elements, d.address, f"bench-{text}")
+                        for tree, d in zip([None, args.baseline_tree], daemons)]
+            else:
+                ours = [stated.AdamW(make_params(n, args.tensor_elements), lr=1e-3, address=d.address,
+                                     job=f"bench-{text}") for d in daemons]
             times = rotated([*(o.step for o in ours), ref.step], args.samples, alternate=len(ours))
             a, b = times[0], times[-1]
             median, low, high = ratios(a, b)
