@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test drill fuzz protos bench bench-checkpoint clean
+.PHONY: venv demo test drill fuzz protos bench bench-checkpoint gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: venv
 # Checkpoint time of a 200M AdamW job against torch.save and the disk's write bandwidth (BENCHMARKS.md).
 bench-checkpoint: venv
 	$(BIN)/python bench/checkpoint.py
+
+# On a GPU machine: every GPU test (tests/gpu, tests/kernels/test_cuda_parity.py) and a short
+# bench/gpu_step.py, one summary at the end, in under 10 minutes. It runs from source with the machine's
+# python3 (torch with CUDA and CuPy installed there; PYTHON=... picks another). OUT=DIR keeps the logs.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -97,8 +97,9 @@ class Session:
         self.dtype: torch.dtype | None = None
         self.closed = False
         self.owner: int | None = None  # the uid that owns the job (Note [job owners] in stated.job_owners)
-        # Pages (of CUDA regions) whose master field the backend must still fill from the parameters.
-        self.master_pending: set[int] = set()
+        # Pages (of CUDA regions) whose master field the backend must still fill from the parameters, and
+        # for which of the page's tensors (a load_state_dict that brings a tensor's master takes it out).
+        self.master_pending: dict[int, set[int]] = {}
         # The backend that runs this session's steps (set by the store: CPU, or CUDA once it registers
         # CUDA tensors).
         self.backend = None
@@ -247,7 +248,7 @@ class Session:
         CUDA region the backend copies them on the device, at the page's first use)."""
         on_device = bool(self.regions[self.table[page].page.region].device)
         if self.master and on_device:
-            self.master_pending.add(page)
+            self.master_pending[page] = {segment.tensor.index for segment in binding.segments}
         for segment in binding.segments:
             self.algorithm.init_fields(segment)
             if self.master and not on_device:

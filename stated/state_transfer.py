@@ -112,8 +112,9 @@ class StateTransfer:
 
         def write(bound) -> None:
             seg = bound.segments[positions[bound.page]]
-            if session.master and MASTER.name not in flat:
-                session.master_pending.add(bound.page)
+            if MASTER.name in flat and bound.page in session.master_pending:
+                # this tensor's master is the imported one: the device must not refill it from the parameters
+                session.master_pending[bound.page].discard(index)
             for name, view in seg.fields.items():
                 if name not in flat:
                     continue

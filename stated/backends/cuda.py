@@ -42,7 +42,7 @@ from stated_kernels.spec import Hyperparameters
 
 log = logging.getLogger("stated.cuda")
 
-INSTALL_HINT = "pip install 'stated[cuda]'"
+INSTALL_HINT = "pip install 'stated[cuda]' (a CUDA 12 driver; 'stated[cuda13]' for a CUDA 13 one, as nvidia-smi shows)"
 
 
 def load_cupy():

@@ -116,11 +116,12 @@ class LaunchTables:
         memory = cp.cuda.UnownedMemory(ptr, nbytes, None, self.ordinal)
         return cp.ndarray((count,), dtype=dtype, memptr=cp.cuda.MemoryPointer(memory, 0))
 
-    def fill_master(self, entry, page_ptr: int, params_ptr: int) -> None:
-        """Fresh master weights (Note [master weights]) from the parameters, on the kernel stream."""
+    def fill_master(self, entry, page_ptr: int, params_ptr: int, tensors: set[int]) -> None:
+        """Fresh master weights (Note [master weights]) from the parameters for the page's segments of
+        `tensors`, on the kernel stream."""
         for seg in entry.page.segments:
             place = next((f for f in seg.fields if f.field.name == MASTER.name), None)
-            if place is None:
+            if place is None or seg.tensor not in tensors:
                 continue
             source = params_ptr + self.session.tensors[seg.tensor].offset_bytes + seg.start * self.element_size
             target = page_ptr + place.offset

@@ -286,9 +286,9 @@ class DeviceSession:
         params, grads = self._pointers(entry.page.region)
         page_ptr = buffer.ptr if buffer is not None else 0
         with self.compute:
-            if page in session.master_pending:
-                self.tables.fill_master(entry, page_ptr, params)
-                session.master_pending.discard(page)
+            pending = session.master_pending.pop(page, None)
+            if pending:
+                self.tables.fill_master(entry, page_ptr, params, pending)
             for launch in self.tables.launches(entry, has_grad):
                 self.runner.page(self.compute, pass_index, launch.table, launch.nseg, launch.tiles, self.tensors_dev,
                                  params, grads, page_ptr, self.flags[launch.group])

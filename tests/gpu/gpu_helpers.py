@@ -52,13 +52,20 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 class TinyTransformer(torch.nn.Module):
-    """A transformer-like model small enough for a test: embedding, one attention block, MLP, head."""
+    """A transformer-like model small enough for a test: embedding, one attention block, MLP, head.
+
+    The attention has no biases: the key bias adds one vector to every key, which shifts each query's
+    scores by a constant, so softmax makes its gradient zero, and what the backward pass computes for it
+    is rounding noise. Adam divides that noise by its own running size, so the key bias takes steps of
+    about lr in directions set by the noise, and two optimizers that differ by an ulp part by about
+    1e-3 there within 40 steps (torch.optim.AdamW against itself with one ulp moved on the CPU: 8e-4;
+    with no attention biases, 6e-6). Everything else in the model follows its gradient."""
 
     def __init__(self, vocab: int = 97, width: int = 64, heads: int = 4):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, width)
         self.norm1 = torch.nn.LayerNorm(width)
-        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True, bias=False)
         self.norm2 = torch.nn.LayerNorm(width)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
                                        torch.nn.Linear(4 * width, width))
@@ -78,8 +85,13 @@ def tiny_model(seed: int = 0, device="cuda", dtype=torch.float32) -> TinyTransfo
 
 
 def batches(steps: int, seed: int = 3, device="cuda", batch: int = 8, length: int = 16, vocab: int = 97):
+    """Sequences with something to learn: each token is the one before plus 7 (mod vocab), from random
+    first tokens. (Uniformly random tokens cannot be predicted: the loss stays near ln(vocab), 4.57,
+    from about 4.8, so no optimizer brings it to 0.8 times its start; this one is below 0.01 in 40
+    steps of AdamW at lr 3e-3.)"""
     g = torch.Generator().manual_seed(seed)
-    data = torch.randint(0, vocab, (steps, batch, length + 1), generator=g)
+    first = torch.randint(0, vocab, (steps, batch, 1), generator=g)
+    data = (first + 7 * torch.arange(length + 1)) % vocab
     return data.to(device)
 
 

@@ -30,8 +30,9 @@ SKIP = {3: {1, 2}}  # a step where two tensors have no gradient: masked launches
 def train(daemon, cls=stated.AdamW, dtype=torch.float32, **kwargs):
     values, grads = initial(SHAPES), gradients(STEPS, SHAPES)
     params = parameters(values, CUDA, dtype)
+    # Both groups set their own lr; the default is there for CAME, whose constructor requires one.
     opt = cls([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3, "weight_decay": 0.1}],
-              address=daemon.address, job=unique("cache"), **kwargs)
+              lr=1e-2, address=daemon.address, job=unique("cache"), **kwargs)
     run(opt, params, grads, SKIP)
     return opt, params
 
@@ -78,10 +79,15 @@ def test_streaming_moves_every_page_both_ways_every_step(gpu_daemon):
     after = transfers(gpu_daemon)
     moved_in, moved_out = after["in"] - before["in"], after["out"] - before["out"]
     state_bytes = sum(8 * p.numel() for p in params)  # exp_avg and exp_avg_sq, fp32
+    # A step leaves out the pages that hold only tensors without a gradient (stated.engine; on an H200
+    # SKIP's step moved 8 pages fewer), so a step moves at least the state of the tensors that have a
+    # gradient, on at least as many pages as those bytes fill.
+    stepped = [sum(8 * p.numel() for i, p in enumerate(params) if i not in SKIP.get(step, ()))
+               for step in range(STEPS)]
     assert moved_in == moved_out  # every page goes back the way it came
     # Pages hold their fields 64-byte aligned, so they carry a little more than the state itself.
-    assert STEPS * state_bytes <= moved_in <= STEPS * state_bytes * 1.01
-    assert after["faults"] - before["faults"] >= STEPS * 24
+    assert sum(stepped) <= moved_in <= STEPS * state_bytes * 1.01
+    assert after["faults"] - before["faults"] >= sum(b // (64 << 10) for b in stepped)
     assert after["evictions"] == before["evictions"] and after["resident"] == 0
     opt.close()
 
@@ -97,7 +103,9 @@ def test_a_cache_larger_than_the_state_moves_nothing_after_the_first_step(gpu_bi
     state_in = first["in"] - start["in"]  # every page copied in once
     assert state_in >= sum(8 * p.numel() for p in params)
     assert first["out"] == start["out"]  # and none copied back
-    assert first["resident"] - start["resident"] == state_in
+    # A copy moves a page up to its last field's end (Page.extent), the gauge counts the page's state
+    # bytes as every tier does (Page.nbytes, which includes the last field's alignment padding).
+    assert state_in <= first["resident"] - start["resident"] <= state_in * 1.01
     run(opt, params, grads[1:])
     later = transfers(daemon)
     assert (later["in"], later["out"], later["faults"]) == (first["in"], first["out"], first["faults"])

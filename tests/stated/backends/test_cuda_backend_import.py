@@ -281,6 +281,32 @@ def test_import_drops_device_copies(fake_cuda, tmp_path):
     store.close_all()
 
 
+@pytest.mark.parametrize("with_master", ["every", "some"])
+def test_imported_master_weights_are_kept_on_the_device(fake_cuda, tmp_path, with_master):
+    """An import that brings master weights keeps them: the device must not refill them from the bf16
+    parameters at the next step (it did: every page was left marked for a refill). Entries without a
+    master (here the odd tensors, with "some") still get theirs from the parameters, on both backends."""
+    store, _ = make_store(fake_cuda, tmp_path, cache_pages=4)
+    values, grads = inputs(8, torch.bfloat16, seed=3)
+    cpu = Client(store, "cpu", "", torch.bfloat16, True, values)
+    gpu = Client(store, "gpu", DEVICE, torch.bfloat16, True, values)
+    for step_grads in grads[:4]:
+        cpu.step(step_grads)
+        gpu.step([g * 3 for g in step_grads])
+    exported = [(i, {k: v for k, v in e.items() if with_master == "every" or i % 2 == 0 or k != "master_param"})
+                for i, e in cpu.state().items() if e]
+    assert any("master_param" in e for _, e in exported)
+    for p, q in zip(gpu.params, cpu.params):
+        p.copy_(q)
+    store.import_state(gpu.session, exported)
+    store.import_state(cpu.session, exported)
+    for step_grads in grads[4:]:
+        cpu.step(step_grads)
+        gpu.step(step_grads)
+    assert_same(gpu, cpu)
+    store.close_all()
+
+
 def test_grad_scale_and_clipping(fake_cuda, tmp_path):
     """The multiplier reaches every launch; norms come from float64 sums (the CPU backend's from fp32
     norms), so the runs agree to rounding."""
