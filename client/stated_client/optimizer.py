@@ -88,7 +88,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         # A forked child's copy raises at every use and detaches nothing (Note [forked children]).
         self._owner = fork_guard.own(self)
         instance = next(_instances)
-        self._job = job or (default_job() + (f"-{instance}" if instance > 1 else ""))
+        self._job = job or default_job(instance)
         self._master_weights = bool(master_weights)
         reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
                                                                  algorithm=self.algorithm, pid=os.getpid(),
