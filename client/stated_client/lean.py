@@ -78,6 +78,7 @@ class Lion(SpecOptimizer):
     """Lion (lion-pytorch): sign of an interpolated momentum; 4 bytes of state per parameter."""
 
     algorithm = "lion"
+    elementwise = True  # exact on FSDP2's shards (Note [sharded parameters] in stated_client.step_inputs)
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  use_triton: bool = False, decoupled_weight_decay: bool = False, *, address: str | None = None,

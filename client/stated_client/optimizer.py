@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from stated.v1 import state_service_pb2 as pb
-from stated_client import arena_receiving, arenas, device_buffers, fork_guard
+from stated_client import arena_receiving, arenas, device_buffers, fork_guard, step_inputs
 from stated_client.connection import connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
 from stated_client.identity import default_job, resolve_rank
@@ -114,6 +114,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
                                            self._step_line, self._keep)
         self._params: list[torch.Tensor] = []
         self._grad_views: list[torch.Tensor] = []
+        self._mirrors = step_inputs.Mirrors()  # FSDP2's shards (Note [sharded parameters])
         self._arenas: list[torch.Tensor] = []
         self._device: torch.device | None = None
         self._step_number = self.resumed_step or 0
@@ -224,9 +225,11 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         params = group["params"]
         names = group.get("param_names") or [""] * len(params)
         device = self._check_device(params)
+        step_inputs.check_algorithm(self, params)
+        shards = [step_inputs.local(p.detach()) for p in params]  # a plain parameter is its own "shard"
         uuid = device_buffers.device_uuid(device) if device.type == "cuda" else ""
-        specs = [pb.TensorSpec(shape=list(p.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=self._tensor_name(name))
-                 for p, name in zip(params, names)]
+        specs = [pb.TensorSpec(shape=list(t.shape), dtype=WIRE_DTYPES[p.dtype], group=0, name=self._tensor_name(name))
+                 for p, t, name in zip(params, shards, names)]
         try:
             reply = self._connection.call("Register", pb.RegisterRequest(
                 session=self._session, groups=[self._hyperparameters(group)], tensors=specs,
@@ -243,17 +246,24 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             self.param_groups.pop()  # the group was never registered: leave the optimizer as it was
             raise
         self._arenas += [param_arena, grad_arena]
-        for p, placement in zip(params, reply.placements):
+        for p, shard, placement in zip(params, shards, reply.placements):
             if placement.index != len(self._params):
                 raise StatedError(f"the daemon placed tensor {placement.index}, expected {len(self._params)}")
-            view = arenas.view(param_arena, placement.offset_bytes, p)
+            sharded = step_inputs.is_sharded(p)
+            view = arenas.view(param_arena, placement.offset_bytes, shard)
             if not reply.resumed:  # resumed: the model takes the daemon's parameters
-                view.copy_(p.detach())
-            p.data = view
-            grad_view = arenas.view(grad_arena, placement.offset_bytes, p)
+                view.copy_(shard)
+            elif sharded:
+                shard.copy_(view)
+            if sharded:
+                self._mirrors.add(shard, view)
+            else:
+                p.data = view
+            grad_view = arenas.view(grad_arena, placement.offset_bytes, shard)
             if p.grad is not None:
-                grad_view.copy_(p.grad)
-                p.grad = grad_view
+                grad_view.copy_(step_inputs.local(p.grad))
+                if not sharded:
+                    p.grad = grad_view
             self._params.append(p)
             self._grad_views.append(grad_view)
         if uuid:
@@ -294,30 +304,20 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = 0.0
-        scaler_state = None
-        if grad_scaler is not None:
-            scaler_state = grad_scaler._per_optimizer_states[id(self)]
-            if scaler_state["stage"].name == "UNSCALED":
-                # The trainer called scaler.unscale_(opt) itself (to clip, say): torch skips the step
-                # when that found inf or nan, and so do we.
-                if any(float(v.sum()) for v in scaler_state["found_inf_per_device"].values()):
-                    self.last_step_skipped = True
-                    return loss
-            else:
-                grad_scale = float(grad_scaler.get_scale())
         self._wait_for_checkpoint()
-        has_grad = bytearray(len(self._params))
-        for i, (p, grad_view) in enumerate(zip(self._params, self._grad_views)):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise InvalidArgumentError("stated does not support sparse gradients")
-            if not arenas.is_view_of(g, grad_view):
-                grad_view.copy_(g)
-                p.grad = grad_view
-            has_grad[i] = 1
+        max_grad_norm = self.max_grad_norm
+        if self._mirrors:  # scaling and clipping across the ranks (Note [sharded parameters])
+            skip, self.last_grad_norm = step_inputs.prepare_sharded(self, self._params, grad_scaler, max_grad_norm)
+            grad_scaler = max_grad_norm = None
+            self._mirrors.into_arena()
+        else:
+            skip = step_inputs.unscaled_and_found_inf(self, grad_scaler)
+        if skip:  # torch skips a step whose unscale_ found inf or nan, and so do we
+            self.last_step_skipped = True
+            return loss
+        scaler_state = grad_scaler._per_optimizer_states[id(self)] if grad_scaler is not None else None
+        grad_scale = float(grad_scaler.get_scale()) if scaler_state and scaler_state["stage"].name != "UNSCALED" else 0.0
+        has_grad = step_inputs.gather_gradients(self._params, self._grad_views)
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
         with self._lock:
@@ -325,7 +325,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             request = pb.StepRequest(
                 session=self._session, step=self._step_number,
                 groups=[self._hyperparameters(g) for g in self.param_groups], has_grad=bytes(has_grad),
-                grad_scale=grad_scale, max_grad_norm=self.max_grad_norm or 0.0)
+                grad_scale=grad_scale, max_grad_norm=max_grad_norm or 0.0)
             try:
                 self._connection.check_open()
                 reply = self._step_line.step(request) if self._step_line is not None else None
@@ -334,8 +334,10 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             except StatedError:
                 self._step_number -= 1
                 raise
+        self._mirrors.from_arena()
         self.last_step_skipped = reply.found_inf
-        self.last_grad_norm = reply.grad_norm if (grad_scale or self.max_grad_norm) else None
+        if not self._mirrors:
+            self.last_grad_norm = reply.grad_norm if (grad_scale or self.max_grad_norm) else None
         if scaler_state is not None and grad_scale:
             scale = grad_scaler._scale
             scaler_state["found_inf_per_device"][scale.device] = torch.full(
@@ -351,7 +353,8 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         self._check_owner()
         self._wait_for_checkpoint()
         exported = self._export()
-        self.state = defaultdict(dict, {self._params[i]: self._state_entry(entry) for i, entry in exported.items()})
+        self.state = defaultdict(dict, {self._params[i]: step_inputs.placed_like(self._params[i], self._state_entry(entry))
+                                        for i, entry in exported.items()})
         try:
             return super().state_dict()
         finally:
@@ -382,7 +385,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             yield pb.ImportStateRequest(session=self._session)
             for p, entry in loaded.items():
                 i = index[id(p)]
-                fields = {k: v for k, v in entry.items() if k != "step" and isinstance(v, torch.Tensor)}
+                fields = {k: step_inputs.local(v) for k, v in entry.items() if k != "step" and isinstance(v, torch.Tensor)}
                 step = float(entry["step"]) if "step" in entry else 0.0
                 yield pb.ImportStateRequest(header=pb.TensorStateHeader(tensor=i, step=step, fields=list(fields)))
                 for name, value in fields.items():

@@ -18,6 +18,7 @@ class AdamW(SpecOptimizer):
     """torch.optim.AdamW with its state in the stated daemon (decoupled weight decay)."""
 
     algorithm = "adamw"
+    elementwise = True  # exact on FSDP2's shards (Note [sharded parameters] in stated_client.step_inputs)
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -65,6 +66,7 @@ class SGD(SpecOptimizer):
     """torch.optim.SGD with its momentum buffers in the stated daemon."""
 
     algorithm = "sgd"
+    elementwise = True  # exact on FSDP2's shards (Note [sharded parameters] in stated_client.step_inputs)
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | torch.Tensor = 0, nesterov: bool = False, *, maximize: bool = False,

@@ -1,0 +1,141 @@
+"""What a step takes from the trainer: gradients into the grad arena, and parameters that are shards of a DTensor.
+
+Note [sharded parameters]
+-------------------------
+With FSDP2 (`fully_shard`) every parameter is a DTensor whose local tensor, a rank's shard, lives in
+FSDP's own flat buffer: that buffer is what FSDP all-gathers before each forward, and its gradients
+arrive as new DTensors after each backward. So a shard cannot become a view of the arena as a plain
+parameter does. Each rank registers its local shards (their local shapes; an uneven or empty shard is
+a tensor like any other) and mirrors them: before a step the local gradients are copied into the grad
+arena (the copy a plain parameter makes when its gradient is not a view of the arena), and after it
+the updated arena values are copied back into the local shards. A shard changed outside the optimizer
+(load_state_dict on the model, say: its version counter moves) is copied into the arena first.
+
+Clipping and loss scaling need the gradients of every rank: with sharded parameters the client does
+them itself, with torch's own functions on the DTensors (GradScaler.unscale_, clip_grad_norm_, which
+reduce across the mesh), before the copy; the daemon then steps unscaled, unclipped gradients. The
+algorithm must be elementwise (AdamW, Adam, SGD, Lion): the others keep state shaped by the whole
+tensor (Adafactor's and CAME's row and column factors, SlimAdam's compressed dimensions, AdamW8bit's
+256-element blocks of the flattened tensor), which a shard does not have, and are refused by name.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from stated_client import arenas
+from stated_client.errors import InvalidArgumentError
+
+
+def dtensor_type():
+    """torch's DTensor class, or None when nothing made one: no DTensor exists before its module is
+    loaded, so this never imports it (an import in a forked child can abort it)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_sharded(tensor) -> bool:
+    kind = dtensor_type()
+    return kind is not None and isinstance(tensor, kind)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (this rank's shard), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def placed_like(param: torch.Tensor, entry: dict) -> dict:
+    """A state_dict entry of `param` with its tensors of the shard's shape as DTensors placed as `param`
+    is (torch.optim's state under FSDP2 is DTensors too, which torch.distributed.checkpoint reshards);
+    "step" and the entries of plain parameters stay as they are."""
+    if not is_sharded(param):
+        return entry
+    shape, kind = tuple(param.to_local().shape), dtensor_type()
+    return {k: kind.from_local(v, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                               stride=param.stride())
+            if k != "step" and isinstance(v, torch.Tensor) and tuple(v.shape) == shape else v
+            for k, v in entry.items()}
+
+
+def check_algorithm(optimizer, params) -> None:
+    """Refuses sharded parameters for an algorithm whose state needs the whole tensor."""
+    if getattr(optimizer, "elementwise", False) or not any(is_sharded(p) for p in params):
+        return
+    name = type(optimizer).__name__
+    raise InvalidArgumentError(
+        f"stated.{name} keeps state shaped by each whole tensor, which a shard of an FSDP2 (fully_shard) "
+        f"parameter is not; use stated.AdamW, Adam, SGD or Lion with fully_shard, or keep whole tensors on "
+        f"each rank with DDP or ZeroRedundancyOptimizer(optimizer_class=stated.{name})")
+
+
+class Mirrors:
+    """The sharded parameters' local shards, with their arena views (Note [sharded parameters])."""
+
+    def __init__(self):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (shard, arena view, [version])
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    def add(self, shard: torch.Tensor, view: torch.Tensor) -> None:
+        self.pairs.append((shard, view, [shard._version]))
+
+    def into_arena(self) -> None:
+        """Shards changed since the last step (by anything but this optimizer) into the arena."""
+        for shard, view, version in self.pairs:
+            if shard._version != version[0]:
+                view.copy_(shard)
+                version[0] = shard._version
+
+    def from_arena(self) -> None:
+        """The stepped values back into the shards FSDP gathers from."""
+        for shard, view, version in self.pairs:
+            shard.copy_(view)
+            version[0] = shard._version
+
+
+def unscaled_and_found_inf(optimizer, grad_scaler) -> bool:
+    """Whether the trainer already called `scaler.unscale_(optimizer)` (to clip, say) and it found inf or
+    nan: torch then skips the step."""
+    if grad_scaler is None:
+        return False
+    state = grad_scaler._per_optimizer_states[id(optimizer)]
+    return state["stage"].name == "UNSCALED" and any(float(v.sum()) for v in state["found_inf_per_device"].values())
+
+
+def prepare_sharded(optimizer, params: list[torch.Tensor], grad_scaler, max_grad_norm: float | None):
+    """Loss scaling and clipping on the DTensors, as torch does them (Note [sharded parameters]).
+    Returns (skip, grad norm): skip when GradScaler found inf or nan on this rank."""
+    norm = None
+    if grad_scaler is not None:
+        if grad_scaler._per_optimizer_states[id(optimizer)]["stage"].name != "UNSCALED":
+            grad_scaler.unscale_(optimizer)
+        if unscaled_and_found_inf(optimizer, grad_scaler):
+            return True, None
+    if max_grad_norm:
+        with_grad = [p for p in params if p.grad is not None]
+        total = torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm, foreach=True)
+        norm = float(total.full_tensor() if is_sharded(total) else total)
+    return False, norm
+
+
+def gather_gradients(params: list[torch.Tensor], grad_views: list[torch.Tensor]) -> bytearray:
+    """Each gradient into its place in the grad arena, where it is not there already: a plain parameter's
+    gradient then becomes that view (so later backward passes write into the arena), a shard's is
+    copied. Returns the has_grad bytes of a StepRequest."""
+    has_grad = bytearray(len(params))
+    for i, (p, grad_view) in enumerate(zip(params, grad_views)):
+        g = p.grad
+        if g is None:
+            continue
+        if g.is_sparse:
+            raise InvalidArgumentError("stated does not support sparse gradients")
+        g_local = local(g)
+        if not arenas.is_view_of(g_local, grad_view):
+            grad_view.copy_(g_local)
+            if g_local is g:
+                p.grad = grad_view
+        has_grad[i] = 1
+    return has_grad
