@@ -21,6 +21,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
+import threading
 
 import torch
 
@@ -39,6 +41,10 @@ HEADROOM_FRACTION = 0.05
 MIN_HEADROOM = 64 << 20
 MAX_HEADROOM = 1 << 30
 CGROUP_ROOT = "/sys/fs/cgroup"
+NO_LIMIT = 1 << 60
+_reserving = threading.Lock()
+# File descriptors kept free for everything but arenas: connections, state files, /proc reads.
+DESCRIPTOR_RESERVE = 64
 
 
 class Segment:
@@ -56,21 +62,18 @@ class Segment:
         """A new arena of `nbytes`, its memory reserved; ResourceExhausted (naming the bytes) when the machine
         or the daemon's cgroup has not that much room, or the daemon no file descriptor left."""
         size = max(nbytes, 1)
-        check_room(size, f"the {kind} arena")
-        try:
-            fd = os.memfd_create(NAME_PREFIX + kind, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise ResourceExhausted(f"the daemon has no file descriptor left for the {kind} arena ({exc.strerror}); "
-                                        f"raise its open-files limit (ulimit -n, or LimitNOFILE= in stated.service)") from None
-            raise
-        try:
-            _reserve(fd, size, kind)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            tensor = map_shared(fd, nbytes)
-        except BaseException:
-            os.close(fd)
-            raise
+        what = f"the {kind} arena"
+        with _reserving:  # two Registers at once must not both see the same room free
+            check_room(size, what)
+            fd = _no_descriptor_left(lambda: os.memfd_create(NAME_PREFIX + kind, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING),
+                                     what)
+            try:
+                _reserve(fd, size, kind)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+                tensor = _no_descriptor_left(lambda: map_shared(fd, nbytes), what)
+            except BaseException:
+                os.close(fd)
+                raise
         return cls(kind, fd, nbytes, tensor)
 
     def close(self) -> None:
@@ -80,6 +83,54 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
         self.tensor = None  # the mapping goes when the last view of it does (stated_client.memory_mapping)
+
+
+class Duplicates:
+    """Copies of some arenas' descriptors (os.dup), closed when the `with` block ends: what a step channel
+    thread sends once it no longer holds the session's lock, which the originals may not outlive."""
+
+    def __init__(self, segments: list[Segment]):
+        self.fds: list[int] = []
+        try:
+            for segment in segments:
+                self.fds.append(_no_descriptor_left(lambda: os.dup(segment.fd), f"a copy of the {segment.kind} arena"))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __enter__(self) -> "Duplicates":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def check_descriptors(count: int, what: str) -> None:
+    """ResourceExhausted when `count` more descriptors would leave the daemon fewer than DESCRIPTOR_RESERVE
+    of its open-files limit: what its sockets, state files and connections still need."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return
+    held = len(_no_descriptor_left(lambda: os.listdir("/proc/self/fd"), what))
+    if held + count + DESCRIPTOR_RESERVE > limit:
+        raise ResourceExhausted(f"{what} need {count} file descriptors, but the daemon holds {held} of its "
+                                f"open-files limit of {limit} and keeps {DESCRIPTOR_RESERVE} for its sockets and "
+                                f"files; raise the limit (ulimit -n, or LimitNOFILE= in stated.service), or run "
+                                f"fewer param groups")
+
+
+def _no_descriptor_left(make, what: str):
+    """`make()`, with running out of file descriptors (EMFILE, ENFILE) as ResourceExhausted naming the
+    open-files limit; the daemon goes on serving."""
+    try:
+        return make()
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            raise ResourceExhausted(f"the daemon has no file descriptor left for {what} ({exc.strerror}); raise its "
+                                    f"open-files limit (ulimit -n, or LimitNOFILE= in stated.service)") from None
+        raise
 
 
 def _reserve(fd: int, size: int, kind: str) -> None:
@@ -97,7 +148,7 @@ def _reserve(fd: int, size: int, kind: str) -> None:
 def check_room(nbytes: int, what: str) -> None:
     """ResourceExhausted when `nbytes` more of memory would leave less than the headroom to the rest of the
     machine or of the daemon's cgroup (a container's memory limit)."""
-    available, total, where = room()
+    available, total, where = _no_descriptor_left(room, what)
     headroom = min(MAX_HEADROOM, max(MIN_HEADROOM, int(total * HEADROOM_FRACTION)))
     if nbytes + headroom > available:
         raise ResourceExhausted(f"{what} needs {format_bytes(nbytes)} of memory but {where} has "
@@ -113,7 +164,7 @@ def room() -> tuple[int, int, str]:
     available, total, where = meminfo.get("MemAvailable", 0), meminfo.get("MemTotal", 0), "this machine"
     limit = _cgroup_room()
     if limit is not None and limit[0] < available:
-        available, total, where = limit[0], limit[1], "the daemon's cgroup (its memory.max)"
+        available, total, where = limit[0], limit[1], "the daemon's cgroup (its memory limit)"
     return available, total, where
 
 
@@ -129,27 +180,43 @@ def _meminfo() -> dict[str, int]:
 
 
 def _cgroup_room() -> tuple[int, int] | None:
-    """(memory.max - memory.current, memory.max) of the tightest limit among this process's cgroup v2 and
-    its ancestors, or None when none has a limit or cgroup v2 is not mounted."""
+    """(limit - usage, limit) of the tightest memory limit among this process's cgroups and their
+    ancestors, cgroup v2 (memory.max, memory.current) or v1 (memory.limit_in_bytes, memory.usage_in_bytes
+    under the memory controller's hierarchy); None when none has a limit."""
     try:
         with open("/proc/self/cgroup") as f:
-            paths = [line.strip().split(":", 2)[2] for line in f if line.startswith("0::")]
+            lines = [line.strip().split(":", 2) for line in f]
     except OSError:
         return None
-    if not paths:
-        return None
     tightest = None
-    directory = os.path.join(CGROUP_ROOT, paths[0].lstrip("/"))
-    while directory.startswith(CGROUP_ROOT) and len(directory) > len(CGROUP_ROOT):
+    for hierarchy, controllers, path in (parts for parts in lines if len(parts) == 3):
+        if hierarchy == "0" and controllers == "":
+            found = _tightest(CGROUP_ROOT, path, "memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            found = _tightest(os.path.join(CGROUP_ROOT, "memory"), path, "memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        if found is not None and (tightest is None or found[0] < tightest[0]):
+            tightest = found
+    return tightest
+
+
+def _tightest(root: str, path: str, limit_file: str, usage_file: str) -> tuple[int, int] | None:
+    tightest = None
+    directory = os.path.join(root, path.lstrip("/"))
+    while directory.startswith(root):
         try:
-            with open(os.path.join(directory, "memory.max")) as f:
-                limit = f.read().strip()
-            if limit != "max":
-                with open(os.path.join(directory, "memory.current")) as f:
-                    left = max(0, int(limit) - int(f.read().strip()))
+            with open(os.path.join(directory, limit_file)) as f:
+                text = f.read().strip()
+            limit = None if text == "max" else int(text)
+            if limit is not None and limit < NO_LIMIT:  # cgroup v1 writes "no limit" as about 2^63
+                with open(os.path.join(directory, usage_file)) as f:
+                    left = max(0, limit - int(f.read().strip()))
                 if tightest is None or left < tightest[0]:
-                    tightest = (left, int(limit))
+                    tightest = (left, limit)
         except (OSError, ValueError):
-            pass  # no memory controller at this level
+            pass  # no memory controller at this level, or not mounted here
+        if directory == root:
+            break
         directory = os.path.dirname(directory)
     return tightest

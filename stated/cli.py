@@ -128,6 +128,9 @@ def _add_limits(serve) -> None:
     group.add_argument("--max-tensors-per-register", type=int, default=lim.DEFAULT_MAX_TENSORS_PER_REGISTER,
                        metavar="N", help="tensors in one Register (one param group of an optimizer); the largest "
                                          "models have a few thousand per rank (default: %(default)s)")
+    group.add_argument("--max-groups-per-session", type=int, default=lim.DEFAULT_MAX_GROUPS_PER_SESSION, metavar="N",
+                       help="param groups one session (optimizer) may register; each CPU group's arenas hold two "
+                            "of the daemon's file descriptors (default: %(default)s)")
     group.add_argument("--max-job-bytes", type=_job_bytes, default=None, metavar="SIZE",
                        help="bytes of optimizer state plus parameter and gradient arenas that one job (all its "
                             "ranks) may hold, such as 200GiB, or 'none'; a Register beyond it is RESOURCE_EXHAUSTED "
@@ -150,7 +153,7 @@ def _add_limits(serve) -> None:
 def _limits(parser: argparse.ArgumentParser, args: argparse.Namespace):
     from stated.limits import Limits, machine_bytes
 
-    for flag in ("max_sessions", "max_connections", "max_tensors_per_register"):
+    for flag in ("max_sessions", "max_connections", "max_tensors_per_register", "max_groups_per_session"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("step_auth_timeout", "step_idle_timeout", "watch_timeout"):
@@ -160,7 +163,8 @@ def _limits(parser: argparse.ArgumentParser, args: argparse.Namespace):
     if job_bytes is None:
         job_bytes = machine_bytes(args.state_dir, paged=args.host_memory is not None)
     return Limits(max_sessions=args.max_sessions, max_connections=args.max_connections,
-                  max_tensors_per_register=args.max_tensors_per_register, max_job_bytes=job_bytes,
+                  max_tensors_per_register=args.max_tensors_per_register,
+                  max_groups_per_session=args.max_groups_per_session, max_job_bytes=job_bytes,
                   step_auth_timeout=args.step_auth_timeout, step_idle_timeout=args.step_idle_timeout,
                   watch_timeout=args.watch_timeout)
 

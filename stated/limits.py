@@ -16,6 +16,8 @@ that one client cannot take the daemon down for the others:
 - 1024 step channel connections: one per session; each holds one thread (Note [step channel threads]).
 - 65536 tensors per Register: the largest models have a few thousand parameter tensors per rank (a
   mixture of experts with every expert a tensor, tens of thousands); a Register of 65536 takes seconds.
+- 1024 param groups per session: a group per layer (layer-wise learning rates) of the deepest models is
+  a few hundred; each CPU group's arenas hold two of the daemon's file descriptors.
 - bytes per job: by default the machine's memory (with --host-memory, its memory plus the size of the
   --state-dir file system, where pages beyond the budget live): a job that promises more cannot be held.
 - 10 s to authenticate: a client sends its SessionRef right after it connects.
@@ -37,6 +39,7 @@ from stated.sizes import format_bytes
 DEFAULT_MAX_SESSIONS = 1024
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_MAX_TENSORS_PER_REGISTER = 1 << 16
+DEFAULT_MAX_GROUPS_PER_SESSION = 1024
 DEFAULT_STEP_AUTH_TIMEOUT = 10.0
 DEFAULT_STEP_IDLE_TIMEOUT = 3600.0
 DEFAULT_WATCH_TIMEOUT = 30.0
@@ -66,6 +69,7 @@ class Limits:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_tensors_per_register: int = DEFAULT_MAX_TENSORS_PER_REGISTER
+    max_groups_per_session: int = DEFAULT_MAX_GROUPS_PER_SESSION
     max_job_bytes: float = math.inf  # stated.cli passes machine_bytes(); inf: no cap
     step_auth_timeout: float = DEFAULT_STEP_AUTH_TIMEOUT
     step_idle_timeout: float = DEFAULT_STEP_IDLE_TIMEOUT
@@ -104,6 +108,15 @@ def check_tensors(limits: Limits, count: int) -> None:
         raise InvalidArgument(f"Register has {count} tensors, over --max-tensors-per-register="
                               f"{limits.max_tensors_per_register}; register them in several param groups' "
                               f"calls (add_param_group), or start the daemon with a higher limit")
+
+
+def check_groups(limits: Limits, held: int) -> None:
+    """Before a Register makes a session's next param group (its region, and a CPU region's two arena
+    descriptors)."""
+    if held >= limits.max_groups_per_session:
+        raise ResourceExhausted(f"the session already has {held} param groups, the most --max-groups-per-session="
+                                f"{limits.max_groups_per_session} allows; put tensors with the same hyperparameters "
+                                f"in one group, or start the daemon with a higher limit")
 
 
 def check_job_bytes(limits: Limits, job: str, held: int, adding: int) -> None:

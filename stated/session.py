@@ -163,6 +163,7 @@ class Session:
         params = grads = None
         if not device:
             arena_memory.check_room(2 * max(arena_bytes, 1), "the param and grad arenas")
+            arena_memory.check_descriptors(2, "the param and grad arenas")
             params = arena_memory.Segment.create("params", arena_bytes)
             try:
                 grads = arena_memory.Segment.create("grads", arena_bytes)

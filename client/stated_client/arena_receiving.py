@@ -10,9 +10,12 @@ for one region, and closes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import socket
 import stat
+import threading
 
 import torch
 
@@ -24,6 +27,10 @@ from stated_client.protocol import (ARENA_FDS, ARENA_SIZE, ARENAS, ERROR, HEADER
                                     parse_error)
 from stated_client.step_line import read_exactly, receive_payload
 
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+_receiving = threading.Lock()
+
 
 def receive(path: str, session: pb.SessionRef, region: int, nbytes: int,
             timeout: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +39,27 @@ def receive(path: str, session: pb.SessionRef, region: int, nbytes: int,
     if not path:
         raise FailedPreconditionError("the daemon offers no step socket, over which a CPU region's arenas are sent; "
                                       "it is older than this client: upgrade stated where `stated serve` runs")
+    with _receiving, _not_dumpable():  # one at a time: the flag is the whole process's
+        return _receive(path, session, region, nbytes, timeout)
+
+
+@contextlib.contextmanager
+def _not_dumpable():
+    """While the descriptors are in this process's table (from recvmsg until they are mapped and closed),
+    /proc/<pid>/fd is closed to every other process of this user (root aside): a non-dumpable process's
+    /proc entries belong to root. Dumpable again afterwards, as it was."""
+    before = _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    if before > 0:
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    try:
+        yield
+    finally:
+        if before > 0:
+            _libc.prctl(PR_SET_DUMPABLE, before, 0, 0, 0)
+
+
+def _receive(path: str, session: pb.SessionRef, region: int, nbytes: int,
+             timeout: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)

@@ -125,6 +125,9 @@ class CpuWorkers:
                 ticket._finish(exc)
             else:
                 ticket._finish(None)
+            # Not kept while this thread waits: the task's views would keep a dropped session's arenas
+            # mapped (Note [arenas as file descriptors]).
+            del task, ticket
 
 
 def piece_sizes(total: int, block: int = 1, largest: int = LARGEST_PIECE, smallest: int = SMALLEST_PIECE) -> list[int]:

@@ -17,8 +17,9 @@ import time
 import torch
 
 from stated import __version__
+from stated.arena_memory import Duplicates
 from stated.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from stated.limits import Limits, check_tensors, seconds_text
+from stated.limits import Limits, check_groups, check_tensors, seconds_text
 from stated.metrics import Metrics
 from stated.server.calls import is_set_within, run_to_end
 from stated.server.credentials import Credentials
@@ -234,6 +235,7 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         session = self._session(request.session)
         check_tensors(self.limits, len(request.tensors))  # before anything is built of it
         async with self.locks[session.id]:
+            check_groups(self.limits, len(session.regions))
             resumed = bool(session.resume_left)
             region, infos, first_group, state_bytes = await self._run(self._register, session, request)
         self._update_gauges()
@@ -301,8 +303,8 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
 
     def send_arenas(self, session_id: str, token: bytes, region_index: int, send) -> None:
         """Hands region `region_index`'s arena sizes and descriptors to `send(nbytes, fds)`, from a step channel
-        thread, under the session's lock: a Register that fails half-way closes its region, and the numbers
-        of its descriptors may then name another session's arenas."""
+        thread: copies of the descriptors taken under the session's lock (a failed Register closes its
+        region's), sent after it, so that a client that never reads blocks only its own connection."""
         self._check_serving()
         session = self.store.get(session_id, token)
         lock = self.locks.get(session.id)
@@ -311,7 +313,9 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         with lock:
             self._check_attached(session)
             region = session.host_region(region_index)
-            send(region.arena_bytes, [region.params.fd, region.grads.fd])
+            copies = Duplicates([region.params, region.grads])
+        with copies:
+            send(region.arena_bytes, copies.fds)
 
     def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
         self._check_serving()

@@ -303,6 +303,8 @@ def _frame_problem(kind: int, length: int, limit: int, hello: bool, also: int = 
     if hello:
         return InvalidArgument(f"a first frame of {length} bytes cannot be a SessionRef: before it has "
                                f"authenticated a connection sends one of at most {limit} bytes")
+    if kind == ARENAS:
+        return InvalidArgument(f"an arena request of {length} bytes: it holds a region index of {REGION.size} bytes")
     return InvalidArgument(f"a frame of {length} bytes is over the limit of {limit} for this session (a "
                            f"StepRequest of its tensors and groups is smaller)")
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import uuid
 
 import grpc
 import pytest
@@ -197,6 +198,61 @@ def test_a_register_beyond_the_machines_memory_is_resource_exhausted_and_allocat
     assert "Traceback" not in proc.log()
 
 
+def memory_cgroup(limit: int):
+    """A fresh child of this process's memory cgroup (v2 memory.max, or v1 memory.limit_in_bytes) limited
+    to `limit` bytes, as (its directory, the limit file); None where none can be made (no root, no
+    memory controller)."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.strip().split(":", 2) for line in f]
+    for hierarchy, controllers, path in (p for p in lines if len(p) == 3):
+        if hierarchy == "0" and controllers == "":
+            root, limit_file = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            root, limit_file = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        directory = os.path.join(root, path.lstrip("/"), f"stated-test-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.mkdir(directory)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(directory, limit_file), "w") as f:
+                f.write(str(limit))
+            return directory
+        except OSError:
+            os.rmdir(directory)
+    return None
+
+
+def test_a_register_beyond_the_daemons_cgroup_limit_is_resource_exhausted(tmp_path):
+    """A daemon in a container or a systemd slice with a memory limit: a Register that would go past it
+    is refused naming the cgroup, where the kernel's OOM killer would otherwise kill the daemon (and every
+    session with it) when the arenas are reserved."""
+    cgroup = memory_cgroup(400 << 20)
+    if cgroup is None:
+        pytest.skip("no memory cgroup can be made here (needs root and a memory controller)")
+    proc = DaemonProcess(tmp_path / "limited")
+    proc.runner = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"']
+    try:
+        proc.start()
+        channel, stub = proc.stub()
+        with channel:
+            attached = stub.Attach(pb.AttachRequest(job="greedy", rank=0, algorithm="adamw", pid=os.getpid()))
+            with pytest.raises(grpc.RpcError) as info:  # 2 x 200 MB of arenas in a 400 MiB cgroup
+                stub.Register(pb.RegisterRequest(session=attached.session, groups=[ADAMW], tensors=[
+                    pb.TensorSpec(shape=[50_000_000], dtype=pb.D_TYPE_FLOAT32)]), timeout=60)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "the daemon's cgroup (its memory limit)" in info.value.details()
+            stub.Register(pb.RegisterRequest(session=attached.session, groups=[ADAMW], tensors=[
+                pb.TensorSpec(shape=[1 << 20], dtype=pb.D_TYPE_FLOAT32)]), timeout=60)  # one that fits
+            stub.Detach(pb.DetachRequest(session=attached.session))
+        assert proc.process.poll() is None, proc.log()
+    finally:
+        proc.stop()
+        os.rmdir(cgroup)
+
+
 VICTIM = textwrap.dedent("""
     import json, sys, torch, stated
     torch.manual_seed(0)
@@ -287,3 +343,115 @@ def test_no_process_of_the_same_or_another_uid_can_open_a_sessions_arena():
             victim.kill()
         proc.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+# A trainer (uid 65534) whose arena mapping first has another process of its own uid (a forked child)
+# open the very descriptors it has just received, through /proc/<trainer>/fd, the only moment they are
+# in its table.
+WINDOW = textwrap.dedent("""
+    import json, os, sys, torch, stated
+    from stated_client import arena_receiving
+    tries, original = [], arena_receiving.map_descriptor
+    def probe(fd, nbytes):
+        parent, child = os.getpid(), os.fork()  # the child: another process of the trainer's uid
+        if child == 0:
+            try:
+                os.close(os.open(f"/proc/{parent}/fd/{fd}", os.O_RDONLY))
+                os._exit(0)
+            except PermissionError:
+                os._exit(13)
+            except BaseException:
+                os._exit(1)
+        tries.append({0: "opened", 13: "PermissionError"}.get(os.waitpid(child, 0)[1] >> 8, "other"))
+        return original(fd, nbytes)
+    arena_receiving.map_descriptor = probe
+    opt = stated.AdamW(torch.nn.Linear(4, 2).parameters(), address=sys.argv[1], job="window")
+    opt.close()
+    print(json.dumps(tries))
+""")
+
+
+@needs_root
+def test_the_arenas_descriptors_are_closed_to_the_trainers_own_user_while_it_maps_them():
+    """Between receiving the descriptors and closing them the trainer is not dumpable, so another process of
+    its user cannot open them through /proc/<trainer>/fd (it could, before: an attacker racing
+    add_param_group got 98 of 400 arenas)."""
+    directory = tempfile.mkdtemp(prefix="stated-window-")
+    os.chown(directory, NOBODY, NOBODY)
+    proc = DaemonProcess(directory)
+    proc.runner = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    proc.start()
+    try:
+        trainer = run_as(NOBODY, sys.executable, "-c", WINDOW, proc.address)
+        out, err = trainer.communicate(timeout=120)
+        assert trainer.returncode == 0, err
+        tries = json.loads(out.splitlines()[-1])
+        assert len(tries) == 2 and all("PermissionError" in t for t in tries), tries
+    finally:
+        proc.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_session_that_never_reads_its_arena_answers_holds_up_no_one(spawn):
+    """Arena requests sent until the socket takes no more, none read: the daemon's thread for that
+    connection blocks in its send, but not under the session's lock, so the session still steps and
+    detaches over gRPC, and a SIGTERM then checkpoints every other job within --shutdown-timeout."""
+    proc = spawn("unread", "--shutdown-timeout", "20s")
+    channel, stub = proc.stub()
+    with channel:
+        hog, _, step_socket = attach_and_register(stub, 1024, job="hog")
+        sock = connect(step_socket, hog)
+        sock.setblocking(False)
+        sent = 0
+        while True:
+            try:
+                sock.send(frame(ARENAS, REGION.pack(0)))
+                sent += 1
+            except BlockingIOError:
+                break
+        assert sent > 100
+        victim, _, _ = attach_and_register(stub, 1024, job="victim")
+        for session in (hog, victim):
+            stub.Step(pb.StepRequest(session=session, step=1, groups=[ADAMW], has_grad=b"\x01"), timeout=10)
+        stub.Detach(pb.DetachRequest(session=hog), timeout=15)
+        stub.Step(pb.StepRequest(session=victim, step=2, groups=[ADAMW], has_grad=b"\x01"), timeout=10)
+    proc.stop(timeout=60)
+    assert "job=victim rank=0 not made durable" not in proc.log(), proc.log()[-2000:]
+    assert "shutdown: 1 checkpoints written, 0 left" in proc.log(), proc.log()[-2000:]
+    sock.close()
+
+
+def test_registers_stop_short_of_the_open_files_limit_naming_it(tmp_path):
+    """Under a small open-files limit: Registers beyond it are RESOURCE_EXHAUSTED naming the limit (not
+    INTERNAL, and not whatever needed a descriptor next), and the daemon goes on serving the sessions it
+    holds; --max-groups-per-session bounds what one session may take."""
+    proc = DaemonProcess(tmp_path / "nofile", "--max-groups-per-session", "40")
+    proc.runner = ["prlimit", "--nofile=300:300", "--"]
+    proc.start()
+    try:
+        channel, stub = proc.stub()
+        with channel:
+            hog, _, _ = attach_and_register(stub, 16, job="hog")
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in range(60):
+                    stub.Register(pb.RegisterRequest(session=hog, groups=[ADAMW], tensors=[
+                        pb.TensorSpec(shape=[16], dtype=pb.D_TYPE_FLOAT32)]))
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "--max-groups-per-session=40" in info.value.details()
+            refusals = []
+            for job in range(20):  # sessions of a few groups each, until the descriptors run short
+                try:
+                    session, _, _ = attach_and_register(stub, 16, job=f"more-{job}")
+                    for _ in range(3):
+                        stub.Register(pb.RegisterRequest(session=session, groups=[ADAMW], tensors=[
+                            pb.TensorSpec(shape=[16], dtype=pb.D_TYPE_FLOAT32)]))
+                except grpc.RpcError as exc:
+                    refusals.append((exc.code(), exc.details()))
+            assert refusals, "the open-files limit was never reached"
+            for code, details in refusals:
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+                assert "open-files limit" in details, details
+            stub.Step(pb.StepRequest(session=hog, step=1, groups=[ADAMW] * 40, has_grad=b"\x01" * 40), timeout=10)
+        assert "Traceback" not in proc.log()
+    finally:
+        proc.stop()
