@@ -65,20 +65,16 @@ class BenchDaemon:
         self.log.close()
 
 
-# A trainer process for TreeTrainer: builds cpu_step's parameters (the same seed and sizes), then steps
-# its stated.AdamW on each "step" line and answers with the step's own time in seconds.
+# A trainer process for TreeTrainer: builds cpu_step's parameters (this checkout's make_params, so both
+# trees step the same ones), then steps its stated.AdamW on each "step" line and answers with the step's
+# own time in seconds.
 _TRAINER = r"""
-import sys, time, torch
+import sys, time
+sys.path.insert(0, sys.argv[5])
 import stated
+from cpu_step import make_params
 n, per_tensor, address, job = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-sizes = [per_tensor] * (n // per_tensor) + ([n % per_tensor] if n % per_tensor else [])
-g = torch.Generator().manual_seed(0)
-params = []
-for size in sizes:
-    p = torch.nn.Parameter(torch.randn(size, generator=g) * 0.02)
-    p.grad = torch.randn(size, generator=g) * 1e-3
-    params.append(p)
-opt = stated.AdamW(params, lr=1e-3, address=address, job=job)
+opt = stated.AdamW(make_params(n, per_tensor), lr=1e-3, address=address, job=job)
 print("ready", flush=True)
 for line in sys.stdin:
     if line.strip() != "step":
@@ -100,7 +96,8 @@ class TreeTrainer:
         root = os.path.abspath(tree) if tree is not None else os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "client"),
                                                            os.path.join(root, "kernels")]))
-        self.process = subprocess.Popen([sys.executable, "-c", _TRAINER, str(n), str(per_tensor), address, job],
+        bench = os.path.dirname(os.path.abspath(__file__))
+        self.process = subprocess.Popen([sys.executable, "-c", _TRAINER, str(n), str(per_tensor), address, job, bench],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
         if self.process.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the trainer from {root} did not start (exit status {self.process.wait()})")

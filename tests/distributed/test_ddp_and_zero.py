@@ -4,20 +4,12 @@ with ZeRO each rank's stated optimizer holds only its part of the parameters (an
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 
-from test_one_job_per_run import env_for, free_port, torchrun
-
-WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+from launch import run_ranks
 
 
 def run_case(daemon, tmp_path, case: str) -> list[dict]:
-    command = torchrun("--master-addr", "127.0.0.1", "--master-port", str(free_port()), WORKER, str(tmp_path), case)
-    done = subprocess.run(command, env=env_for(daemon), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    return run_ranks(daemon, tmp_path, "ddp_worker.py", case)
 
 
 def test_ddp_ranks_stay_identical_and_equal_to_torch(daemon, tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -22,23 +21,8 @@ HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "names_worker.py")
 sys.path.insert(0, HERE)
 
+from launch import env_for, free_port, torchrun  # noqa: E402
 from names_worker import STEPS, gradient, params  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env_for(daemon, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("TORCHELASTIC_", "SLURM_", "MASTER_", "STATED_JOB")) and k not in ("RANK", "WORLD_SIZE")}
-    root = os.path.dirname(os.path.dirname(HERE))
-    env.update(STATED_ADDRESS=daemon.address, STATED_EMBEDDED="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "client"), os.path.join(root, "kernels")]))
-    env.update(extra)
-    return env
 
 
 def run(command, env, timeout=180) -> subprocess.CompletedProcess:
@@ -69,10 +53,6 @@ def assert_exact(found: list[dict]) -> None:
     for r in found:
         for got, expected in zip(r["params"], want):
             assert torch.allclose(torch.tensor(got), expected, rtol=0, atol=1e-6), r["rank"]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
 
 
 def attached_ranks(daemon, name: str) -> list[int]:

@@ -259,7 +259,12 @@ def test_a_host_budget_under_the_gpu_cache(fake_cuda, tmp_path):
     reference.close_all()
 
 
-def test_import_drops_device_copies(fake_cuda, tmp_path):
+@pytest.mark.parametrize("masters", ["none", "every", "some"])
+def test_import_drops_device_copies(fake_cuda, tmp_path, masters):
+    """The CPU session's state replaces the GPU session's (whose history differs). Master weights the
+    import brings are kept: the device must not refill them from the bf16 parameters at the next step (it
+    did: every page was left marked for a refill). Entries without one ("none"; the odd tensors with
+    "some") get theirs from the parameters again, on the "device" at the next step, as on the CPU."""
     store, _ = make_store(fake_cuda, tmp_path, cache_pages=4)
     values, grads = inputs(8, torch.bfloat16, seed=2)
     cpu = Client(store, "cpu", "", torch.bfloat16, True, values)
@@ -267,39 +272,12 @@ def test_import_drops_device_copies(fake_cuda, tmp_path):
     for step_grads in grads[:4]:
         cpu.step(step_grads)
         gpu.step([g * 3 for g in step_grads])  # a different history, which the import replaces
-    # The CPU session's state replaces the GPU session's, without master weights: they come from the
-    # parameters again (on the "device", at the next step), which must be the CPU session's too.
-    exported = [(i, {k: v for k, v in e.items() if k != "master_param"}) for i, e in cpu.state().items() if e]
+    keep = {"none": lambda i: False, "every": lambda i: True, "some": lambda i: i % 2 == 0}[masters]
+    exported = [(i, {k: v for k, v in e.items() if k != "master_param" or keep(i)}) for i, e in cpu.state().items() if e]
     for p, q in zip(gpu.params, cpu.params):
         p.copy_(q)
     store.import_state(gpu.session, exported)
     store.import_state(cpu.session, exported)  # the same path on the CPU backend
-    for step_grads in grads[4:]:
-        cpu.step(step_grads)
-        gpu.step(step_grads)
-    assert_same(gpu, cpu)
-    store.close_all()
-
-
-@pytest.mark.parametrize("with_master", ["every", "some"])
-def test_imported_master_weights_are_kept_on_the_device(fake_cuda, tmp_path, with_master):
-    """An import that brings master weights keeps them: the device must not refill them from the bf16
-    parameters at the next step (it did: every page was left marked for a refill). Entries without a
-    master (here the odd tensors, with "some") still get theirs from the parameters, on both backends."""
-    store, _ = make_store(fake_cuda, tmp_path, cache_pages=4)
-    values, grads = inputs(8, torch.bfloat16, seed=3)
-    cpu = Client(store, "cpu", "", torch.bfloat16, True, values)
-    gpu = Client(store, "gpu", DEVICE, torch.bfloat16, True, values)
-    for step_grads in grads[:4]:
-        cpu.step(step_grads)
-        gpu.step([g * 3 for g in step_grads])
-    exported = [(i, {k: v for k, v in e.items() if with_master == "every" or i % 2 == 0 or k != "master_param"})
-                for i, e in cpu.state().items() if e]
-    assert any("master_param" in e for _, e in exported)
-    for p, q in zip(gpu.params, cpu.params):
-        p.copy_(q)
-    store.import_state(gpu.session, exported)
-    store.import_state(cpu.session, exported)
     for step_grads in grads[4:]:
         cpu.step(step_grads)
         gpu.step(step_grads)
