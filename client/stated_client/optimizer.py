@@ -6,14 +6,12 @@ gradient is copied into the grad arena unless it is already a view of it, and is
 with `zero_grad(set_to_none=False)` no copy happens in steady state. The step itself is one round
 trip over the step channel (stated_client.step_line), or one gRPC call when there is none.
 
-CUDA parameters work the same way with device memory: the client allocates one flat parameter and one
-flat gradient buffer per group on the parameters' device and shares them with the daemon over CUDA IPC
-(stated_client.device_buffers); before each Step it waits for the device's current stream, so that the
-daemon reads finished gradients.
+CUDA parameters work the same way with device memory (stated_client.device_buffers: two flat buffers
+per group, shared over CUDA IPC); before each Step the client waits for the device's current stream.
+FSDP2's shards are mirrored instead (Note [sharded parameters] in stated_client.step_inputs).
 
-Clipping (`max_grad_norm=`) and mixed precision (`scaler.step(opt)` with torch's GradScaler) happen in
-the daemon's pre-pass (Note [gradient checks] in stated.backends.base): the trainer makes no pass over
-its gradients, and a step with inf or nan gradients is skipped, as GradScaler skips it.
+Clipping (`max_grad_norm=`) and GradScaler's unscaling happen in the daemon's pre-pass (Note [gradient
+checks] in stated.backends.base), which skips a step with inf or nan gradients as GradScaler does.
 
 state_dict() and load_state_dict() speak torch's own format: the state is fetched from (or sent to)
 the daemon and packed by torch.optim.Optimizer itself, so checkpoints move between stated and torch.
@@ -27,7 +25,6 @@ import os
 import threading
 import warnings
 import weakref
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -36,6 +33,7 @@ from stated.v1 import state_service_pb2 as pb
 from stated_client import arena_receiving, arenas, device_buffers, fork_guard, step_inputs
 from stated_client.connection import connect
 from stated_client.errors import InvalidArgumentError, NotCopyableError, StatedError
+from stated_client.held_state import HeldState
 from stated_client.identity import default_job, resolve_rank
 from stated_client.session_end import close_session as _close_session
 from stated_client.step_line import StepLine
@@ -126,6 +124,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         params, self._groups_asked = _count_groups(params)
         try:
             super().__init__(params, defaults)
+            self.state = HeldState(self._step_number > 0)  # a resumed optimizer holds state
             if len(self.param_groups) != self._resume_regions and self.resumed_step is not None:
                 raise self._groups_mismatch()
             self._resuming = False
@@ -256,7 +255,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             elif sharded:
                 shard.copy_(view)
             if sharded:
-                self._mirrors.add(shard, view)
+                self._mirrors.add(p, view)
             else:
                 p.data = view
             grad_view = arenas.view(grad_arena, placement.offset_bytes, shard)
@@ -335,6 +334,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
                 self._step_number -= 1
                 raise
         self._mirrors.from_arena()
+        self.state.held = True  # Note in stated_client.held_state
         self.last_step_skipped = reply.found_inf
         if not self._mirrors:
             self.last_grad_norm = reply.grad_norm if (grad_scale or self.max_grad_norm) else None
@@ -353,12 +353,12 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         self._check_owner()
         self._wait_for_checkpoint()
         exported = self._export()
-        self.state = defaultdict(dict, {self._params[i]: step_inputs.placed_like(self._params[i], self._state_entry(entry))
-                                        for i, entry in exported.items()})
+        self.state = HeldState(True, {self._params[i]: step_inputs.placed_like(self._params[i], self._state_entry(entry))
+                                      for i, entry in exported.items()})
         try:
             return super().state_dict()
         finally:
-            self.state = defaultdict(dict)
+            self.state = HeldState(self._step_number > 0)
 
     def _state_entry(self, entry: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook for algorithms whose torch state differs from the wire's (SGD has no step)."""
@@ -375,7 +375,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             state_dict = {**state_dict, "state": {k: {n: t for n, t in v.items() if n != "master_param"}
                                                   for k, v in state_dict["state"].items()}}
         super().load_state_dict(state_dict)
-        loaded, self.state = self.state, defaultdict(dict)
+        loaded, self.state = self.state, HeldState(True)
         ids = [p for group in self.param_groups for p in group["params"]]
         for key, master in masters.items():
             loaded[ids[int(key)]]["master_param"] = master

@@ -9,7 +9,8 @@ parameter does. Each rank registers its local shards (their local shapes; an une
 a tensor like any other) and mirrors them: before a step the local gradients are copied into the grad
 arena (the copy a plain parameter makes when its gradient is not a view of the arena), and after it
 the updated arena values are copied back into the local shards. A shard changed outside the optimizer
-(load_state_dict on the model, say: its version counter moves) is copied into the arena first.
+(load_state_dict on the model, say: its version counter moves, or FSDP gives the parameter a new local
+tensor) is copied into the arena first.
 
 Clipping and loss scaling need the gradients of every rank: with sharded parameters the client does
 them itself, with torch's own functions on the DTensors (GradScaler.unscale_, clip_grad_norm_, which
@@ -71,29 +72,33 @@ def check_algorithm(optimizer, params) -> None:
 
 
 class Mirrors:
-    """The sharded parameters' local shards, with their arena views (Note [sharded parameters])."""
+    """The sharded parameters with their arena views (Note [sharded parameters]). A parameter's local
+    tensor is looked up at each use: FSDP2's load_state_dict gives the parameter a new one."""
 
     def __init__(self):
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (shard, arena view, [version])
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, list]] = []  # (parameter, arena view, [shard, version])
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
 
-    def add(self, shard: torch.Tensor, view: torch.Tensor) -> None:
-        self.pairs.append((shard, view, [shard._version]))
+    def add(self, param: torch.Tensor, view: torch.Tensor) -> None:
+        shard = local(param.detach())
+        self.pairs.append((param, view, [shard, shard._version]))
 
     def into_arena(self) -> None:
-        """Shards changed since the last step (by anything but this optimizer) into the arena."""
-        for shard, view, version in self.pairs:
-            if shard._version != version[0]:
+        """Shards changed since the last step (by anything but this optimizer, or replaced) into the arena."""
+        for param, view, seen in self.pairs:
+            shard = local(param.detach())
+            if shard is not seen[0] or shard._version != seen[1]:
                 view.copy_(shard)
-                version[0] = shard._version
+                seen[:] = [shard, shard._version]
 
     def from_arena(self) -> None:
         """The stepped values back into the shards FSDP gathers from."""
-        for shard, view, version in self.pairs:
+        for param, view, seen in self.pairs:
+            shard = local(param.detach())
             shard.copy_(view)
-            version[0] = shard._version
+            seen[:] = [shard, shard._version]
 
 
 def unscaled_and_found_inf(optimizer, grad_scaler) -> bool:
