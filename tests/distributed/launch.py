@@ -30,14 +30,19 @@ def env_for(daemon, **extra) -> dict[str, str]:
     return env
 
 
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args]
+def torchrun(*args: str, ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *args]
+
+
+def launch(daemon, out, worker: str, *args: str, ranks: int = 2) -> None:
+    """`worker` under torchrun with `ranks` ranks, static rendezvous on loopback, writing under `out`."""
+    command = torchrun("--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.path.join(HERE, worker),
+                       str(out), *args, ranks=ranks)
+    done = subprocess.run(command, env=env_for(daemon), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def run_ranks(daemon, out, worker: str, *args: str) -> list[dict]:
-    """`worker` under torchrun with two ranks, static rendezvous; each rank's OUT/rank<R>.json."""
-    command = torchrun("--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.path.join(HERE, worker),
-                       str(out), *args)
-    done = subprocess.run(command, env=env_for(daemon), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    """`worker` on two ranks; each rank's OUT/rank<R>.json."""
+    launch(daemon, out, worker, *args)
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
