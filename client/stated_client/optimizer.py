@@ -85,14 +85,11 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
         self._connection = connect(address)
         # A forked child's copy raises at every use and detaches nothing (Note [forked children]).
         self._owner = fork_guard.own(self)
-        instance = next(_instances)
-        self._job = job or default_job(instance)
+        self._job = job or default_job(next(_instances))
         self._master_weights = bool(master_weights)
-        reply = self._connection.call("Attach", pb.AttachRequest(job=self._job, rank=self._rank,
-                                                                 algorithm=self.algorithm, pid=os.getpid(),
-                                                                 master_weights=self._master_weights,
-                                                                 resume=bool(resume),
-                                                                 credential=self._connection.credential()))
+        reply = self._connection.call("Attach", pb.AttachRequest(
+            job=self._job, rank=self._rank, algorithm=self.algorithm, pid=os.getpid(), resume=bool(resume),
+            master_weights=self._master_weights, credential=self._connection.credential()))
         self._session = reply.session
         # The step the daemon's retained state holds, which this optimizer continues from; None when
         # resume was not asked or nothing was retained for (job, rank).
