@@ -59,21 +59,18 @@ class Segment:
 
     @classmethod
     def create(cls, kind: str, nbytes: int) -> "Segment":
-        """A new arena of `nbytes`, its memory reserved; ResourceExhausted (naming the bytes) when the machine
-        or the daemon's cgroup has not that much room, or the daemon no file descriptor left."""
+        """A new arena of `nbytes`, its memory reserved (the caller checked the room: create_pair)."""
         size = max(nbytes, 1)
         what = f"the {kind} arena"
-        with _reserving:  # two Registers at once must not both see the same room free
-            check_room(size, what)
-            fd = _no_descriptor_left(lambda: os.memfd_create(NAME_PREFIX + kind, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING),
-                                     what)
-            try:
-                _reserve(fd, size, kind)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-                tensor = _no_descriptor_left(lambda: map_shared(fd, nbytes), what)
-            except BaseException:
-                os.close(fd)
-                raise
+        fd = _no_descriptor_left(lambda: os.memfd_create(NAME_PREFIX + kind, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING),
+                                 what)
+        try:
+            _reserve(fd, size, kind)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            tensor = _no_descriptor_left(lambda: map_shared(fd, nbytes), what)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(kind, fd, nbytes, tensor)
 
     def close(self) -> None:
@@ -83,6 +80,23 @@ class Segment:
             os.close(self.fd)
             self.fd = -1
         self.tensor = None  # the mapping goes when the last view of it does (stated_client.memory_mapping)
+
+
+def create_pair(nbytes: int) -> tuple[Segment, Segment]:
+    """A region's param and grad arenas of `nbytes` each, their memory reserved; ResourceExhausted (naming
+    the bytes, or the open-files limit) when the machine, the daemon's cgroup or its descriptors have not
+    room for both. One check for both, under one lock: two Registers at once must not both see the same
+    room free."""
+    what = "the param and grad arenas"
+    with _reserving:
+        check_room(2 * max(nbytes, 1), what)
+        check_descriptors(2, what)
+        params = Segment.create("params", nbytes)
+        try:
+            return params, Segment.create("grads", nbytes)
+        except BaseException:
+            params.close()
+            raise
 
 
 class Duplicates:

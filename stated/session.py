@@ -162,14 +162,7 @@ class Session:
                                  self.algorithm.block_elements, len(self.regions), len(self.table))
         params = grads = None
         if not device:
-            arena_memory.check_room(2 * max(arena_bytes, 1), "the param and grad arenas")
-            arena_memory.check_descriptors(2, "the param and grad arenas")
-            params = arena_memory.Segment.create("params", arena_bytes)
-            try:
-                grads = arena_memory.Segment.create("grads", arena_bytes)
-            except BaseException:
-                params.close()
-                raise
+            params, grads = arena_memory.create_pair(arena_bytes)
         region = Region(params, grads, range(len(self.tensors), len(self.tensors) + len(infos)),
                         range(len(self.table), len(self.table) + len(pages)), device, arena_bytes)
         self.groups.extend(groups)

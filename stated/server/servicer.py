@@ -305,11 +305,7 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
         """Hands region `region_index`'s arena sizes and descriptors to `send(nbytes, fds)`, from a step channel
         thread: copies of the descriptors taken under the session's lock (a failed Register closes its
         region's), sent after it, so that a client that never reads blocks only its own connection."""
-        self._check_serving()
-        session = self.store.get(session_id, token)
-        lock = self.locks.get(session.id)
-        if lock is None:
-            raise NotFound(f"session {session.id} is detaching")
+        session, lock = self._session_and_lock(session_id, token)
         with lock:
             self._check_attached(session)
             region = session.host_region(region_index)
@@ -318,13 +314,18 @@ class StateServicer(JobCalls, StatsCalls, pb_grpc.StateServiceServicer):
             send(region.arena_bytes, copies.fds)
 
     def _step_session(self, session_id: str, token: bytes, request: pb.StepRequest):
+        return *self._session_and_lock(session_id, token), [hyperparameters(g) for g in request.groups]
+
+    def _session_and_lock(self, session_id: str, token: bytes) -> tuple[Session, SessionLock]:
+        """The session of a step-channel request, and its lock; NOT_FOUND while it detaches (UNAVAILABLE
+        when the daemon is stopping)."""
         self._check_serving()
         session = self.store.get(session_id, token)
         lock = self.locks.get(session.id)
         if lock is None:
             self._check_serving()
             raise NotFound(f"session {session.id} is detaching")
-        return session, lock, [hyperparameters(g) for g in request.groups]
+        return session, lock
 
     def _check_attached(self, session: Session) -> None:
         if session.id not in self.store.sessions:
