@@ -254,7 +254,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             if sharded:
                 self._mirrors.add(p, view)
             else:
-                p.data = view
+                self._mirrors.bind(p, view)
             grad_view = arenas.view(grad_arena, placement.offset_bytes, shard)
             if p.grad is not None:
                 grad_view.copy_(step_inputs.local(p.grad))
@@ -302,6 +302,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
                 loss = closure()
         self._wait_for_checkpoint()
         max_grad_norm = self.max_grad_norm
+        self._mirrors.adopt_rebound()  # Note [rebound parameters] in stated_client.step_inputs
         if self._mirrors:  # scaling and clipping across the ranks (Note [sharded parameters])
             skip, self.last_grad_norm = step_inputs.prepare_sharded(self, self._params, grad_scaler, max_grad_norm)
             grad_scaler = max_grad_norm = None
@@ -313,7 +314,7 @@ class StatedOptimizer(fork_guard.Owned, torch.optim.Optimizer):
             return loss
         scaler_state = grad_scaler._per_optimizer_states[id(self)] if grad_scaler is not None else None
         grad_scale = float(grad_scaler.get_scale()) if scaler_state and scaler_state["stage"].name != "UNSCALED" else 0.0
-        has_grad = step_inputs.gather_gradients(self._params, self._grad_views)
+        has_grad = step_inputs.gather_gradients(self._params, self._grad_views, self._mirrors.mirrored)
         if self._device is not None and self._device.type == "cuda":
             torch.cuda.current_stream(self._device).synchronize()
         with self._lock:

@@ -18,6 +18,17 @@ reduce across the mesh), before the copy; the daemon then steps unscaled, unclip
 algorithm must be elementwise (AdamW, Adam, SGD, Lion): the others keep state shaped by the whole
 tensor (Adafactor's and CAME's row and column factors, SlimAdam's compressed dimensions, AdamW8bit's
 256-element blocks of the flattened tensor), which a shard does not have, and are refused by name.
+
+Note [rebound parameters]
+-------------------------
+A plain parameter becomes a view of the param arena (`p.data = view`), but some wrappers give their
+parameters storage of their own again: FSDP1 with `use_orig_params=True` points each one at its part of
+a FlatParameter at every forward and backward (first copying a parameter whose storage changed into the
+FlatParameter, so the values survive; the next step's updates, made in the arena, would not). A step
+therefore checks that each plain parameter is still its arena view; one that is not is mirrored from then
+on like a shard. Its gradient stays where the wrapper put it (copied, not rebound, since FSDP1 writes a
+moved gradient back too). Such a parameter is a rank's part of a flat buffer, so the daemon's norm of it
+would not be the global one: `max_grad_norm=` is refused and the wrapper's own `clip_grad_norm_` named.
 """
 
 from __future__ import annotations
@@ -72,11 +83,15 @@ def check_algorithm(optimizer, params) -> None:
 
 
 class Mirrors:
-    """The sharded parameters with their arena views (Note [sharded parameters]). A parameter's local
-    tensor is looked up at each use: FSDP2's load_state_dict gives the parameter a new one."""
+    """The sharded and rebound parameters with their arena views (Notes [sharded parameters], [rebound
+    parameters]), and the plain parameters that are arena views still. A parameter's local tensor is
+    looked up at each use: FSDP2's load_state_dict gives the parameter a new one."""
 
     def __init__(self):
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, list]] = []  # (parameter, arena view, [shard, version])
+        self.bound: list[tuple[torch.Tensor, torch.Tensor]] = []  # (plain parameter, the arena view it is)
+        self.mirrored: set[int] = set()  # ids of the mirrored parameters
+        self.rebound = False  # whether some plain parameter is mirrored
 
     def __bool__(self) -> bool:
         return bool(self.pairs)
@@ -84,12 +99,38 @@ class Mirrors:
     def add(self, param: torch.Tensor, view: torch.Tensor) -> None:
         shard = local(param.detach())
         self.pairs.append((param, view, [shard, shard._version]))
+        self.mirrored.add(id(param))
+
+    def bind(self, param: torch.Tensor, view: torch.Tensor) -> None:
+        """A plain parameter becomes its arena view."""
+        param.data = view
+        self.bound.append((param, view))
+
+    def adopt_rebound(self) -> None:
+        """Plain parameters given other storage since they were bound are mirrored from now on (their
+        values copied into the arena by the next into_arena)."""
+        if not self.bound or all(arenas.is_view_of(p.detach(), view) for p, view in self.bound):
+            return
+        kept = []
+        for param, view in self.bound:
+            if arenas.is_view_of(param.detach(), view):
+                kept.append((param, view))
+            else:
+                self.pairs.append((param, view, [None, -1]))
+                self.mirrored.add(id(param))
+                self.rebound = True
+        self.bound = kept
 
     def into_arena(self) -> None:
         """Shards changed since the last step (by anything but this optimizer, or replaced) into the arena."""
         for param, view, seen in self.pairs:
             shard = local(param.detach())
             if shard is not seen[0] or shard._version != seen[1]:
+                if shard.shape != view.shape:
+                    raise InvalidArgumentError(
+                        f"a parameter registered with shape {tuple(view.shape)} has shape {tuple(shard.shape)} "
+                        f"at this step; stated steps each parameter at the shape it had when the optimizer was "
+                        f"created (with FSDP1, create it after wrapping the model and step outside forward)")
                 view.copy_(shard)
                 seen[:] = [shard, shard._version]
 
@@ -114,6 +155,11 @@ def prepare_sharded(optimizer, params: list[torch.Tensor], grad_scaler, max_grad
     """Loss scaling and clipping on the DTensors, as torch does them (Note [sharded parameters]).
     Returns (skip, grad norm): skip when GradScaler found inf or nan on this rank."""
     norm = None
+    if max_grad_norm and optimizer._mirrors.rebound:
+        raise InvalidArgumentError(
+            "max_grad_norm= needs the norm over every rank, and this optimizer's parameters are parts of a "
+            "wrapper's flat buffers (FSDP1: FullyShardedDataParallel with use_orig_params=True); leave "
+            "max_grad_norm unset and call the wrapper's own model.clip_grad_norm_(max_norm) before step()")
     if grad_scaler is not None:
         if grad_scaler._per_optimizer_states[id(optimizer)]["stage"].name != "UNSCALED":
             grad_scaler.unscale_(optimizer)
@@ -126,9 +172,9 @@ def prepare_sharded(optimizer, params: list[torch.Tensor], grad_scaler, max_grad
     return False, norm
 
 
-def gather_gradients(params: list[torch.Tensor], grad_views: list[torch.Tensor]) -> bytearray:
+def gather_gradients(params: list[torch.Tensor], grad_views: list[torch.Tensor], mirrored: set[int]) -> bytearray:
     """Each gradient into its place in the grad arena, where it is not there already: a plain parameter's
-    gradient then becomes that view (so later backward passes write into the arena), a shard's is
+    gradient then becomes that view (so later backward passes write into the arena), a mirrored one's is
     copied. Returns the has_grad bytes of a StepRequest."""
     has_grad = bytearray(len(params))
     for i, (p, grad_view) in enumerate(zip(params, grad_views)):
@@ -140,7 +186,7 @@ def gather_gradients(params: list[torch.Tensor], grad_views: list[torch.Tensor])
         g_local = local(g)
         if not arenas.is_view_of(g_local, grad_view):
             grad_view.copy_(g_local)
-            if g_local is g:
+            if id(p) not in mirrored:
                 p.grad = grad_view
         has_grad[i] = 1
     return has_grad

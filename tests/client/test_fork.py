@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -42,8 +43,15 @@ def forked(daemon):
     return run_trainer(daemon.address, *MODES), daemon
 
 
-def detaches_of(daemon, session: str) -> list[str]:
-    return [line for line in daemon.log().splitlines() if "detach" in line and f"session={session}" in line]
+def detaches_of(daemon, session: str, wait: float = 10.0) -> list[str]:
+    """The daemon's log lines of `session`'s detach, waiting up to `wait` s for the first: the daemon
+    answers Detach and logs it concurrently, and its log reaches the file when its stream flushes."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = [line for line in daemon.log().splitlines() if "detach" in line and f"session={session}" in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("mode", ["exit", "sys.exit", "os._exit", "gc"])
@@ -140,6 +148,6 @@ def test_dataloader_workers_while_training_match_torch(daemon, context):
                 assert torch.equal(p, q), f"epoch {epoch}"
         stats = opt._connection.call("GetStats", pb.GetStatsRequest(session=opt._session))
         assert [s.steps for s in stats.sessions] == [steps] == [18]
-        assert detaches_of(daemon, opt.session_id) == []
+        assert detaches_of(daemon, opt.session_id, wait=0) == []
     finally:
         opt.close()

@@ -1,7 +1,7 @@
-"""One rank of an FSDP2 run that checkpoints with torch.distributed.checkpoint, for
+"""One rank of an FSDP2 or DDP run that checkpoints with torch.distributed.checkpoint, for
 tests/distributed/test_distributed_checkpoint.py (under torchrun, gloo on CPU).
 
-    dcp_worker.py OUT_DIR
+    dcp_worker.py OUT_DIR [fsdp2|ddp]
 
 Steps 1-3, then get_model_state_dict / get_optimizer_state_dict and dcp.save, then steps 4-6, beside
 torch.optim.AdamW on the same model which never saves. Then a fresh model and optimizer load the
@@ -23,9 +23,10 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import stated
-from fsdp2_worker import ATOL, RTOL, build
+from fsdp2_worker import ATOL, RTOL, Net, build
 
 
 def batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -41,16 +42,26 @@ def train(net, opt, data) -> None:
 
 
 def shards(net) -> list[torch.Tensor]:
-    return [p.to_local().detach().clone() for p in net.parameters()]
+    """Each parameter's local shard (FSDP2) or the whole parameter (DDP)."""
+    return [(p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in net.parameters()]
+
+
+def builder(layout: str):
+    if layout == "ddp":
+        def build_ddp():
+            torch.manual_seed(0)
+            return DDP(Net())
+        return build_ddp
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return lambda: build(mesh, torch.float32, MixedPrecisionPolicy())
 
 
 def main() -> int:
-    out = sys.argv[1]
+    out, layout = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fsdp2"
     dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    new_model = builder(layout)
     data = batches(dist.get_rank())
-    ours_net, ref_net = build(mesh, torch.float32, MixedPrecisionPolicy()), build(mesh, torch.float32,
-                                                                                   MixedPrecisionPolicy())
+    ours_net, ref_net = new_model(), new_model()
     ours = stated.AdamW(ours_net.parameters(), lr=1e-2, weight_decay=0.1)
     ref = torch.optim.AdamW(ref_net.parameters(), lr=1e-2, weight_decay=0.1)
     train(ours_net, ours, data[:3])
@@ -66,7 +77,7 @@ def main() -> int:
         train(ref_net, ref, [batch])
         within.append(all(bool(((p - q).abs() <= ATOL + RTOL * q.abs()).all())
                           for p, q in zip(shards(ours_net), shards(ref_net))))
-    loaded_net = build(mesh, torch.float32, MixedPrecisionPolicy())
+    loaded_net = new_model()
     loaded = stated.AdamW(loaded_net.parameters(), lr=1e-2, weight_decay=0.1)
     state = {"model": get_model_state_dict(loaded_net), "optim": get_optimizer_state_dict(loaded_net, loaded)}
     dcp.load(state, checkpoint_id=checkpoint)

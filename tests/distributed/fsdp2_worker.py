@@ -21,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import stated
+from placement import ATOL, DEVICE, RTOL, device, start
 
 STEPS = 8
 
@@ -53,7 +54,7 @@ class Net(torch.nn.Module):
 
 def build(mesh, dtype, policy):
     torch.manual_seed(0)
-    net = Net().to(dtype)
+    net = Net().to(device=device(), dtype=dtype)
     for layer in (net.a, net.b, net.c):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh, mp_policy=policy)
@@ -90,12 +91,12 @@ def run(case: str, mesh) -> dict:
                        {"params": [p for n, p in ref_net.named_parameters() if n not in ("a.weight", "row")],
                         "lr": 3e-3}], **kwargs)
     # A loss scale of 2^10 growing every 2 steps: the scaled gradients stay finite, the scale changes.
-    ours_scaler, ref_scaler = ((torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in range(2))
+    ours_scaler, ref_scaler = ((torch.amp.GradScaler(DEVICE.type, init_scale=2.0**10, growth_interval=2) for _ in range(2))
                                if case == "scaler" else (None, None))
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     diffs, norms = [], []
     for _ in range(STEPS):
-        x, y = torch.randn(6, 7, generator=g).to(dtype), torch.randn(6, 3, generator=g)
+        x, y = torch.randn(6, 7, generator=g).to(device(), dtype), torch.randn(6, 3, generator=g).to(device())
         for net, scaler in ((ours_net, ours_scaler), (ref_net, ref_scaler)):
             net.zero_grad()
             loss = torch.nn.functional.mse_loss(net(x).float(), y)
@@ -130,10 +131,6 @@ def run(case: str, mesh) -> dict:
             "local_sizes": [p.to_local().numel() for p in ours_net.parameters()]}
 
 
-# The parity tolerance of the first issue (tests/client/test_parity.py): rtol 1e-6, atol 1e-7.
-RTOL, ATOL = 1e-6, 1e-7
-
-
 def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> dict:
     """Over the two models' local shards: the largest absolute difference, whether every element is
     within the parity tolerance, and whether all are equal."""
@@ -150,8 +147,8 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> dict:
 
 def main() -> int:
     out, case = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    start()
+    mesh = init_device_mesh(DEVICE.type, (dist.get_world_size(),))
     try:
         result = run(case, mesh)
     except stated.StatedError as exc:

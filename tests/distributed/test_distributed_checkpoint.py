@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint with FSDP2: get_optimizer_state_dict and dcp.save in the middle of a run
+"""torch.distributed.checkpoint with FSDP2 (and DDP): get_optimizer_state_dict and dcp.save in the middle of a run
 leave the optimizer as it was (torch's helpers "initialise" an optimizer whose `state` looks empty by
 stepping it: stated_client.held_state), a fresh model and optimizer that load the checkpoint continue
 exactly as the run that saved it, and a checkpoint saved on two ranks loads on one and on four, and
@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from launch import launch, run_ranks
 
 
-def test_a_distributed_checkpoint_changes_nothing_and_resumes_exactly(daemon, tmp_path):
-    for r in run_ranks(daemon, tmp_path, "dcp_worker.py"):
+@pytest.mark.parametrize("layout", ["fsdp2", "ddp"])
+def test_a_distributed_checkpoint_changes_nothing_and_resumes_exactly(daemon, tmp_path, layout):
+    for r in run_ranks(daemon, tmp_path, "dcp_worker.py", layout):
         assert r["within"] == [True, True, True], r  # the run that saved, against torch's that did not
         assert r["exact"], r  # the run that loaded, against the run that saved
 
