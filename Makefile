@@ -49,7 +49,8 @@ bench: venv
 bench-checkpoint: venv
 	$(BIN)/python bench/checkpoint.py
 
-# On a GPU machine: every GPU test (tests/gpu, tests/kernels/test_cuda_parity.py) and a short
+# On a GPU machine: every GPU test (tests/gpu, tests/kernels/test_cuda_parity.py, and with two GPUs
+# tests/distributed/test_on_gpus.py) and a short
 # bench/gpu_step.py, one summary at the end, in under 10 minutes. It runs from source with the machine's
 # python3 (torch with CUDA and CuPy installed there; PYTHON=... picks another). OUT=DIR keeps the logs.
 gpu-check:

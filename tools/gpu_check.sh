@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA half of stated on a real GPU, in one go: the GPU tests (tests/gpu and
-# tests/kernels/test_cuda_parity.py) and a short run of bench/gpu_step.py, then a one-block summary.
+# The CUDA half of stated on a real GPU, in one go: the GPU tests (tests/gpu,
+# tests/kernels/test_cuda_parity.py, and tests/distributed/test_on_gpus.py where two GPUs are) and a
+# short run of bench/gpu_step.py, then a one-block summary.
 #
 #   OUT=/tmp/gpucheck PYTHON=python3 bash tools/gpu_check.sh
 #
@@ -71,7 +72,7 @@ PER_TEST=()
 "$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST=(--timeout=120)  # per test, where pytest-timeout is here
 # SIGINT first: pytest then stops like on ^C and still prints its summary of what ran.
 timeout -s INT -k 20 "$TEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${PER_TEST[@]}" --durations=10 \
-    --junitxml="$OUT/gpu_tests.xml" tests/gpu tests/kernels/test_cuda_parity.py 2>&1 | tee "$OUT/gpu_tests.log"
+    --junitxml="$OUT/gpu_tests.xml" tests/gpu tests/kernels/test_cuda_parity.py tests/distributed/test_on_gpus.py 2>&1 | tee "$OUT/gpu_tests.log"
 TEST_RC=$?
 
 section "GPU benchmark (bench/gpu_step.py $BENCH_ARGS; ${BENCH_LIMIT}s per part)"

@@ -34,15 +34,16 @@ def torchrun(*args: str, ranks: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), *args]
 
 
-def launch(daemon, out, worker: str, *args: str, ranks: int = 2) -> None:
-    """`worker` under torchrun with `ranks` ranks, static rendezvous on loopback, writing under `out`."""
+def launch(daemon, out, worker: str, *args: str, ranks: int = 2, **env: str) -> None:
+    """`worker` under torchrun with `ranks` ranks, static rendezvous on loopback, writing under `out`;
+    `env`: more of the workers' environment."""
     command = torchrun("--master-addr", "127.0.0.1", "--master-port", str(free_port()), os.path.join(HERE, worker),
                        str(out), *args, ranks=ranks)
-    done = subprocess.run(command, env=env_for(daemon), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env_for(daemon, **env), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def run_ranks(daemon, out, worker: str, *args: str) -> list[dict]:
+def run_ranks(daemon, out, worker: str, *args: str, **env: str) -> list[dict]:
     """`worker` on two ranks; each rank's OUT/rank<R>.json."""
-    launch(daemon, out, worker, *args)
+    launch(daemon, out, worker, *args, **env)
     return [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(2)]
